@@ -1,0 +1,7 @@
+"""hyperopt_wrap: tune lr, momentum and weight decay during the one training run you do anyway."""
+from .methods import Greedy
+from .optimizer import HyperOptimizer
+from .rules import UpdateRule, register_rule
+
+__version__ = "0.1.0"
+__all__ = ["HyperOptimizer", "register_rule", "UpdateRule", "Greedy", "__version__"]

@@ -1,0 +1,22 @@
+"""Hypergradient methods, one file each.  Pass a name or an instance as ``method=``."""
+from __future__ import annotations
+
+from .base import HypergradientMethod, MetaGradient, ObservedParam, StepRecord
+from .greedy import Greedy
+
+METHODS: dict[str, type[HypergradientMethod]] = {"greedy": Greedy}
+
+
+def resolve_method(method) -> HypergradientMethod:
+    if isinstance(method, HypergradientMethod):
+        return method
+    if isinstance(method, type) and issubclass(method, HypergradientMethod):
+        return method()
+    if isinstance(method, str) and method in METHODS:
+        return METHODS[method]()
+    raise ValueError(f"unknown hypergradient method {method!r}; choose one of {sorted(METHODS)} "
+                     "or pass an instance such as hyperopt_wrap.methods.Greedy()")
+
+
+__all__ = ["HypergradientMethod", "Greedy", "METHODS", "resolve_method", "MetaGradient",
+           "ObservedParam", "StepRecord"]

@@ -1,0 +1,81 @@
+"""The hypergradient-method protocol.
+
+A method is a small object with options (its constructor's keyword
+arguments) and no hidden running state: per-parameter buffers live in
+``opt.state[p]["hyper"]`` and anything else in ``state_dict()``, so
+``HyperOptimizer.state_dict()`` saves and restores a method mid-window.
+
+Each base step the optimizer
+
+1. asks ``tangent_kinds(opt, ends_window)`` which hyperparameter tangents
+   ``B = dPhi/dlam`` the step must produce (forward mode through the rule);
+2. runs the step and hands ``observe(opt, record)`` what it saw;
+3. when the meta-gradient ``grad_w E`` is known (at the next step's gradient,
+   or from ``val_loss`` at the end of a window) calls
+   ``hypergradient(opt, meta_grads)``, which adds ``dE/dlam`` in natural units
+   into the tuned kinds' accumulators and returns how many contributions it
+   added (0 when it had nothing pending).
+
+Every ``update_every`` contributions the optimizer makes a hyper-step.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from torch import Tensor
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..optimizer import HyperOptimizer
+
+
+@dataclass
+class ObservedParam:
+    """What one base step did to one parameter."""
+    group_index: int
+    param_index: int
+    param: Tensor
+    tangents: dict[str, Tensor] = field(default_factory=dict)  # kind -> d w_new / d lam
+
+
+@dataclass
+class StepRecord:
+    params: list[ObservedParam]
+    lr_scales: list[float]          # per group: effective lr / tuned lr at this step
+
+
+@dataclass
+class MetaGradient:
+    """grad_w E for one parameter (``None`` where E does not depend on it)."""
+    group_index: int
+    param_index: int
+    param: Tensor
+    grad: Tensor | None
+
+
+class HypergradientMethod:
+    name = "method"
+    default_update_every = 1
+    default_hyper_lr = 0.01
+
+    def bind(self, opt: "HyperOptimizer") -> None:
+        """Check that the method can serve this optimizer; raise otherwise."""
+
+    def tangent_kinds(self, opt: "HyperOptimizer", ends_window: bool) -> tuple[str, ...]:
+        raise NotImplementedError
+
+    def observe(self, opt: "HyperOptimizer", record: StepRecord) -> None:
+        raise NotImplementedError
+
+    def hypergradient(self, opt: "HyperOptimizer", meta_grads: list[MetaGradient]) -> int:
+        raise NotImplementedError
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+    def __repr__(self) -> str:
+        opts = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
+        return f"{type(self).__name__}({opts})"

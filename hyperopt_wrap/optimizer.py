@@ -1,0 +1,478 @@
+"""HyperOptimizer: a torch.optim.Optimizer whose lr / momentum / weight decay tune themselves."""
+from __future__ import annotations
+
+import inspect
+import math
+from typing import Any, Callable
+
+import torch
+import torch.autograd.forward_ad as fwAD
+from torch import Tensor
+
+from .hyperparams import TunedKind, resolve_bounds, resolve_granularity
+from .methods import MetaGradient, ObservedParam, StepRecord, resolve_method
+from .rules import KINDS, get_rule
+
+_BUFFERS = "hyper"   # key of a method's per-parameter buffers inside opt.state[p]
+
+
+def _check_value(kind: str, value: Any, where: str) -> None:
+    if isinstance(value, Tensor):
+        value = float(value)
+    if kind == "lr" and not (isinstance(value, (int, float)) and value > 0 and math.isfinite(value)):
+        raise ValueError(f"Invalid learning rate {value!r}{where}: lr must be a positive finite "
+                         "number, e.g. lr=0.1")
+    if kind == "momentum" and not (isinstance(value, (int, float)) and 0 <= value < 1):
+        raise ValueError(f"Invalid momentum {value!r}{where}: momentum must lie in [0, 1), "
+                         "e.g. momentum=0.9")
+    if kind == "weight_decay" and not (isinstance(value, (int, float)) and value >= 0
+                                       and math.isfinite(value)):
+        raise ValueError(f"Invalid weight_decay {value!r}{where}: weight decay must be a finite "
+                         "number >= 0, e.g. weight_decay=5e-4")
+
+
+class HyperOptimizer(torch.optim.Optimizer):
+    r"""Wraps a torch.optim optimizer and tunes its hyperparameters online by hypergradients.
+
+    ``HyperOptimizer(torch.optim.SGD, model.parameters(), lr=0.1, momentum=0.9)`` steps exactly
+    like ``torch.optim.SGD`` while it moves ``lr`` (and whatever else ``tune`` names) by
+    gradient descent on the meta-objective ``E``:
+
+    .. math::
+        x_{t+1} = \Phi(x_t, g_t, \lambda), \qquad
+        r \leftarrow \mathrm{HyperOpt}\big(r, \tfrac{dE}{dr}\big), \qquad \lambda = \sigma(r)
+
+    with ``r`` unconstrained (``lr = exp(r)``, ``weight_decay = exp(r)``, ``momentum =
+    sigmoid(r)``) and clamped to ``bounds``.
+
+    Args:
+        optimizer_cls: the base optimizer class (SGD, Adam, AdamW, RMSprop, Adagrad, or one
+            registered with :func:`hyperopt_wrap.register_rule`).
+        params: parameters or param-group dicts, as for any torch optimizer.
+        method: ``"greedy"`` or a method object from :mod:`hyperopt_wrap.methods`.
+        tune: kinds to tune, any of ``"lr"``, ``"momentum"`` (beta1 for Adam-type rules),
+            ``"weight_decay"``. Default ``("lr",)``.
+        granularity: ``"global"``, ``"group"``, ``"tensor"`` or ``"element"``, or a dict per kind.
+        hyper_lr: learning rate of the hyper-optimizer on the raw values (a float, or a dict
+            per kind). Default: the method's (greedy: 0.02). 0 freezes the hyperparameters.
+        hyper_optimizer: torch optimizer class for the raw values (default Adam).
+        hyper_optimizer_kwargs: extra keyword arguments for it.
+        update_every: base steps per hyper-step (default: the method's; greedy: 1).
+        val_loss: optional zero-argument callable returning a validation loss at the current
+            weights. Without it the meta-objective is the next minibatch's training loss.
+        bounds: ``{kind: (low, high)}`` in natural units; defaults lr and weight decay in
+            ``[1e-10, 1]``, momentum in ``[0, 0.9999]``.
+        **optimizer_kwargs: passed to ``optimizer_cls`` (validated by it).
+
+    Param-group entries stay readable and writable. For a tuned ``lr``, ``group["lr"]`` is a
+    *scale*: the effective learning rate is the tuned value times ``group["lr"]`` divided by its
+    value when tuning started, so LR schedulers keep working multiplicatively on top of the
+    tuning. Writing a tuned ``momentum``/``weight_decay`` entry resets the tuned value to it.
+    The tuned values themselves are read with :meth:`hyperparameters`.
+    """
+
+    def __init__(self, optimizer_cls: type, params, *, method="greedy", tune=("lr",),
+                 granularity="global", hyper_lr=None, hyper_optimizer=torch.optim.Adam,
+                 hyper_optimizer_kwargs: dict | None = None, update_every: int | None = None,
+                 val_loss: Callable[[], Tensor] | None = None, bounds=None, **optimizer_kwargs):
+        self.rule = get_rule(optimizer_cls)
+        self.optimizer_cls = optimizer_cls
+        if isinstance(tune, str):
+            tune = (tune,)
+        tune = tuple(dict.fromkeys(tune))
+        for kind in tune:
+            if kind not in KINDS:
+                raise ValueError(f"unknown hyperparameter kind {kind!r} in tune=; choose from {KINDS}")
+            if kind not in self.rule.kinds:
+                raise ValueError(f"{optimizer_cls.__name__} has no {kind!r} to tune; its rule "
+                                 f"tunes {self.rule.kinds}")
+        if not tune:
+            raise ValueError("tune= is empty; name at least one kind, e.g. tune=('lr',)")
+        self.tuned_kinds: tuple[str, ...] = tune
+        self._granularity = resolve_granularity(granularity, tune)
+        self._bounds = resolve_bounds(bounds, tune)
+        self.method = resolve_method(method)
+        if val_loss is not None and not callable(val_loss):
+            raise TypeError(f"val_loss must be a zero-argument callable returning a loss, "
+                            f"got {val_loss!r}; e.g. val_loss=lambda: loss_fn(model(xv), yv)")
+        self.val_loss = val_loss
+        if update_every is None:
+            update_every = self.method.default_update_every
+        if not (isinstance(update_every, int) and update_every >= 1):
+            raise ValueError(f"update_every must be an int >= 1, got {update_every!r}")
+        self.update_every = update_every
+        for kind in KINDS:
+            if kind in optimizer_kwargs and kind in self.rule.kinds:
+                _check_value(kind, optimizer_kwargs[kind], "")
+
+        # Let the base class validate its own arguments and fill in its defaults.
+        if isinstance(params, (set, frozenset)):
+            raise TypeError("params must be an ordered iterable (a list or model.parameters()), "
+                            "not a set: a set's order changes between runs")
+        try:
+            inner = optimizer_cls(params, **optimizer_kwargs)
+        except TypeError as e:
+            raise TypeError(f"{optimizer_cls.__name__} rejected its arguments: {e}") from e
+        self._hyper_ready = False
+        super().__init__(inner.param_groups, inner.defaults)
+        del inner
+
+        self.tuned: dict[str, TunedKind] = {
+            k: TunedKind(k, self._granularity[k], self._bounds[k]) for k in tune}
+        hyper_kwargs = dict(hyper_optimizer_kwargs or {})
+        first = self.param_groups[0]["params"][0]
+        if (first.device.type == "cuda" and "capturable" not in hyper_kwargs
+                and "capturable" in inspect.signature(hyper_optimizer).parameters):
+            hyper_kwargs["capturable"] = True   # keeps its step counters on the GPU: no sync
+        if hyper_lr is None:
+            hyper_lr = self.method.default_hyper_lr
+        self._hyper_lr = hyper_lr
+        raw_groups = [{"params": [], "lr": self._kind_hyper_lr(k), "kind": k} for k in tune]
+        for gi, group in enumerate(self.param_groups):
+            self._init_group_hyper(gi, group, raw_groups)
+        try:
+            self.hyper_optimizer = hyper_optimizer(raw_groups, **hyper_kwargs)
+        except (TypeError, ValueError) as e:
+            raise type(e)(f"could not build hyper_optimizer {hyper_optimizer!r}: {e}") from e
+        self._skipped_hypersteps = torch.zeros((), dtype=torch.int64, device=first.device)
+        self._skipped_steps = torch.zeros((), dtype=torch.int64, device=first.device)
+        self._window = 0          # base steps (val_loss) or contributions since the hyper-step
+        self._contributions = 0   # hypergradient contributions in the accumulators
+        self._steps = 0
+        self._hypersteps = 0
+        self.method.bind(self)
+        self._hyper_ready = True
+
+    # ------------------------------------------------------------------ set-up
+    def _kind_hyper_lr(self, kind: str) -> float:
+        lr = self._hyper_lr[kind] if isinstance(self._hyper_lr, dict) else self._hyper_lr
+        if not (isinstance(lr, (int, float)) and lr >= 0 and math.isfinite(lr)):
+            raise ValueError(f"hyper_lr must be a finite number >= 0 (or a dict per kind), got {lr!r}")
+        return float(lr)
+
+    def _init_group_hyper(self, gi: int, group: dict, raw_groups: list[dict]) -> None:
+        if not group["params"]:
+            raise ValueError("a param group has no parameters; give every group at least one")
+        nominal = {}
+        for kind, tk in self.tuned.items():
+            value = self.rule.read(group, kind)
+            where = f" in param group {gi}"
+            _check_value(kind, value, where)
+            reason = self.rule.check_tunable(group, kind)
+            if reason:
+                raise ValueError(f"cannot tune {kind}{where}: {reason}")
+            new = tk.add_group(group["params"], value)
+            next(rg for rg in raw_groups if rg["kind"] == kind)["params"].extend(new)
+            nominal[kind] = value
+        group["hyper_nominal"] = nominal
+        for p in group["params"]:
+            if p.is_sparse:
+                raise ValueError("sparse parameters are not supported; use dense tensors")
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        if not getattr(self, "_hyper_ready", False):
+            return
+        gi = len(self.param_groups) - 1
+        raw_groups = [{"params": [], "lr": self._kind_hyper_lr(k), "kind": k}
+                      for k in self.tuned_kinds]
+        try:
+            self._init_group_hyper(gi, self.param_groups[gi], raw_groups)
+        except Exception:
+            self.param_groups.pop()
+            raise
+        for rg in raw_groups:
+            if rg["params"]:
+                self.hyper_optimizer.add_param_group(rg)
+
+    # ------------------------------------------------------------------ public reads
+    def hyperparameters(self) -> dict[str, list]:
+        """Current values in natural units: kind -> one entry per param group.
+
+        An entry is a 0-dim tensor (global/group), a 1-D tensor with one value per parameter
+        (tensor) or a list of tensors shaped like the parameters (element).  Tuned learning rates
+        include the scheduler scale ``group["lr"] / nominal``.  Untuned kinds appear as floats.
+        """
+        out: dict[str, list] = {}
+        for kind in self.rule.kinds:
+            if kind in self.tuned:
+                entries = self.tuned[kind].per_group(self.tuned[kind].values)
+                if kind == "lr":
+                    entries = [_scale(e, self._lr_scale(g)) for e, g in zip(entries, self.param_groups)]
+                out[kind] = entries
+            else:
+                out[kind] = [self.rule.read(g, kind) for g in self.param_groups]
+        return out
+
+    def last_hypergradient(self) -> dict[str, list]:
+        """dE/d(tuned value), natural units, of the latest hyper-step (same layout as
+        :meth:`hyperparameters`; zeros before the first)."""
+        return {k: tk.per_group(tk.last) for k, tk in self.tuned.items()}
+
+    @property
+    def skipped_hypersteps(self) -> int:
+        """Hyper-steps skipped because the hypergradient was NaN or infinite."""
+        return int(self._skipped_hypersteps)
+
+    @property
+    def skipped_steps(self) -> int:
+        """Base steps skipped because a gradient was NaN or infinite."""
+        return int(self._skipped_steps)
+
+    @property
+    def hypersteps(self) -> int:
+        return self._hypersteps
+
+    # ------------------------------------------------------------------ the step
+    def _lr_scale(self, group: dict) -> float:
+        if "lr" not in self.tuned:
+            return 1.0
+        return float(group["lr"]) / group["hyper_nominal"]["lr"]
+
+    def _sync_group_writes(self) -> list[float]:
+        """Honour writes to param-group entries since the last step (Python floats only)."""
+        scales = []
+        for gi, group in enumerate(self.param_groups):
+            nominal = group["hyper_nominal"]
+            for kind in self.tuned_kinds:
+                if kind == "lr":
+                    continue
+                value = self.rule.read(group, kind)
+                if value != nominal[kind]:
+                    _check_value(kind, value, f" written to param group {gi}")
+                    self.tuned[kind].fill_group(gi, value)
+                    nominal[kind] = value
+            lr = group["lr"]
+            if isinstance(lr, Tensor):
+                raise TypeError("group['lr'] became a Tensor; HyperOptimizer keeps lr tuned itself "
+                                "and takes a float scale in group['lr']")
+            scales.append(self._lr_scale(group))
+        return scales
+
+    def _hyper_values(self, gi: int, pi: int, group: dict, scale: float) -> dict[str, Any]:
+        hyper = {}
+        for kind in self.rule.kinds:
+            tk = self.tuned.get(kind)
+            if tk is None:
+                hyper[kind] = self.rule.read(group, kind)
+            else:
+                v = tk.values[tk.slot(gi, pi)]
+                hyper[kind] = v * scale if (kind == "lr" and scale != 1.0) else v
+        return hyper
+
+    def _trainable(self) -> list[tuple[int, int, Tensor]]:
+        out = []
+        for gi, group in enumerate(self.param_groups):
+            for pi, p in enumerate(group["params"]):
+                if p.grad is not None:
+                    if p.grad.is_sparse:
+                        raise RuntimeError("HyperOptimizer does not support sparse gradients; use "
+                                           "dense gradients (e.g. nn.Embedding(sparse=False))")
+                    out.append((gi, pi, p))
+        return out
+
+    def _meta_from_val(self, trainable) -> list[MetaGradient]:
+        params = [p for _, _, p in trainable]
+        with torch.enable_grad():
+            loss = self.val_loss()
+            if not isinstance(loss, Tensor) or loss.dim() != 0:
+                raise TypeError(f"val_loss() must return a scalar tensor, got {loss!r}")
+            grads = torch.autograd.grad(loss, params, allow_unused=True)
+        return [MetaGradient(gi, pi, p, g) for (gi, pi, p), g in zip(trainable, grads)]
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Tensor] | None = None):
+        """One base step (and a hyper-step when a window completes). Returns the closure's loss."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        scales = self._sync_group_writes()
+        trainable = self._trainable()
+        if not trainable:
+            return loss
+        if self.val_loss is None:
+            # E is the training loss at the weights of the last step: its gradient is this
+            # step's p.grad, which completes whatever the method has pending.
+            added = self.method.hypergradient(
+                self, [MetaGradient(gi, pi, p, p.grad) for gi, pi, p in trainable])
+            self._contributions += added
+            self._window += added
+            if added and self._window >= self.update_every:
+                self._hyper_step()
+            ends_window = self._window + 1 >= self.update_every
+        else:
+            ends_window = self._window + 1 >= self.update_every
+        record = self._base_step(trainable, scales, self.method.tangent_kinds(self, ends_window))
+        self.method.observe(self, record)
+        self._steps += 1
+        if self.val_loss is not None:
+            self._window += 1
+            if ends_window:
+                self._contributions += self.method.hypergradient(self, self._meta_from_val(trainable))
+                self._hyper_step()
+        return loss
+
+    def _base_step(self, trainable, scales: list[float], kinds: tuple[str, ...]) -> StepRecord:
+        rule = self.rule
+        grads = [p.grad for _, _, p in trainable]
+        finite = torch.stack(torch._foreach_norm(grads)).sum().isfinite() \
+            if len({g.device for g in grads}) == 1 else \
+            torch.stack([g.isfinite().all().to(grads[0].device) for g in grads]).all()
+        self._skipped_steps.add_((~finite).to(self._skipped_steps.device))
+        options = [rule.options(g) for g in self.param_groups]
+        observed = []
+        for gi, pi, p in trainable:
+            group = self.param_groups[gi]
+            state = self.state[p]
+            base_state = {k: v for k, v in state.items() if k != _BUFFERS}
+            if not base_state:
+                base_state = rule.init_state(p, options[gi])
+            hyper = self._hyper_values(gi, pi, group, scales[gi])
+            new_p, new_state, tangents = _evaluate(rule, p, p.grad, base_state, hyper,
+                                                   options[gi], kinds)
+            ok = finite if finite.device == p.device else finite.to(p.device)
+            p.copy_(torch.where(ok, new_p, p))
+            for key, value in new_state.items():
+                old = base_state.get(key)
+                kept = torch.where(ok, value, old if old is not None else value.new_zeros(()))
+                if key in state:
+                    state[key].copy_(kept)
+                else:
+                    state[key] = kept
+            observed.append(ObservedParam(gi, pi, p, tangents))
+        return StepRecord(observed, scales)
+
+    def _hyper_step(self) -> None:
+        """Average the window's hypergradient, hand it to the hyper-optimizer, clamp, write back."""
+        n = max(self._contributions, 1)
+        self._window = self._contributions = 0
+        self._hypersteps += 1
+        all_grads = []
+        for tk in self.tuned.values():
+            for acc, last in zip(tk.accums, tk.last):
+                last.copy_(acc).div_(n)
+                acc.zero_()
+                all_grads.append(last)
+        norms = torch._foreach_norm(all_grads)
+        finite = torch.stack([n.to(norms[0].device) for n in norms]).sum().isfinite()
+        self._skipped_hypersteps.add_((~finite).to(self._skipped_hypersteps.device))
+        saved_raws = []
+        for tk in self.tuned.values():
+            d = tk.parametrisation.dvalue_draw
+            for raw, value, last in zip(tk.raws, tk.values, tk.last):
+                saved_raws.append(raw.clone())
+                ok = finite.to(raw.device)
+                raw.grad = torch.where(ok, last * d(value), torch.zeros((), dtype=raw.dtype,
+                                                                      device=raw.device))
+        saved_state = [(t, t.clone()) for s in self.hyper_optimizer.state.values()
+                       for t in s.values() if isinstance(t, Tensor)]
+        self.hyper_optimizer.step()
+        for t, old in saved_state:
+            if t.device == finite.device:
+                t.copy_(torch.where(finite, t, old))
+        i = 0
+        for tk in self.tuned.values():
+            lo, hi = tk.raw_bounds
+            for raw, value in zip(tk.raws, tk.values):
+                old = saved_raws[i]
+                i += 1
+                ok = finite.to(raw.device)
+                raw.copy_(torch.where(ok, raw.clamp(lo, hi), old))
+                # Only elements whose raw value moved are rewritten, so a frozen or skipped
+                # hyper-step leaves the natural values bit-exact.
+                value.copy_(torch.where(raw != old, tk.parametrisation.to_value(raw), value))
+                raw.grad = None
+
+    # ------------------------------------------------------------------ save / resume
+    def _fingerprint(self) -> dict[str, Any]:
+        return {"optimizer": f"{self.optimizer_cls.__module__}.{self.optimizer_cls.__qualname__}",
+                "method": type(self.method).__name__,
+                "tune": list(self.tuned_kinds),
+                "granularity": dict(self._granularity),
+                "params_per_group": [len(g["params"]) for g in self.param_groups]}
+
+    def state_dict(self) -> dict[str, Any]:
+        sd = super().state_dict()
+        sd["hyper"] = {
+            "config": self._fingerprint(),
+            "values": {k: [v.clone() for v in tk.values] for k, tk in self.tuned.items()},
+            "raws": {k: [r.clone() for r in tk.raws] for k, tk in self.tuned.items()},
+            "accums": {k: [a.clone() for a in tk.accums] for k, tk in self.tuned.items()},
+            "last": {k: [a.clone() for a in tk.last] for k, tk in self.tuned.items()},
+            "hyper_optimizer": self.hyper_optimizer.state_dict(),
+            "method": self.method.state_dict(),
+            "counters": {"window": self._window, "contributions": self._contributions,
+                         "steps": self._steps,
+                         "hypersteps": self._hypersteps},
+            "skipped": [self._skipped_hypersteps.clone(), self._skipped_steps.clone()],
+        }
+        return sd
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if "hyper" not in state_dict:
+            raise ValueError("this state_dict was not saved by HyperOptimizer (no 'hyper' entry); "
+                             "load a state_dict from HyperOptimizer.state_dict(), or load a "
+                             "torch.optim state_dict into the torch optimizer it came from")
+        hyper = state_dict["hyper"]
+        mine, theirs = self._fingerprint(), hyper["config"]
+        if mine != theirs:
+            diff = {k: (theirs.get(k), mine[k]) for k in mine if theirs.get(k) != mine[k]}
+            raise ValueError(
+                "state_dict comes from a different HyperOptimizer configuration "
+                + "; ".join(f"{k}: saved {a!r}, this one {b!r}" for k, (a, b) in diff.items())
+                + ". Construct the HyperOptimizer with the saved configuration before loading")
+        for k, tk in self.tuned.items():
+            shapes = [tuple(v.shape) for v in tk.values]
+            if [tuple(v.shape) for v in hyper["values"][k]] != shapes:
+                raise ValueError(f"state_dict's {k} values have shapes that do not match this "
+                                 "model's parameters; load it into the same model architecture")
+        rest = {k: v for k, v in state_dict.items() if k != "hyper"}
+        super().load_state_dict(rest)
+        with torch.no_grad():
+            for k, tk in self.tuned.items():
+                for name in ("values", "raws", "accums"):
+                    for dst, src in zip(getattr(tk, name), hyper[name][k]):
+                        dst.copy_(src)
+                for dst, src in zip(tk.last, hyper["last"][k]):
+                    dst.copy_(src)
+        self.hyper_optimizer.load_state_dict(hyper["hyper_optimizer"])
+        self.method.load_state_dict(hyper["method"])
+        c = hyper["counters"]
+        self._window, self._contributions = c["window"], c["contributions"]
+        self._steps, self._hypersteps = c["steps"], c["hypersteps"]
+        self._skipped_hypersteps.copy_(hyper["skipped"][0])
+        self._skipped_steps.copy_(hyper["skipped"][1])
+
+    def __repr__(self) -> str:
+        return (f"HyperOptimizer({self.optimizer_cls.__name__}, method={self.method!r}, "
+                f"tune={self.tuned_kinds}, granularity={self._granularity}, "
+                f"update_every={self.update_every})")
+
+
+def _scale(entry, scale: float):
+    if scale == 1.0:
+        return entry
+    if isinstance(entry, list):
+        return [e * scale for e in entry]
+    return entry * scale
+
+
+def _evaluate(rule, param: Tensor, grad: Tensor, state: dict, hyper: dict, options: dict,
+              kinds: tuple[str, ...]):
+    """Run the rule; with ``kinds``, also the forward-mode tangents d param_new / d hyper[kind]."""
+    if not kinds:
+        new_p, new_state = rule.update(param, grad, state, hyper, options)
+        return new_p, new_state, {}
+    tangents = {}
+    primal = None
+    for kind in kinds:
+        with fwAD.dual_level():
+            h = dict(hyper)
+            h[kind] = fwAD.make_dual(hyper[kind], torch.ones_like(hyper[kind]))
+            new_p, new_state = rule.update(param, grad, state, h, options)
+            p_primal, p_tangent = fwAD.unpack_dual(new_p)
+            if primal is None:
+                primal = (p_primal, {k: fwAD.unpack_dual(v).primal for k, v in new_state.items()})
+            tangents[kind] = p_tangent if p_tangent is not None else torch.zeros_like(p_primal)
+    return primal[0], primal[1], tangents

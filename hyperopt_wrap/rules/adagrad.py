@@ -1,0 +1,40 @@
+"""Adagrad (``lr_decay``, ``initial_accumulator_value``, ``eps``, ``maximize``).
+
+    g = -g if maximize else g;  g += wd * w;  t += 1
+    s = s + g^2
+    w = w - lr / (1 + (t - 1) lr_decay) * g / (sqrt(s) + eps)
+
+exactly as ``torch.optim.Adagrad`` (dense gradients).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .base import Hyper, State, UpdateRule, is_zero, new_step_count
+
+
+class AdagradRule(UpdateRule):
+    kinds = ("lr", "weight_decay")
+
+    def options(self, group: dict[str, Any]) -> dict[str, Any]:
+        return {"lr_decay": group["lr_decay"], "eps": group["eps"], "maximize": group["maximize"],
+                "initial_accumulator_value": group["initial_accumulator_value"]}
+
+    def init_state(self, param: Tensor, options: dict[str, Any]) -> State:
+        return {"step": new_step_count(param),
+                "sum": torch.full_like(param, options["initial_accumulator_value"],
+                                       memory_format=torch.preserve_format)}
+
+    def update(self, param: Tensor, grad: Tensor, state: State, hyper: Hyper,
+               options: dict[str, Any]) -> tuple[Tensor, State]:
+        lr, wd = hyper["lr"], hyper["weight_decay"]
+        g = -grad if options["maximize"] else grad
+        if not is_zero(wd):
+            g = g + wd * param
+        step = state["step"] + 1
+        total = state["sum"] + g * g
+        clr = lr / (1 + (step - 1) * options["lr_decay"])
+        return param - clr * g / (total.sqrt() + options["eps"]), {"step": step, "sum": total}
