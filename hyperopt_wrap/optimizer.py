@@ -6,7 +6,6 @@ import math
 from typing import Any, Callable
 
 import torch
-import torch.autograd.forward_ad as fwAD
 from torch import Tensor
 
 from .hyperparams import TunedKind, resolve_bounds, resolve_granularity
@@ -314,32 +313,43 @@ class HyperOptimizer(torch.optim.Optimizer):
         return loss
 
     def _base_step(self, trainable, scales: list[float], kinds: tuple[str, ...]) -> StepRecord:
+        """Run the rule on every parameter with a gradient; write results back in place.
+
+        A NaN or inf anywhere in the gradients skips the whole step without a host sync:
+        ``ok`` is a device scalar, the rule sees the gradient times ``ok`` (exactly ``g`` when
+        finite, exactly 0 otherwise, so its outputs stay finite) and each result is written back
+        with ``old.lerp_(new, ok)``, which is bit-exactly ``new`` for ok=1 and ``old`` for ok=0.
+        """
         rule = self.rule
         grads = [p.grad for _, _, p in trainable]
-        finite = torch.stack(torch._foreach_norm(grads)).sum().isfinite() \
-            if len({g.device for g in grads}) == 1 else \
-            torch.stack([g.isfinite().all().to(grads[0].device) for g in grads]).all()
+        first = grads[0].device
+        norms = torch._foreach_norm(grads)
+        finite = torch.stack([n.to(first, non_blocking=True) for n in norms]).isfinite().all()
         self._skipped_steps.add_((~finite).to(self._skipped_steps.device))
+        ok_as: dict[tuple, Tensor] = {}
         options = [rule.options(g) for g in self.param_groups]
         observed = []
         for gi, pi, p in trainable:
-            group = self.param_groups[gi]
+            key = (p.device, p.dtype)
+            ok = ok_as.get(key)
+            if ok is None:
+                ok = ok_as[key] = finite.to(device=p.device, dtype=p.dtype, non_blocking=True)
+            grad = torch.mul(p.grad, ok).nan_to_num_(0.0, 0.0, 0.0)
             state = self.state[p]
             base_state = {k: v for k, v in state.items() if k != _BUFFERS}
             if not base_state:
                 base_state = rule.init_state(p, options[gi])
-            hyper = self._hyper_values(gi, pi, group, scales[gi])
-            new_p, new_state, tangents = _evaluate(rule, p, p.grad, base_state, hyper,
-                                                   options[gi], kinds)
-            ok = finite if finite.device == p.device else finite.to(p.device)
-            p.copy_(torch.where(ok, new_p, p))
-            for key, value in new_state.items():
-                old = base_state.get(key)
-                kept = torch.where(ok, value, old if old is not None else value.new_zeros(()))
-                if key in state:
-                    state[key].copy_(kept)
+            hyper = self._hyper_values(gi, pi, self.param_groups[gi], scales[gi])
+            new_p, new_state, tangents = rule.update_with_tangents(
+                p, grad, base_state, hyper, options[gi], kinds)
+            p.lerp_(new_p, ok)
+            for name, value in new_state.items():
+                old = state.get(name)
+                if old is None:
+                    old = base_state.get(name)
+                    state[name] = value * ok if old is None else torch.lerp(old, value, ok.to(old.dtype))
                 else:
-                    state[key] = kept
+                    old.lerp_(value, ok if old.dtype == p.dtype else ok.to(old.dtype))
             observed.append(ObservedParam(gi, pi, p, tangents))
         return StepRecord(observed, scales)
 
@@ -457,22 +467,3 @@ def _scale(entry, scale: float):
         return [e * scale for e in entry]
     return entry * scale
 
-
-def _evaluate(rule, param: Tensor, grad: Tensor, state: dict, hyper: dict, options: dict,
-              kinds: tuple[str, ...]):
-    """Run the rule; with ``kinds``, also the forward-mode tangents d param_new / d hyper[kind]."""
-    if not kinds:
-        new_p, new_state = rule.update(param, grad, state, hyper, options)
-        return new_p, new_state, {}
-    tangents = {}
-    primal = None
-    for kind in kinds:
-        with fwAD.dual_level():
-            h = dict(hyper)
-            h[kind] = fwAD.make_dual(hyper[kind], torch.ones_like(hyper[kind]))
-            new_p, new_state = rule.update(param, grad, state, h, options)
-            p_primal, p_tangent = fwAD.unpack_dual(new_p)
-            if primal is None:
-                primal = (p_primal, {k: fwAD.unpack_dual(v).primal for k, v in new_state.items()})
-            tangents[kind] = p_tangent if p_tangent is not None else torch.zeros_like(p_primal)
-    return primal[0], primal[1], tangents

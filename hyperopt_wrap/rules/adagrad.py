@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .base import Hyper, State, UpdateRule, is_zero, new_step_count
+from .base import Hyper, State, UpdateRule, add_scaled_, is_zero, new_step_count, sub_scaled
 
 
 class AdagradRule(UpdateRule):
@@ -38,3 +38,24 @@ class AdagradRule(UpdateRule):
         total = state["sum"] + g * g
         clr = lr / (1 + (step - 1) * options["lr_decay"])
         return param - clr * g / (total.sqrt() + options["eps"]), {"step": step, "sum": total}
+
+    def update_with_tangents(self, param, grad, state, hyper, options, kinds):
+        """Fast step (no_grad) with closed-form tangents; ``update`` is the reference."""
+        lr, wd = hyper["lr"], hyper["weight_decay"]
+        g = grad.neg() if options["maximize"] else grad
+        if not is_zero(wd):
+            g = add_scaled_(g.clone() if g is grad else g, param, wd)
+        step = state["step"] + 1
+        total = torch.addcmul(state["sum"], g, g)
+        root = total.sqrt()
+        std = root + options["eps"]
+        scaled = g / std
+        clr = lr / (1 + (step - 1) * options["lr_decay"])
+        tangents = {}
+        for kind in kinds:
+            if kind == "lr":
+                tangents[kind] = scaled * (-clr / lr)
+            else:   # d std / d wd = g w / sqrt(s)
+                t = (scaled * g).mul_(param).div_(root)
+                tangents[kind] = torch.sub(param, t).div_(std).mul_(-clr)
+        return sub_scaled(param, scaled, clr), {"step": step, "sum": total}, tangents

@@ -1,0 +1,115 @@
+"""The fast step of every built-in rule equals its readable ``update`` and its closed-form
+tangents equal forward-mode AD through ``update``, in float64, for every option combination,
+first and later steps, and every subset of tuned kinds (the rest as plain floats, zero too)."""
+import itertools
+
+import pytest
+import torch
+
+from hyperopt_wrap.rules import AdagradRule, AdamRule, RMSpropRule, SGDRule, UpdateRule
+
+DT = torch.float64
+N = 40
+
+
+def _t(x):
+    return torch.tensor(x, dtype=DT)
+
+
+def _rule_cases():
+    gen = torch.Generator().manual_seed(0)
+    rnd = lambda: torch.randn(N, generator=gen, dtype=DT)
+    pos = lambda: torch.rand(N, generator=gen, dtype=DT) + 0.1
+    for damp, nest, mx, first in itertools.product([0.0, 0.3], [False, True], [False, True],
+                                                   [True, False]):
+        if nest and damp:
+            continue
+        state = {} if first else {"momentum_buffer": rnd()}
+        yield (f"sgd-damp{damp}-nest{nest}-max{mx}-first{first}", SGDRule(), state,
+               {"dampening": damp, "nesterov": nest, "maximize": mx}, {"momentum": 0.9})
+    for dec, ams, mx in itertools.product([False, True], repeat=3):
+        state = {"step": _t(3.0), "exp_avg": rnd(), "exp_avg_sq": pos()}
+        if ams:
+            state["max_exp_avg_sq"] = pos() * 1.5
+        yield (f"adam-decoupled{dec}-amsgrad{ams}-max{mx}", AdamRule(dec), state,
+               {"beta2": 0.99, "eps": 1e-8, "amsgrad": ams, "maximize": mx, "decoupled": dec},
+               {"momentum": 0.9})
+    for cen, mom, mx in itertools.product([False, True], repeat=3):
+        state = {"step": _t(3.0), "square_avg": pos() + 1}
+        if mom:
+            state["momentum_buffer"] = rnd()
+        if cen:
+            state["grad_avg"] = rnd() * 0.1
+        yield (f"rmsprop-centered{cen}-momentum{mom}-max{mx}", RMSpropRule(), state,
+               {"alpha": 0.9, "eps": 1e-8, "centered": cen, "maximize": mx, "has_momentum": mom},
+               {"momentum": 0.5 if mom else 0.0})
+    for ld, mx in itertools.product([0.0, 0.1], [False, True]):
+        yield (f"adagrad-lr_decay{ld}-max{mx}", AdagradRule(), {"step": _t(3.0), "sum": pos()},
+               {"lr_decay": ld, "eps": 1e-10, "maximize": mx, "initial_accumulator_value": 0.0},
+               {})
+
+
+CASES = list(_rule_cases())
+
+
+def _subsets(rule, consts):
+    kinds = [k for k in rule.kinds if not (k == "momentum" and consts.get("momentum", 1) == 0)]
+    for r in range(1, len(kinds) + 1):
+        yield from itertools.combinations(kinds, r)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_fast_step_and_tangents_match_reference_and_forward_ad(case):
+    _, rule, state, options, consts = case
+    gen = torch.Generator().manual_seed(1)
+    param = torch.randn(N, generator=gen, dtype=DT)
+    grad = torch.randn(N, generator=gen, dtype=DT)
+    values = {"lr": 0.05, "momentum": consts.get("momentum", 0.8), "weight_decay": 0.03}
+    for tuned in _subsets(rule, consts):
+        for wd_const in (0.0, 0.03):
+            hyper = {k: (_t(values[k]) if k in tuned else
+                         (wd_const if k == "weight_decay" else values[k])) for k in rule.kinds}
+            snapshot = (param.clone(), grad.clone(), {k: v.clone() for k, v in state.items()})
+            with torch.no_grad():
+                fast_p, fast_s, fast_t = rule.update_with_tangents(param, grad, state, hyper,
+                                                                   options, tuned)
+                ad_p, ad_s, ad_t = UpdateRule.update_with_tangents(rule, param, grad, state,
+                                                                   hyper, options, tuned)
+                ref_p, ref_s = rule.update(param, grad, state, hyper, options)
+            # inputs untouched
+            assert torch.equal(param, snapshot[0]) and torch.equal(grad, snapshot[1])
+            assert all(torch.equal(state[k], snapshot[2][k]) for k in state)
+            torch.testing.assert_close(fast_p, ref_p, rtol=1e-14, atol=1e-15)
+            torch.testing.assert_close(ad_p, ref_p, rtol=0, atol=0)
+            assert fast_s.keys() == ref_s.keys()
+            for k in ref_s:
+                torch.testing.assert_close(fast_s[k], ref_s[k], rtol=1e-14, atol=1e-15)
+            assert set(fast_t) == set(tuned)
+            for k in tuned:
+                torch.testing.assert_close(fast_t[k], ad_t[k], rtol=1e-12, atol=1e-15,
+                                           msg=lambda m: f"tangent {k}, tuned={tuned}: {m}")
+            # tangents outlive the step (methods keep them), so none may alias an input
+            inputs = [param, grad, *state.values()]
+            for o in fast_t.values():
+                assert all(o.data_ptr() != i.data_ptr() for i in inputs if i.numel() > 1), \
+                    f"an output of {case[0]} aliases an input (tuned={tuned})"
+
+
+def test_forward_ad_default_serves_a_user_rule():
+    class SignSGD(UpdateRule):
+        kinds = ("lr",)
+
+        def options(self, group):
+            return {}
+
+        def init_state(self, param, options):
+            return {}
+
+        def update(self, param, grad, state, hyper, options):
+            return param - hyper["lr"] * grad.sign(), {}
+
+    p, g = torch.randn(5, dtype=DT), torch.randn(5, dtype=DT)
+    with torch.no_grad():
+        new_p, _, tangents = SignSGD().update_with_tangents(p, g, {}, {"lr": _t(0.1)}, {}, ("lr",))
+    torch.testing.assert_close(new_p, p - 0.1 * g.sign())
+    torch.testing.assert_close(tangents["lr"], -g.sign())
