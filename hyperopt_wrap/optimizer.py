@@ -1,7 +1,6 @@
 """HyperOptimizer: a torch.optim.Optimizer whose lr / momentum / weight decay tune themselves."""
 from __future__ import annotations
 
-import inspect
 import math
 from typing import Any, Callable
 
@@ -53,7 +52,7 @@ class HyperOptimizer(torch.optim.Optimizer):
             ``"weight_decay"``. Default ``("lr",)``.
         granularity: ``"global"``, ``"group"``, ``"tensor"`` or ``"element"``, or a dict per kind.
         hyper_lr: learning rate of the hyper-optimizer on the raw values (a float, or a dict
-            per kind). Default: the method's (greedy: 0.02). 0 freezes the hyperparameters.
+            per kind). Default: the method's (greedy: 0.05). 0 freezes the hyperparameters.
         hyper_optimizer: torch optimizer class for the raw values (default Adam).
         hyper_optimizer_kwargs: extra keyword arguments for it.
         update_every: base steps per hyper-step (default: the method's; greedy: 1).
@@ -120,9 +119,6 @@ class HyperOptimizer(torch.optim.Optimizer):
             k: TunedKind(k, self._granularity[k], self._bounds[k]) for k in tune}
         hyper_kwargs = dict(hyper_optimizer_kwargs or {})
         first = self.param_groups[0]["params"][0]
-        if (first.device.type == "cuda" and "capturable" not in hyper_kwargs
-                and "capturable" in inspect.signature(hyper_optimizer).parameters):
-            hyper_kwargs["capturable"] = True   # keeps its step counters on the GPU: no sync
         if hyper_lr is None:
             hyper_lr = self.method.default_hyper_lr
         self._hyper_lr = hyper_lr
@@ -135,6 +131,7 @@ class HyperOptimizer(torch.optim.Optimizer):
             raise type(e)(f"could not build hyper_optimizer {hyper_optimizer!r}: {e}") from e
         self._skipped_hypersteps = torch.zeros((), dtype=torch.int64, device=first.device)
         self._skipped_steps = torch.zeros((), dtype=torch.int64, device=first.device)
+        self._window_finite = torch.ones((), dtype=torch.bool, device=first.device)
         self._window = 0          # base steps (val_loss) or contributions since the hyper-step
         self._contributions = 0   # hypergradient contributions in the accumulators
         self._steps = 0
@@ -158,6 +155,9 @@ class HyperOptimizer(torch.optim.Optimizer):
             where = f" in param group {gi}"
             _check_value(kind, value, where)
             reason = self.rule.check_tunable(group, kind)
+            if reason is None and kind in ("lr", "weight_decay") and value <= 0:
+                reason = (f"{kind}={value} cannot be tuned in log space; start from a positive "
+                          f"value, e.g. {kind}={'0.1' if kind == 'lr' else '5e-4'}")
             if reason:
                 raise ValueError(f"cannot tune {kind}{where}: {reason}")
             new = tk.add_group(group["params"], value)
@@ -207,6 +207,11 @@ class HyperOptimizer(torch.optim.Optimizer):
         """dE/d(tuned value), natural units, of the latest hyper-step (same layout as
         :meth:`hyperparameters`; zeros before the first)."""
         return {k: tk.per_group(tk.last) for k, tk in self.tuned.items()}
+
+    def mark_window(self, finite: Tensor) -> None:
+        """For methods: the current hypergradient used a step whose gradient was ``finite``
+        (a device bool); a non-finite one makes the coming hyper-step skip."""
+        self._window_finite &= finite.to(self._window_finite.device)
 
     @property
     def skipped_hypersteps(self) -> int:
@@ -351,7 +356,7 @@ class HyperOptimizer(torch.optim.Optimizer):
                 else:
                     old.lerp_(value, ok if old.dtype == p.dtype else ok.to(old.dtype))
             observed.append(ObservedParam(gi, pi, p, tangents))
-        return StepRecord(observed, scales)
+        return StepRecord(observed, scales, finite)
 
     def _hyper_step(self) -> None:
         """Average the window's hypergradient, hand it to the hyper-optimizer, clamp, write back."""
@@ -365,7 +370,9 @@ class HyperOptimizer(torch.optim.Optimizer):
                 acc.zero_()
                 all_grads.append(last)
         norms = torch._foreach_norm(all_grads)
-        finite = torch.stack([n.to(norms[0].device) for n in norms]).sum().isfinite()
+        finite = torch.stack([n.to(norms[0].device) for n in norms]).isfinite().all()
+        finite = finite & self._window_finite.to(finite.device)
+        self._window_finite.fill_(True)
         self._skipped_hypersteps.add_((~finite).to(self._skipped_hypersteps.device))
         saved_raws = []
         for tk in self.tuned.values():
@@ -415,7 +422,8 @@ class HyperOptimizer(torch.optim.Optimizer):
             "counters": {"window": self._window, "contributions": self._contributions,
                          "steps": self._steps,
                          "hypersteps": self._hypersteps},
-            "skipped": [self._skipped_hypersteps.clone(), self._skipped_steps.clone()],
+            "skipped": [self._skipped_hypersteps.clone(), self._skipped_steps.clone(),
+                        self._window_finite.clone()],
         }
         return sd
 
@@ -453,6 +461,7 @@ class HyperOptimizer(torch.optim.Optimizer):
         self._steps, self._hypersteps = c["steps"], c["hypersteps"]
         self._skipped_hypersteps.copy_(hyper["skipped"][0])
         self._skipped_steps.copy_(hyper["skipped"][1])
+        self._window_finite.copy_(hyper["skipped"][2])
 
     def __repr__(self) -> str:
         return (f"HyperOptimizer({self.optimizer_cls.__name__}, method={self.method!r}, "

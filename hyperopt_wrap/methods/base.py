@@ -10,6 +10,9 @@ Each base step the optimizer
 1. asks ``tangent_kinds(opt, ends_window)`` which hyperparameter tangents
    ``B = dPhi/dlam`` the step must produce (forward mode through the rule);
 2. runs the step and hands ``observe(opt, record)`` what it saw;
+   A step whose gradient was not finite was skipped (``record.finite`` is False on the
+   device); a method that uses such a step's tangents calls ``opt.mark_window(finite)``
+   so that the hyper-step is skipped rather than fed a made-up derivative.
 3. when the meta-gradient ``grad_w E`` is known (at the next step's gradient,
    or from ``val_loss`` at the end of a window) calls
    ``hypergradient(opt, meta_grads)``, which adds ``dE/dlam`` in natural units
@@ -42,6 +45,7 @@ class ObservedParam:
 class StepRecord:
     params: list[ObservedParam]
     lr_scales: list[float]          # per group: effective lr / tuned lr at this step
+    finite: Tensor                  # device bool: the step's gradients were finite (else skipped)
 
 
 @dataclass

@@ -22,10 +22,11 @@ from .base import HypergradientMethod, MetaGradient, StepRecord
 class Greedy(HypergradientMethod):
     name = "greedy"
     default_update_every = 1
-    default_hyper_lr = 0.02
+    default_hyper_lr = 0.05
 
     def __init__(self) -> None:
         self._lr_scales: list[float] | None = None   # scales of the pending step
+        self._finite = None                           # whether the pending step was taken
 
     def tangent_kinds(self, opt, ends_window):
         if opt.val_loss is None or ends_window:
@@ -37,6 +38,7 @@ class Greedy(HypergradientMethod):
             if obs.tangents:
                 opt.state[obs.param]["hyper"] = dict(obs.tangents)
         self._lr_scales = list(record.lr_scales) if record.params else None
+        self._finite = record.finite
 
     def hypergradient(self, opt, meta_grads: list[MetaGradient]) -> int:
         if self._lr_scales is None:
@@ -52,11 +54,13 @@ class Greedy(HypergradientMethod):
                 tk = opt.tuned[kind]
                 tk.accumulate(tk.slot(mg.group_index, mg.param_index), mg.grad, tangent, scale)
             used = True
-        self._lr_scales = None
+        if used:
+            opt.mark_window(self._finite)
+        self._lr_scales = self._finite = None
         return int(used)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"lr_scales": self._lr_scales}
+        return {"lr_scales": self._lr_scales, "finite": self._finite}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._lr_scales = state["lr_scales"]
+        self._lr_scales, self._finite = state["lr_scales"], state["finite"]
