@@ -100,7 +100,14 @@ def resolve_bounds(bounds, tune: tuple[str, ...]) -> dict[str, tuple[float, floa
 
 
 class TunedKind:
-    """One tuned hyperparameter kind, with its slots, values, raws and accumulators."""
+    """One tuned hyperparameter kind, stored in *blocks* that the hyper-optimizer moves.
+
+    global/group/tensor: a block is a 1-D tensor of scalar slots (one block shared by every
+    group for "global"; one per group otherwise, with one slot per group or per parameter), so a
+    hyper-step costs a handful of small ops however many parameters there are.  element: one
+    block per parameter, shaped like it.  ``locate(gi, pi)`` gives ``(block, index)`` with
+    ``index`` None for element blocks.
+    """
 
     def __init__(self, kind: str, granularity: str, bounds: tuple[float, float]):
         self.kind = kind
@@ -108,74 +115,80 @@ class TunedKind:
         self.bounds = bounds
         self.parametrisation = PARAMETRISATIONS[kind]
         self.raw_bounds = tuple(self.parametrisation.raw_bound(b) for b in bounds)
-        self.values: list[Tensor] = []
-        self.raws: list[Tensor] = []
-        self.accums: list[Tensor] = []      # summed natural-unit hypergradients
+        self.values: list[Tensor] = []      # natural units, read by the update rule
+        self.raws: list[Tensor] = []        # unconstrained leaves, moved by the hyper-optimizer
+        self.accums: list[Tensor] = []      # summed natural-unit hypergradients of the window
         self.last: list[Tensor] = []        # hypergradient of the latest hyper-step
-        self.group_slots: list[list[int]] = []  # per group: slot of each parameter
+        self.group_slots: list[list[tuple[int, int | None]]] = []
 
-    def _new_slot(self, like: Tensor, value: float, shape) -> list[Tensor]:
+    def _new_block(self, like: Tensor, value: float, shape) -> Tensor:
         v = torch.full(shape, value, dtype=like.dtype, device=like.device)
         raw = self.parametrisation.to_raw(v)
         self.values.append(v)
         self.raws.append(raw)
         self.accums.append(torch.zeros_like(v))
         self.last.append(torch.zeros_like(v))
-        return [raw]
+        return raw
 
     def add_group(self, params: list[Tensor], value: float) -> list[Tensor]:
-        """Create the slots of a new param group; returns the new raw leaves."""
+        """Create the blocks of a new param group; returns the new raw leaves."""
         lo, hi = self.bounds
         if not (lo <= value <= hi):
             raise ValueError(f"initial {self.kind}={value} lies outside bounds[{self.kind!r}]="
                              f"{self.bounds}; pass bounds={{{self.kind!r}: (low, high)}} that "
                              f"contain it, or start from a value inside")
-        new: list[Tensor] = []
-        g = self.granularity
+        g, n = self.granularity, len(self.values)
         if g == "global":
-            if not self.values:
-                new += self._new_slot(params[0], value, ())
-            self.group_slots.append([0] * len(params))
+            new = [] if self.values else [self._new_block(params[0], value, (1,))]
+            self.group_slots.append([(0, 0)] * len(params))
         elif g == "group":
-            new += self._new_slot(params[0], value, ())
-            self.group_slots.append([len(self.values) - 1] * len(params))
+            new = [self._new_block(params[0], value, (1,))]
+            self.group_slots.append([(n, 0)] * len(params))
+        elif g == "tensor":
+            new = [self._new_block(params[0], value, (len(params),))]
+            self.group_slots.append([(n, i) for i in range(len(params))])
         else:
-            slots = []
-            for p in params:
-                new += self._new_slot(p, value, () if g == "tensor" else p.shape)
-                slots.append(len(self.values) - 1)
-            self.group_slots.append(slots)
+            new = [self._new_block(p, value, p.shape) for p in params]
+            self.group_slots.append([(n + i, None) for i in range(len(params))])
         return new
 
-    def slot(self, group_index: int, param_index: int) -> int:
+    def locate(self, group_index: int, param_index: int) -> tuple[int, int | None]:
         return self.group_slots[group_index][param_index]
+
+    def value(self, group_index: int, param_index: int) -> Tensor:
+        block, index = self.group_slots[group_index][param_index]
+        return self.values[block] if index is None else self.values[block][index]
 
     def fill_group(self, group_index: int, value: float) -> None:
         """Set every slot this group uses to ``value`` (a user wrote the group's entry)."""
         lo, hi = self.bounds
         value = min(max(value, lo), hi)
         with torch.no_grad():
-            for s in set(self.group_slots[group_index]):
-                self.values[s].fill_(value)
-                self.raws[s].copy_(self.parametrisation.to_raw(self.values[s]))
+            for block, index in set(self.group_slots[group_index]):
+                target = self.values[block] if index is None else self.values[block][index]
+                target.fill_(value)
+                self.raws[block].copy_(self.parametrisation.to_raw(self.values[block]))
 
-    def accumulate(self, slot: int, meta_grad: Tensor, tangent: Tensor, scale: float) -> None:
+    def accumulate(self, group_index: int, param_index: int, meta_grad: Tensor,
+                   tangent: Tensor, scale: float) -> None:
         """accum += scale * <meta_grad, tangent>, reduced to the slot's shape."""
-        acc = self.accums[slot]
-        if acc.dim() == 0:
-            acc.add_(torch.vdot(meta_grad.reshape(-1), tangent.reshape(-1)), alpha=scale)
-        else:
+        block, index = self.group_slots[group_index][param_index]
+        acc = self.accums[block]
+        if index is None:
             acc.addcmul_(meta_grad, tangent, value=scale)
+        else:
+            dot = torch.vdot(meta_grad.reshape(-1), tangent.reshape(-1))
+            acc[index].add_(dot.to(acc.dtype), alpha=scale)
 
-    def per_group(self, tensors: list[Tensor]) -> list:
-        """Arrange slot tensors as the public structure: one entry per param group."""
+    def per_group(self, blocks: list[Tensor]) -> list:
+        """Arrange block tensors as the public structure: one entry per param group."""
         out = []
         for slots in self.group_slots:
             if self.granularity in ("global", "group"):
-                out.append(tensors[slots[0]].detach().clone() if slots else None)
+                block, index = slots[0]
+                out.append(blocks[block][index].detach().clone())
             elif self.granularity == "tensor":
-                out.append(torch.stack([tensors[s] for s in slots]).detach().clone()
-                           if slots else None)
+                out.append(blocks[slots[0][0]].detach().clone())
             else:
-                out.append([tensors[s].detach().clone() for s in slots])
+                out.append([blocks[b].detach().clone() for b, _ in slots])
         return out

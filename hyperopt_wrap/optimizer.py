@@ -118,6 +118,11 @@ class HyperOptimizer(torch.optim.Optimizer):
         self.tuned: dict[str, TunedKind] = {
             k: TunedKind(k, self._granularity[k], self._bounds[k]) for k in tune}
         hyper_kwargs = dict(hyper_optimizer_kwargs or {})
+        if hyper_optimizer in (torch.optim.Adam, torch.optim.AdamW) and not (
+                {"fused", "foreach", "capturable", "differentiable"} & set(hyper_kwargs)):
+            # One kernel per hyper-step, its step counter on the device, and a found_inf input
+            # that skips a non-finite hyper-step without a host sync.
+            hyper_kwargs["fused"] = True
         first = self.param_groups[0]["params"][0]
         if hyper_lr is None:
             hyper_lr = self.method.default_hyper_lr
@@ -260,7 +265,9 @@ class HyperOptimizer(torch.optim.Optimizer):
             if tk is None:
                 hyper[kind] = self.rule.read(group, kind)
             else:
-                v = tk.values[tk.slot(gi, pi)]
+                v = tk.value(gi, pi)
+                if v.device != group["params"][pi].device:
+                    v = v.to(group["params"][pi].device, non_blocking=True)
                 hyper[kind] = v * scale if (kind == "lr" and scale != 1.0) else v
         return hyper
 
@@ -359,46 +366,57 @@ class HyperOptimizer(torch.optim.Optimizer):
         return StepRecord(observed, scales, finite)
 
     def _hyper_step(self) -> None:
-        """Average the window's hypergradient, hand it to the hyper-optimizer, clamp, write back."""
+        """Average the window's hypergradient, hand it to the hyper-optimizer, clamp, write back.
+
+        A non-finite hypergradient (or a window that used a skipped step) leaves the raw values,
+        the natural values and the hyper-optimizer's state untouched, decided on the device.
+        """
         n = max(self._contributions, 1)
         self._window = self._contributions = 0
         self._hypersteps += 1
-        all_grads = []
+        lasts = []
         for tk in self.tuned.values():
             for acc, last in zip(tk.accums, tk.last):
-                last.copy_(acc).div_(n)
+                torch.div(acc, n, out=last)
                 acc.zero_()
-                all_grads.append(last)
-        norms = torch._foreach_norm(all_grads)
-        finite = torch.stack([n.to(norms[0].device) for n in norms]).isfinite().all()
-        finite = finite & self._window_finite.to(finite.device)
+                lasts.append(last)
+        norms = torch._foreach_norm(lasts)
+        device = self._window_finite.device
+        finite = torch.stack([x.to(device, non_blocking=True) for x in norms]).isfinite().all()
+        finite &= self._window_finite
         self._window_finite.fill_(True)
-        self._skipped_hypersteps.add_((~finite).to(self._skipped_hypersteps.device))
-        saved_raws = []
+        self._skipped_hypersteps.add_(~finite)
+        raws_before = []
         for tk in self.tuned.values():
             d = tk.parametrisation.dvalue_draw
             for raw, value, last in zip(tk.raws, tk.values, tk.last):
-                saved_raws.append(raw.clone())
-                ok = finite.to(raw.device)
-                raw.grad = torch.where(ok, last * d(value), torch.zeros((), dtype=raw.dtype,
-                                                                      device=raw.device))
-        saved_state = [(t, t.clone()) for s in self.hyper_optimizer.state.values()
-                       for t in s.values() if isinstance(t, Tensor)]
-        self.hyper_optimizer.step()
-        for t, old in saved_state:
-            if t.device == finite.device:
-                t.copy_(torch.where(finite, t, old))
+                raws_before.append(raw.clone())
+                raw.grad = last * d(value)
+        hyper_opt = self.hyper_optimizer
+        if getattr(hyper_opt, "defaults", {}).get("fused"):
+            # torch's fused kernels skip the whole update on the device when found_inf is set
+            hyper_opt.found_inf = (~finite).to(torch.float32)
+            hyper_opt.step()
+        else:
+            for raw in (r for tk in self.tuned.values() for r in tk.raws):
+                raw.grad = torch.where(finite.to(raw.device), raw.grad, 0.0)
+            saved = [(t, t.clone()) for st in hyper_opt.state.values() for t in st.values()
+                     if isinstance(t, Tensor) and t.device == device]
+            hyper_opt.step()
+            for t, old in saved:
+                torch.where(finite, t, old, out=t)
+            for raw, old in zip((r for tk in self.tuned.values() for r in tk.raws), raws_before):
+                torch.where(finite.to(raw.device), raw, old, out=raw)
         i = 0
         for tk in self.tuned.values():
             lo, hi = tk.raw_bounds
             for raw, value in zip(tk.raws, tk.values):
-                old = saved_raws[i]
+                old = raws_before[i]
                 i += 1
-                ok = finite.to(raw.device)
-                raw.copy_(torch.where(ok, raw.clamp(lo, hi), old))
-                # Only elements whose raw value moved are rewritten, so a frozen or skipped
-                # hyper-step leaves the natural values bit-exact.
-                value.copy_(torch.where(raw != old, tk.parametrisation.to_value(raw), value))
+                raw.clamp_(lo, hi)
+                # Only elements whose raw value moved are rewritten, so a frozen (hyper_lr=0) or
+                # skipped hyper-step leaves the natural values bit-exact.
+                torch.where(raw != old, tk.parametrisation.to_value(raw), value, out=value)
                 raw.grad = None
 
     # ------------------------------------------------------------------ save / resume

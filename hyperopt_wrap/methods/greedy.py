@@ -51,8 +51,7 @@ class Greedy(HypergradientMethod):
             sign = -1.0 if opt.param_groups[mg.group_index]["maximize"] else 1.0
             for kind, tangent in buffers.items():
                 scale = sign * (self._lr_scales[mg.group_index] if kind == "lr" else 1.0)
-                tk = opt.tuned[kind]
-                tk.accumulate(tk.slot(mg.group_index, mg.param_index), mg.grad, tangent, scale)
+                opt.tuned[kind].accumulate(mg.group_index, mg.param_index, mg.grad, tangent, scale)
             used = True
         if used:
             opt.mark_window(self._finite)
