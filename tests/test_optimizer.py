@@ -474,3 +474,23 @@ def test_method_objects_and_repr():
     m = _model()
     opt = HyperOptimizer(torch.optim.SGD, m.parameters(), lr=0.1, method=Greedy())
     assert "Greedy" in repr(opt) and opt.update_every == 1
+
+
+def test_fused_hyper_adam_fast_path_equals_torch_adam_step():
+    """The default hyper-optimizer (fused Adam, stepped by calling its kernel directly) moves
+    the hyperparameters bit-identically to torch.optim.Adam's own single-tensor step()."""
+    runs = []
+    for hyper_kwargs in (None, {"foreach": False}):
+        m = _model()
+        opt = HyperOptimizer(torch.optim.SGD, m.parameters(), lr=0.05, momentum=0.9,
+                             weight_decay=1e-3, tune=ALL, hyper_optimizer_kwargs=hyper_kwargs,
+                             granularity={"lr": "element", "momentum": "tensor"})
+        _train(opt, m, 30)
+        runs.append((m, opt))
+    (m1, o1), (m2, o2) = runs
+    assert o1.hyper_optimizer.defaults["fused"] and not o2.hyper_optimizer.defaults.get("fused")
+    for a, b in zip(m1.parameters(), m2.parameters()):
+        assert torch.equal(a, b)
+    for kind in ALL:
+        for a, b in zip(o1.tuned[kind].values, o2.tuned[kind].values):
+            assert torch.equal(a, b), kind
