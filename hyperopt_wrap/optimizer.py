@@ -155,6 +155,8 @@ class HyperOptimizer(torch.optim.Optimizer):
         if not group["params"]:
             raise ValueError("a param group has no parameters; give every group at least one")
         nominal = {}
+        if isinstance(group.get("lr"), Tensor):    # torch accepts a tensor lr; we keep a float
+            group["lr"] = float(group["lr"])
         for kind, tk in self.tuned.items():
             value = self.rule.read(group, kind)
             where = f" in param group {gi}"
@@ -170,8 +172,10 @@ class HyperOptimizer(torch.optim.Optimizer):
             nominal[kind] = value
         group["hyper_nominal"] = nominal
         for p in group["params"]:
-            if p.is_sparse:
-                raise ValueError("sparse parameters are not supported; use dense tensors")
+            if p.is_sparse or p.is_complex() or not p.is_floating_point():
+                raise ValueError(f"HyperOptimizer needs dense real floating-point parameters, got "
+                                 f"{p.dtype}{' sparse' if p.is_sparse else ''}; for complex "
+                                 "ones optimise torch.view_as_real(p) instead")
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)

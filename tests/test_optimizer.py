@@ -494,3 +494,13 @@ def test_fused_hyper_adam_fast_path_equals_torch_adam_step():
     for kind in ALL:
         for a, b in zip(o1.tuned[kind].values, o2.tuned[kind].values):
             assert torch.equal(a, b), kind
+
+
+def test_tensor_lr_is_accepted_and_complex_parameters_are_refused():
+    m = _model()
+    opt = HyperOptimizer(torch.optim.Adam, m.parameters(), lr=torch.tensor(0.01))
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.01)
+    _train(opt, m, 3)
+    z = torch.nn.Parameter(torch.zeros(3, dtype=torch.complex128))
+    with pytest.raises(ValueError, match="view_as_real"):
+        HyperOptimizer(torch.optim.Adam, [z], lr=0.01)
