@@ -1,6 +1,6 @@
 """Demo: a hypergradient-tuned learning rate against plain SGD, on sklearn's digits.
 
-    python -m hyperopt_wrap.demo                 # about half a minute on 2 CPU cores
+    python -m hyperopt_wrap.demo                 # well under a minute on 2 CPU cores
     python -m hyperopt_wrap.demo --plot out.png  # also draws loss curves and the lr trajectory
 
 An MLP 64-50-10 is trained on the 8x8 digits (a fixed, seeded 60/20/20 split into
@@ -261,9 +261,11 @@ def plot(runs: list[Run], path: str) -> None:
 
 # ---------------------------------------------------------------------------- command line
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m hyperopt_wrap.demo", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m hyperopt_wrap.demo",
+                                description=__doc__.split("\n")[0])
     p.add_argument("--steps", type=int, default=None,
-                   help=f"training steps per run (default {DEFAULTS['steps']}; --quick: {QUICK['steps']})")
+                   help=f"training steps per run (default {DEFAULTS['steps']}; "
+                        f"--quick: {QUICK['steps']})")
     p.add_argument("--seed", type=int, default=DEFAULTS["seed"],
                    help="seed of the split, the initial weights and the minibatch order")
     p.add_argument("--lr", type=float, default=DEFAULTS["lr"], help="the poor initial learning rate")

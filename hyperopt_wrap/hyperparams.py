@@ -138,6 +138,8 @@ class TunedKind:
                              f"{self.bounds}; pass bounds={{{self.kind!r}: (low, high)}} that "
                              f"contain it, or start from a value inside")
         g, n = self.granularity, len(self.values)
+        if not self.values:
+            self.initial = value
         if g == "global":
             new = [] if self.values else [self._new_block(params[0], value, (1,))]
             self.group_slots.append([(0, 0)] * len(params))

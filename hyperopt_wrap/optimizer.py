@@ -10,6 +10,7 @@ from torch import Tensor
 from .hyperparams import TunedKind, resolve_bounds, resolve_granularity
 from .methods import MetaGradient, ObservedParam, StepRecord, resolve_method
 from .rules import KINDS, get_rule
+from .rules.base import scratch
 
 _BUFFERS = "hyper"   # key of a method's per-parameter buffers inside opt.state[p]
 
@@ -137,6 +138,7 @@ class HyperOptimizer(torch.optim.Optimizer):
         self._skipped_hypersteps = torch.zeros((), dtype=torch.int64, device=first.device)
         self._skipped_steps = torch.zeros((), dtype=torch.int64, device=first.device)
         self._window_finite = torch.ones((), dtype=torch.bool, device=first.device)
+        self._workspace: dict[Tensor, dict[str, Tensor]] = {}   # per-parameter scratch buffers
         self._window = 0          # base steps (val_loss) or contributions since the hyper-step
         self._contributions = 0   # hypergradient contributions in the accumulators
         self._steps = 0
@@ -167,9 +169,21 @@ class HyperOptimizer(torch.optim.Optimizer):
                           f"value, e.g. {kind}={'0.1' if kind == 'lr' else '5e-4'}")
             if reason:
                 raise ValueError(f"cannot tune {kind}{where}: {reason}")
+            if tk.granularity == "global" and tk.values:
+                # One value shared by every group: for lr it is a common factor (each group
+                # keeps its ratio to the first group's lr, like a scheduler scale); momentum and
+                # weight decay must agree.
+                shared = float(tk.initial)
+                if kind != "lr" and value != shared:
+                    raise ValueError(
+                        f"cannot tune {kind} globally: param group {gi} has {kind}={value} but "
+                        f"the first group has {shared}; give every group the same {kind} or "
+                        f"use granularity={{{kind!r}: 'group'}}")
+                nominal[kind] = shared
+            else:
+                nominal[kind] = value
             new = tk.add_group(group["params"], value)
             next(rg for rg in raw_groups if rg["kind"] == kind)["params"].extend(new)
-            nominal[kind] = value
         group["hyper_nominal"] = nominal
         for p in group["params"]:
             if p.is_sparse or p.is_complex() or not p.is_floating_point():
@@ -332,9 +346,8 @@ class HyperOptimizer(torch.optim.Optimizer):
         """Run the rule on every parameter with a gradient; write results back in place.
 
         A NaN or inf anywhere in the gradients skips the whole step without a host sync:
-        ``ok`` is a device scalar, the rule sees the gradient times ``ok`` (exactly ``g`` when
-        finite, exactly 0 otherwise, so its outputs stay finite) and each result is written back
-        with ``old.lerp_(new, ok)``, which is bit-exactly ``new`` for ok=1 and ``old`` for ok=0.
+        ``ok`` is a device scalar (1 or 0), the rule sees the gradient times ``ok`` (exactly
+        ``g`` when finite, exactly 0 otherwise) and leaves everything as it was for ok=0.
         """
         rule = self.rule
         grads = [p.grad for _, _, p in trainable]
@@ -350,24 +363,33 @@ class HyperOptimizer(torch.optim.Optimizer):
             ok = ok_as.get(key)
             if ok is None:
                 ok = ok_as[key] = finite.to(device=p.device, dtype=p.dtype, non_blocking=True)
-            grad = torch.mul(p.grad, ok).nan_to_num_(0.0, 0.0, 0.0)
+            work = self._workspace.setdefault(p, {})
+            grad = torch.mul(p.grad, ok, out=scratch(work, "grad", p)).nan_to_num_(0.0, 0.0, 0.0)
             state = self.state[p]
-            base_state = {k: v for k, v in state.items() if k != _BUFFERS}
-            if not base_state:
-                base_state = rule.init_state(p, options[gi])
+            if not any(k != _BUFFERS for k in state):
+                state.update(rule.init_state(p, options[gi]))
             hyper = self._hyper_values(gi, pi, self.param_groups[gi], scales[gi])
-            new_p, new_state, tangents = rule.update_with_tangents(
-                p, grad, base_state, hyper, options[gi], kinds)
-            p.lerp_(new_p, ok)
-            for name, value in new_state.items():
-                old = state.get(name)
-                if old is None:
-                    old = base_state.get(name)
-                    state[name] = value * ok if old is None else torch.lerp(old, value, ok.to(old.dtype))
-                else:
-                    old.lerp_(value, ok if old.dtype == p.dtype else ok.to(old.dtype))
+            tangents = rule.step_(p, grad, state, hyper, options[gi], kinds, ok, work)
+            if tangents is None:
+                tangents = self._step_out_of_place(p, grad, state, hyper, options[gi], kinds, ok)
             observed.append(ObservedParam(gi, pi, p, tangents))
         return StepRecord(observed, scales, finite)
+
+    def _step_out_of_place(self, p, grad, state, hyper, options, kinds, ok) -> dict[str, Tensor]:
+        """For rules without ``step_``: run ``update_with_tangents`` and write the results back
+        with ``old.lerp_(new, ok)``, bit-exactly ``new`` for ok=1 and ``old`` for ok=0 (the
+        rule saw a zero gradient, so its outputs are finite)."""
+        base_state = {k: v for k, v in state.items() if k != _BUFFERS}
+        new_p, new_state, tangents = self.rule.update_with_tangents(p, grad, base_state, hyper,
+                                                                    options, kinds)
+        p.lerp_(new_p, ok)
+        for name, value in new_state.items():
+            old = state.get(name)
+            if old is None:
+                state[name] = value * ok
+            else:
+                old.lerp_(value, ok if old.dtype == ok.dtype else ok.to(old.dtype))
+        return tangents
 
     def _hyper_step(self) -> None:
         """Average the window's hypergradient, hand it to the hyper-optimizer, clamp, write back.

@@ -71,7 +71,13 @@ def unrolled_hypergradient(optimizer_cls: type, params: Sequence, loss_fn: Calla
                     (gran != "global" or not leaves[kind])
                 if new_leaf:
                     leaves[kind].append(start.detach().clone().requires_grad_(True))
-                row.append(leaves[kind][-1])
+                    first_value = start.detach()
+                leaf = leaves[kind][-1]
+                if gran == "global" and gi > 0:
+                    # global: one value for every group; a group whose lr differs from the
+                    # first group's keeps its ratio to it (HyperOptimizer's convention)
+                    leaf = leaf * (start.detach() / first_value)
+                row.append(leaf)
             per_param[kind].append(row)
 
     weights = [p.detach().clone().requires_grad_(True) for g in groups for p in g["params"]]

@@ -29,8 +29,8 @@ def _rule_cases():
                {"dampening": damp, "nesterov": nest, "maximize": mx}, {"momentum": 0.9})
     for dec, ams, mx in itertools.product([False, True], repeat=3):
         state = {"step": _t(3.0), "exp_avg": rnd(), "exp_avg_sq": pos()}
-        if ams:
-            state["max_exp_avg_sq"] = pos() * 1.5
+        if ams:   # amsgrad's invariant: the running max is at least the current average
+            state["max_exp_avg_sq"] = torch.maximum(pos() * 1.5, state["exp_avg_sq"])
         yield (f"adam-decoupled{dec}-amsgrad{ams}-max{mx}", AdamRule(dec), state,
                {"beta2": 0.99, "eps": 1e-8, "amsgrad": ams, "maximize": mx, "decoupled": dec},
                {"momentum": 0.9})
@@ -113,3 +113,49 @@ def test_forward_ad_default_serves_a_user_rule():
         new_p, _, tangents = SignSGD().update_with_tangents(p, g, {}, {"lr": _t(0.1)}, {}, ("lr",))
     torch.testing.assert_close(new_p, p - 0.1 * g.sign())
     torch.testing.assert_close(tangents["lr"], -g.sign())
+
+
+def _clone_state(state):
+    return {k: v.clone() for k, v in state.items()}
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_in_place_step_matches_reference_and_is_a_no_op_when_skipped(case):
+    """``step_`` (the allocation-free fast path) updates param and state like ``update`` and
+    returns the forward-AD tangents; with ok=0 (a skipped step: zero gradient) it leaves param
+    and state bit-exactly unchanged."""
+    _, rule, state, options, consts = case
+    gen = torch.Generator().manual_seed(2)
+    param = torch.randn(N, generator=gen, dtype=DT)
+    grad = torch.randn(N, generator=gen, dtype=DT)
+    values = {"lr": 0.05, "momentum": consts.get("momentum", 0.8), "weight_decay": 0.03}
+    handled = 0
+    for tuned in _subsets(rule, consts):
+        for wd_const in (0.0, 0.03):
+            hyper = {k: (_t(values[k]) if k in tuned else
+                         (wd_const if k == "weight_decay" else values[k])) for k in rule.kinds}
+            with torch.no_grad():
+                ref_p, ref_s = rule.update(param, grad, state, hyper, options)
+                _, _, ad_t = UpdateRule.update_with_tangents(rule, param, grad, state, hyper,
+                                                             options, tuned)
+                p, s = param.clone(), _clone_state(state)
+                tangents = rule.step_(p, grad.clone(), s, hyper, options, tuned, _t(1.0), {})
+                if tangents is None:
+                    continue
+                handled += 1
+                torch.testing.assert_close(p, ref_p, rtol=1e-14, atol=1e-15)
+                assert s.keys() == ref_s.keys()
+                for k in ref_s:
+                    torch.testing.assert_close(s[k], ref_s[k], rtol=1e-14, atol=1e-15)
+                assert set(tangents) == set(tuned)
+                for k in tuned:
+                    torch.testing.assert_close(tangents[k], ad_t[k], rtol=1e-12, atol=1e-15,
+                                               msg=lambda m: f"tangent {k}, tuned={tuned}: {m}")
+                # skipped step: the optimizer hands a zero gradient and ok=0
+                p, s = param.clone(), _clone_state(state)
+                rule.step_(p, torch.zeros_like(grad), s, hyper, options, tuned, _t(0.0), {})
+                assert torch.equal(p, param)
+                for k in state:
+                    assert torch.equal(s[k], state[k]), k
+    if isinstance(rule, (SGDRule, AdamRule)):
+        assert handled > 0, "SGD and Adam must have an in-place fast path"

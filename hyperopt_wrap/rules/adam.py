@@ -15,7 +15,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .base import Hyper, State, UpdateRule, add_scaled_, is_zero, new_step_count, sub_scaled
+from .base import (Hyper, State, UpdateRule, add_scaled_, is_zero, kept, new_step_count, scratch,
+                   sub_scaled)
 
 
 class AdamRule(UpdateRule):
@@ -121,3 +122,57 @@ class AdamRule(UpdateRule):
                 t = torch.addcmul(param * (1 - beta1), ratio, d_denom, value=-1).div_(denom)
                 tangents[kind] = t.mul_(-step_size)
         return sub_scaled(base, ratio, step_size), new_state, tangents
+
+    def step_(self, param, grad, state, hyper, options, kinds, ok, work):
+        """In place, like torch.optim.Adam, with closed-form tangents; a no-op for ok=0."""
+        lr, beta1, wd = hyper["lr"], hyper["momentum"], hyper["weight_decay"]
+        beta2, eps, amsgrad = options["beta2"], options["eps"], options["amsgrad"]
+        coupled = not is_zero(wd) and not options["decoupled"]
+        decoupled = not is_zero(wd) and options["decoupled"]
+        if amsgrad and coupled and "weight_decay" in kinds:
+            return None     # rare; the out-of-place path handles torch.maximum's derivative
+        g = grad.neg_() if options["maximize"] else grad
+        if coupled:
+            g.addcmul_(param, wd * ok)
+        exp_avg, exp_avg_sq, step = state["exp_avg"], state["exp_avg_sq"], state["step"]
+        t_b1 = torch.sub(exp_avg, g, out=scratch(work, "t_momentum", param)) \
+            if "momentum" in kinds else None   # d m / d b1 = m_old - g
+        exp_avg.lerp_(g, (1 - beta1) * ok)
+        exp_avg_sq.mul_(kept(ok, beta2, 1.0)).addcmul_(g, g, value=1 - beta2)
+        step.add_(ok)
+        t = step.clamp(min=1)
+        bias_correction1 = 1 - beta1 ** t
+        bias_correction2_sqrt = (1 - beta2 ** t).sqrt()
+        second = exp_avg_sq
+        if amsgrad:   # a no-op for ok=0: the running max already bounds the unchanged v
+            second = torch.maximum(state["max_exp_avg_sq"], exp_avg_sq,
+                                   out=state["max_exp_avg_sq"])
+        denom = torch.sqrt(second, out=scratch(work, "denom", param))
+        t_wd = None
+        if "weight_decay" in kinds:
+            t_wd = scratch(work, "t_weight_decay", param)
+            if coupled:     # d denom / d wd = (1 - b2) g w / (sqrt(v) sqrt(bc2))
+                torch.mul(g, param, out=t_wd).mul_(1 - beta2).div_(denom).div_(bias_correction2_sqrt)
+            else:
+                torch.mul(param, -lr, out=t_wd)
+        denom.div_(bias_correction2_sqrt).add_(eps)
+        ratio = torch.div(exp_avg, denom, out=scratch(work, "ratio", param))
+        step_size = lr / bias_correction1
+        tangents = {}
+        for kind in kinds:
+            if kind == "lr":
+                t_lr = torch.mul(ratio, -1 / bias_correction1, out=scratch(work, "t_lr", param))
+                tangents[kind] = add_scaled_(t_lr, param, -wd) if decoupled else t_lr
+            elif kind == "momentum":
+                d_bc1 = -t * beta1 ** (t - 1)
+                add_scaled_(t_b1.div_(denom), ratio, -d_bc1 / bias_correction1)
+                tangents[kind] = t_b1.mul_(-step_size)
+            else:
+                if coupled:
+                    add_scaled_(t_wd.mul_(ratio).neg_(), param, 1 - beta1)
+                    t_wd.div_(denom).mul_(-step_size)
+                tangents[kind] = t_wd
+        if decoupled:
+            param.mul_(1 - lr * wd * ok)
+        param.addcmul_(ratio, step_size * ok, value=-1)
+        return tangents

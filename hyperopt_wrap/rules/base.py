@@ -101,8 +101,39 @@ class UpdateRule:
                 tangents[kind] = p_tangent if p_tangent is not None else torch.zeros_like(p_primal)
         return primal[0], primal[1], tangents
 
+    def step_(self, param: Tensor, grad: Tensor, state: State, hyper: Hyper,
+              options: dict[str, Any], kinds: tuple[str, ...], ok: Tensor,
+              work: dict[str, Tensor]) -> dict[str, Tensor] | None:
+        """Optional in-place fast step, called under ``torch.no_grad()``.
+
+        Updates ``param`` and ``state`` in place (no allocation per step, like torch.optim) and
+        returns the tangents ``d param_new / d hyper[kind]``, written into persistent buffers
+        from ``work`` (see :func:`scratch`; valid until the next step).  ``grad`` is the
+        optimizer's own scratch copy of the gradient, finite, which the rule may overwrite.
+        ``ok`` is a 0-dim tensor of the param's dtype, 1 or 0: with ``ok = 0`` the rule must
+        leave ``param`` and ``state`` bit-exactly as they were (the step is skipped because a
+        gradient was not finite; ``grad`` is then all zeros).  Return None where a
+        configuration is not handled in place; the optimizer then runs
+        :meth:`update_with_tangents` and writes its results back.  The default returns None.
+        """
+        return None
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
+
+
+def scratch(work: dict[str, Tensor], name: str, like: Tensor) -> Tensor:
+    """A persistent buffer shaped like ``like``, created on first use."""
+    buf = work.get(name)
+    if buf is None or buf.shape != like.shape or buf.dtype != like.dtype:
+        buf = work[name] = torch.empty_like(like, memory_format=torch.preserve_format)
+    return buf
+
+
+def kept(ok: Tensor, value: float | Tensor, frozen: float) -> Tensor:
+    """``value`` where the step is taken (ok=1), ``frozen`` (the no-op value) where it is
+    skipped (ok=0); exact in both cases, in ``ok``'s dtype."""
+    return ok * value + (1 - ok) * frozen
 
 
 def sub_scaled(base: Tensor, x: Tensor, scale: float | Tensor) -> Tensor:

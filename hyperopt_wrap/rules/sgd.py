@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .base import Hyper, State, UpdateRule, add_scaled_, is_zero, sub_scaled
+from .base import Hyper, State, UpdateRule, add_scaled_, is_zero, kept, scratch, sub_scaled
 
 
 class SGDRule(UpdateRule):
@@ -93,3 +93,47 @@ class SGDRule(UpdateRule):
             else:
                 tangents[kind] = d_dir_dwd * (-lr)
         return sub_scaled(param, direction, lr), new_state, tangents
+
+    def step_(self, param, grad, state, hyper, options, kinds, ok, work):
+        """In place, like torch.optim.SGD, with closed-form tangents; a no-op for ok=0."""
+        lr, momentum, wd = hyper["lr"], hyper["momentum"], hyper["weight_decay"]
+        d = grad.neg_() if options["maximize"] else grad
+        if not is_zero(wd):
+            d.addcmul_(param, wd * ok)          # zero when skipped
+        t_mu = scratch(work, "t_momentum", param) if "momentum" in kinds else None
+        t_wd = scratch(work, "t_weight_decay", param) if "weight_decay" in kinds else None
+        if not is_zero(momentum):
+            nesterov = options["nesterov"]
+            tau = 1 - options["dampening"]
+            buf = state.get("momentum_buffer")
+            first = buf is None
+            if t_mu is not None:                # d direction / d mu, from the old buffer
+                if first:
+                    t_mu.copy_(d) if nesterov else t_mu.zero_()
+                else:
+                    t_mu.copy_(buf)
+            if t_wd is not None:                # d direction / d wd = c p (+ mu c p, Nesterov)
+                c = 1.0 if first else tau
+                torch.mul(param, (1 + momentum * c) if nesterov else c, out=t_wd)
+            if first:
+                buf = state["momentum_buffer"] = d.clone()
+            else:
+                buf.mul_(kept(ok, momentum, 1.0)).add_(d, alpha=tau)
+            if nesterov:
+                direction = add_scaled_(d, buf, momentum)
+                if t_mu is not None and not first:
+                    add_scaled_(t_mu.mul_(momentum), buf, 1.0)
+            else:
+                direction = buf
+        else:
+            direction = d
+            if t_wd is not None:
+                t_wd.copy_(param)
+        tangents = {}
+        for kind in kinds:
+            if kind == "lr":
+                tangents[kind] = torch.neg(direction, out=scratch(work, "t_lr", param))
+            else:
+                tangents[kind] = (t_mu if kind == "momentum" else t_wd).mul_(-lr)
+        param.addcmul_(direction, lr * ok, value=-1)
+        return tangents
