@@ -186,7 +186,7 @@ def test_hyperparameters_stay_inside_bounds():
     for kind, (lo, hi) in bounds.items():
         for v in opt.hyperparameters()[kind][0]:
             assert float(v.min()) >= lo * (1 - 1e-12) and float(v.max()) <= hi * (1 + 1e-12), kind
-    assert all(math.isfinite(float(p.sum())) for p in m.parameters())
+    assert all(math.isfinite(float(p.detach().sum())) for p in m.parameters())
 
 
 def test_greedy_sgd_is_baydin_hypergradient_descent():
@@ -302,7 +302,7 @@ def test_lr_schedulers_do_not_crash(make):
     for i in range(8):
         _train(opt, m, 1, start=i)
         sched.step()
-    assert all(math.isfinite(float(p.sum())) for p in m.parameters())
+    assert all(math.isfinite(float(p.detach().sum())) for p in m.parameters())
     mom = float(opt.hyperparameters()["momentum"][0])
     if isinstance(sched, torch.optim.lr_scheduler.OneCycleLR):
         # OneCycle writes group["momentum"]; a write to a tuned kind resets it to that value
@@ -504,3 +504,17 @@ def test_tensor_lr_is_accepted_and_complex_parameters_are_refused():
     z = torch.nn.Parameter(torch.zeros(3, dtype=torch.complex128))
     with pytest.raises(ValueError, match="view_as_real"):
         HyperOptimizer(torch.optim.Adam, [z], lr=0.01)
+
+
+def test_global_granularity_across_groups():
+    """Global lr is one shared factor: each group keeps its configured ratio to the first
+    group's lr. Momentum and weight decay tuned globally must agree across groups."""
+    m = _model()
+    params = list(m.parameters())
+    groups = [{"params": params[:2]}, {"params": params[2:], "lr": 0.025}]
+    opt = HyperOptimizer(torch.optim.SGD, groups, lr=0.05, momentum=0.9, hyper_lr=0.0)
+    hp = opt.hyperparameters()["lr"]
+    assert float(hp[0]) == 0.05 and float(hp[1]) == 0.025
+    bad = [{"params": params[:2]}, {"params": params[2:], "momentum": 0.8}]
+    with pytest.raises(ValueError, match="granularity=\\{'momentum': 'group'\\}"):
+        HyperOptimizer(torch.optim.SGD, bad, lr=0.05, momentum=0.9, tune=("lr", "momentum"))
