@@ -396,29 +396,32 @@ class HyperOptimizer(torch.optim.Optimizer):
 
         A non-finite hypergradient (or a window that used a skipped step) leaves the raw values,
         the natural values and the hyper-optimizer's state untouched, decided on the device.
+        With every hyper learning rate at 0 nothing moves (the hypergradient is still kept).
         """
         n = max(self._contributions, 1)
         self._window = self._contributions = 0
         self._hypersteps += 1
         lasts = []
         for tk in self.tuned.values():
-            for acc, last in zip(tk.accums, tk.last):
-                torch.div(acc, n, out=last)
-                acc.zero_()
-                lasts.append(last)
+            for i, acc in enumerate(tk.accums):
+                if n != 1:
+                    acc.div_(n)
+                tk.accums[i], tk.last[i] = tk.last[i].zero_(), acc   # swap: no copy
+                lasts.append(acc)
         norms = torch._foreach_norm(lasts)
         device = self._window_finite.device
         finite = torch.stack([x.to(device, non_blocking=True) for x in norms]).isfinite().all()
         finite &= self._window_finite
         self._window_finite.fill_(True)
         self._skipped_hypersteps.add_(~finite)
-        raws_before = []
+        hyper_opt = self.hyper_optimizer
+        if all(isinstance(g["lr"], (int, float)) and g["lr"] == 0 for g in hyper_opt.param_groups):
+            return
+        raws = [raw for tk in self.tuned.values() for raw in tk.raws]
         for tk in self.tuned.values():
             d = tk.parametrisation.dvalue_draw
             for raw, value, last in zip(tk.raws, tk.values, tk.last):
-                raws_before.append(raw.clone())
                 raw.grad = last * d(value)
-        hyper_opt = self.hyper_optimizer
         if getattr(hyper_opt, "defaults", {}).get("fused"):
             # torch's fused kernels skip the whole update on the device when found_inf is set
             found_inf = (~finite).to(torch.float32)
@@ -426,27 +429,29 @@ class HyperOptimizer(torch.optim.Optimizer):
                 hyper_opt.found_inf = found_inf
                 hyper_opt.step()
                 del hyper_opt.found_inf
-        else:
-            for raw in (r for tk in self.tuned.values() for r in tk.raws):
+        else:   # any other torch optimizer: snapshot and select on the device
+            raws_before = [raw.clone() for raw in raws]
+            for raw in raws:
                 raw.grad = torch.where(finite.to(raw.device), raw.grad, 0.0)
             saved = [(t, t.clone()) for st in hyper_opt.state.values() for t in st.values()
                      if isinstance(t, Tensor) and t.device == device]
             hyper_opt.step()
             for t, old in saved:
                 torch.where(finite, t, old, out=t)
-            for raw, old in zip((r for tk in self.tuned.values() for r in tk.raws), raws_before):
+            for raw, old in zip(raws, raws_before):
                 torch.where(finite.to(raw.device), raw, old, out=raw)
-        i = 0
+        ok_as: dict[tuple, Tensor] = {}
         for tk in self.tuned.values():
             lo, hi = tk.raw_bounds
             for raw, value in zip(tk.raws, tk.values):
-                old = raws_before[i]
-                i += 1
                 raw.clamp_(lo, hi)
-                # Only elements whose raw value moved are rewritten, so a frozen (hyper_lr=0) or
-                # skipped hyper-step leaves the natural values bit-exact.
-                torch.where(raw != old, tk.parametrisation.to_value(raw), value, out=value)
                 raw.grad = None
+                key = (value.device, value.dtype)
+                if key not in ok_as:
+                    ok_as[key] = finite.to(device=value.device, dtype=value.dtype)
+                # lerp with a 0/1 weight is an exact select: a skipped hyper-step leaves the
+                # natural values bit-exact
+                value.lerp_(tk.parametrisation.to_value(raw), ok_as[key])
 
     # ------------------------------------------------------------------ save / resume
     def _fingerprint(self) -> dict[str, Any]:
