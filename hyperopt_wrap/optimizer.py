@@ -59,6 +59,8 @@ class HyperOptimizer(torch.optim.Optimizer):
         update_every: base steps per hyper-step (default: the method's; greedy: 1).
         val_loss: optional zero-argument callable returning a validation loss at the current
             weights. Without it the meta-objective is the next minibatch's training loss.
+            With ``maximize=True`` the meta-objective is maximised too (``val_loss`` then
+            returns the quantity you maximise).
         bounds: ``{kind: (low, high)}`` in natural units; defaults lr and weight decay in
             ``[1e-10, 1]``, momentum in ``[0, 0.9999]``.
         **optimizer_kwargs: passed to ``optimizer_cls`` (validated by it).

@@ -91,7 +91,7 @@ def unrolled_hypergradient(optimizer_cls: type, params: Sequence, loss_fn: Calla
             new_weights = []
             for j, ((gi, pi), w, g) in enumerate(zip(index, weights, grads)):
                 state = flat_states[j]
-                if state is None:
+                if not state:   # None, or {} as a snapshot of opt.state before the first step
                     state = rule.init_state(w, options[gi])
                 hyper = {k: (per_param[k][gi][pi] if k in tune else rule.read(groups[gi], k))
                          for k in rule.kinds}
