@@ -44,16 +44,6 @@ FULL_CASES = [CASES[CASE_IDS.index(i)] for i in (
 )]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_intra_op_thread():
-    """These problems are tiny: torch's intra-op threads only add wake-up latency (20x slower
-    on a busy 2-core machine), so run single-threaded and restore the setting afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @dataclass
 class Run:
     """The end of a 50-step run: weights, optimizer state and the hyperparameters."""

@@ -49,16 +49,6 @@ FD_STEP = 1e-3                 # relative step of the five-point stencil (error 
 MIN_HORIZON_GAP = 1e-6         # horizon-K reference vs greedy / first-order values
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_intra_op_thread():
-    """These problems are tiny: torch's intra-op threads only add wake-up latency (20x slower
-    on a busy 2-core machine), so run single-threaded and restore the setting afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _case(case_id: str) -> OptimizerCase:
     return CASES[CASE_IDS.index(case_id)]
 

@@ -34,11 +34,6 @@ class AdamRule(UpdateRule):
         else:
             group[kind] = value
 
-    def check_tunable(self, group, kind):
-        if kind == "momentum" and group["betas"][0] == 0:
-            return "beta1=0 cannot be tuned in logit space; start from e.g. betas=(0.9, 0.999)"
-        return None
-
     def options(self, group: dict[str, Any]) -> dict[str, Any]:
         return {"beta2": group["betas"][1], "eps": group["eps"], "amsgrad": group["amsgrad"],
                 "maximize": group["maximize"],

@@ -57,6 +57,10 @@ class UpdateRule:
 
     def check_tunable(self, group: dict[str, Any], kind: str) -> str | None:
         """Why ``kind`` cannot be tuned from this group's settings, or None."""
+        if kind == "momentum" and self.read(group, "momentum") == 0:
+            return ("momentum 0 means no momentum buffer and cannot be tuned in logit space; "
+                    "start from a value in (0, 1), e.g. momentum=0.9 (betas=(0.9, 0.999) for "
+                    "Adam-type optimizers)")
         return None
 
     def options(self, group: dict[str, Any]) -> dict[str, Any]:

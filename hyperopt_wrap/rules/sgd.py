@@ -22,12 +22,6 @@ from .base import Hyper, State, UpdateRule, add_scaled_, is_zero, kept, scratch,
 class SGDRule(UpdateRule):
     kinds = ("lr", "momentum", "weight_decay")
 
-    def check_tunable(self, group, kind):
-        if kind == "momentum" and group["momentum"] == 0:
-            return ("momentum=0 means plain SGD without a momentum buffer; to tune momentum start "
-                    "from a value in (0, 1), e.g. momentum=0.9")
-        return None
-
     def options(self, group: dict[str, Any]) -> dict[str, Any]:
         return {"dampening": group["dampening"], "nesterov": group["nesterov"],
                 "maximize": group["maximize"]}
