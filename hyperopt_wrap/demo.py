@@ -198,8 +198,8 @@ def format_table(runs: list[Run]) -> str:
         base = by_name.get(r.baseline) if r.baseline else None
         ratio = f"{r.seconds / base.seconds:.2f}x" if base and base.seconds > 0 else "1.00x (ref)"
         lines.append(
-            f"| {r.name:<26} | {f['lr']:>9.3g} | {f['train_loss']:>10.4f} | {f['val_loss']:>8.4f} | "
-            f"{f['test_loss']:>9.4f} | {f['test_acc']:>8.4f} | {r.seconds:>6.2f} | "
+            f"| {r.name:<26} | {f['lr']:>9.3g} | {f['train_loss']:>10.4g} | {f['val_loss']:>8.4g} | "
+            f"{f['test_loss']:>9.4g} | {f['test_acc']:>8.4f} | {r.seconds:>6.2f} | "
             f"{1e3 * r.seconds / max(r.steps_done, 1):>7.3f} | {ratio:>20} |")
     return "\n".join(lines)
 
