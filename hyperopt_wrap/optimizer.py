@@ -331,9 +331,7 @@ class HyperOptimizer(torch.optim.Optimizer):
             self._window += added
             if added and self._window >= self.update_every:
                 self._hyper_step()
-            ends_window = self._window + 1 >= self.update_every
-        else:
-            ends_window = self._window + 1 >= self.update_every
+        ends_window = self._window + 1 >= self.update_every
         record = self._base_step(trainable, scales, self.method.tangent_kinds(self, ends_window))
         self.method.observe(self, record)
         self._steps += 1
