@@ -54,9 +54,21 @@ def _logit_bound(v: float) -> float:
     return math.log(v) - math.log1p(-v)
 
 
-LOG = Parametrisation("log", torch.log, torch.exp, lambda v: v,
-                      lambda v: math.log(v) if v > 0 else -math.inf)
-LOGIT = Parametrisation("logit", torch.logit, torch.sigmoid, lambda v: v * (1 - v), _logit_bound)
+def _log_bound(v: float) -> float:
+    return math.log(v) if v > 0 else -math.inf
+
+
+def _identity(v: Tensor) -> Tensor:
+    return v
+
+
+def _sigmoid_derivative(v: Tensor) -> Tensor:
+    return v * (1 - v)
+
+
+# module-level functions, not lambdas, so that an optimizer can be pickled and deep-copied
+LOG = Parametrisation("log", torch.log, torch.exp, _identity, _log_bound)
+LOGIT = Parametrisation("logit", torch.logit, torch.sigmoid, _sigmoid_derivative, _logit_bound)
 PARAMETRISATIONS = {"lr": LOG, "weight_decay": LOG, "momentum": LOGIT}
 
 
@@ -86,8 +98,12 @@ def resolve_bounds(bounds, tune: tuple[str, ...]) -> dict[str, tuple[float, floa
                          f"use keys from {tuple(DEFAULT_BOUNDS)}")
     out = {}
     for kind in tune:
-        lo, hi = bounds.get(kind, DEFAULT_BOUNDS[kind])
-        lo, hi = float(lo), float(hi)
+        pair = bounds.get(kind, DEFAULT_BOUNDS[kind])
+        try:
+            lo, hi = (float(b) for b in pair)
+        except (TypeError, ValueError):
+            raise ValueError(f"bounds[{kind!r}] must be a pair (low, high) of numbers, got "
+                             f"{pair!r}; e.g. bounds={{{kind!r}: (1e-6, 1.0)}}") from None
         if not (lo < hi) or math.isnan(lo) or math.isnan(hi):
             raise ValueError(f"bounds[{kind!r}] must be (low, high) with low < high, got {(lo, hi)}")
         if kind in ("lr", "weight_decay") and lo <= 0:
@@ -105,7 +121,7 @@ class TunedKind:
     global/group/tensor: a block is a 1-D tensor of scalar slots (one block shared by every
     group for "global"; one per group otherwise, with one slot per group or per parameter), so a
     hyper-step costs a handful of small ops however many parameters there are.  element: one
-    block per parameter, shaped like it.  ``locate(gi, pi)`` gives ``(block, index)`` with
+    block per parameter, shaped like it.  ``group_slots[gi][pi]`` is ``(block, index)`` with
     ``index`` None for element blocks.
     """
 
@@ -119,10 +135,14 @@ class TunedKind:
         self.raws: list[Tensor] = []        # unconstrained leaves, moved by the hyper-optimizer
         self.accums: list[Tensor] = []      # summed natural-unit hypergradients of the window
         self.last: list[Tensor] = []        # hypergradient of the latest hyper-step
-        self.group_slots: list[list[tuple[int, int | None]]] = []
+        # per group, per parameter: (block, index) -- index None for element blocks; a group
+        # whose weight decay starts at 0 (a no-decay group) has None: it stays untuned at 0
+        self.group_slots: list[list[tuple[int, int | None]] | None] = []
 
     def _new_block(self, like: Tensor, value: float, shape) -> Tensor:
-        v = torch.full(shape, value, dtype=like.dtype, device=like.device)
+        # at least float32: a bf16/fp16 model still tunes its hyperparameters in full precision
+        dtype = torch.promote_types(like.dtype, torch.float32)
+        v = torch.full(shape, value, dtype=dtype, device=like.device)
         raw = self.parametrisation.to_raw(v)
         self.values.append(v)
         self.raws.append(raw)
@@ -130,13 +150,19 @@ class TunedKind:
         self.last.append(torch.zeros_like(v))
         return raw
 
-    def add_group(self, params: list[Tensor], value: float) -> list[Tensor]:
-        """Create the blocks of a new param group; returns the new raw leaves."""
+    def check_initial(self, value: float) -> None:
         lo, hi = self.bounds
         if not (lo <= value <= hi):
             raise ValueError(f"initial {self.kind}={value} lies outside bounds[{self.kind!r}]="
                              f"{self.bounds}; pass bounds={{{self.kind!r}: (low, high)}} that "
                              f"contain it, or start from a value inside")
+
+    def add_untuned_group(self) -> None:
+        self.group_slots.append(None)
+
+    def add_group(self, params: list[Tensor], value: float) -> list[Tensor]:
+        """Create the blocks of a new param group; returns the new raw leaves."""
+        self.check_initial(value)
         g, n = self.granularity, len(self.values)
         if not self.values:
             self.initial = value
@@ -154,8 +180,8 @@ class TunedKind:
             self.group_slots.append([(n + i, None) for i in range(len(params))])
         return new
 
-    def locate(self, group_index: int, param_index: int) -> tuple[int, int | None]:
-        return self.group_slots[group_index][param_index]
+    def is_tuned(self, group_index: int) -> bool:
+        return self.group_slots[group_index] is not None
 
     def value(self, group_index: int, param_index: int) -> Tensor:
         block, index = self.group_slots[group_index][param_index]
@@ -166,7 +192,7 @@ class TunedKind:
         lo, hi = self.bounds
         value = min(max(value, lo), hi)
         with torch.no_grad():
-            for block, index in set(self.group_slots[group_index]):
+            for block, index in set(self.group_slots[group_index] or ()):
                 target = self.values[block] if index is None else self.values[block][index]
                 target.fill_(value)
                 self.raws[block].copy_(self.parametrisation.to_raw(self.values[block]))
@@ -174,7 +200,10 @@ class TunedKind:
     def accumulate(self, group_index: int, param_index: int, meta_grad: Tensor,
                    tangent: Tensor, scale: float) -> None:
         """accum += scale * <meta_grad, tangent>, reduced to the slot's shape."""
-        block, index = self.group_slots[group_index][param_index]
+        slots = self.group_slots[group_index]
+        if slots is None:
+            return
+        block, index = slots[param_index]
         acc = self.accums[block]
         if index is None:
             acc.addcmul_(meta_grad, tangent, value=scale)
@@ -186,7 +215,9 @@ class TunedKind:
         """Arrange block tensors as the public structure: one entry per param group."""
         out = []
         for slots in self.group_slots:
-            if self.granularity in ("global", "group"):
+            if slots is None:
+                out.append(0.0)
+            elif self.granularity in ("global", "group"):
                 block, index = slots[0]
                 out.append(blocks[block][index].detach().clone())
             elif self.granularity == "tensor":

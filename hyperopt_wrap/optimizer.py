@@ -13,12 +13,14 @@ from .rules import KINDS, get_rule
 from .rules.base import scratch
 
 _BUFFERS = "hyper"   # key of a method's per-parameter buffers inside opt.state[p]
+_FUSED_DEVICES = ("cpu", "cuda", "xpu", "mps")   # where torch's fused Adam kernel runs
 
 
-def _check_value(kind: str, value: Any, where: str) -> None:
+def _check_value(kind: str, value: Any, where: str, tuned: bool = True) -> None:
     if isinstance(value, Tensor):
         value = float(value)
-    if kind == "lr" and not (isinstance(value, (int, float)) and value > 0 and math.isfinite(value)):
+    if kind == "lr" and not (isinstance(value, (int, float)) and math.isfinite(value)
+                             and (value > 0 or (value == 0 and not tuned))):
         raise ValueError(f"Invalid learning rate {value!r}{where}: lr must be a positive finite "
                          "number, e.g. lr=0.1")
     if kind == "momentum" and not (isinstance(value, (int, float)) and 0 <= value < 1):
@@ -104,7 +106,13 @@ class HyperOptimizer(torch.optim.Optimizer):
         self.update_every = update_every
         for kind in KINDS:
             if kind in optimizer_kwargs and kind in self.rule.kinds:
-                _check_value(kind, optimizer_kwargs[kind], "")
+                _check_value(kind, optimizer_kwargs[kind], "", tuned=kind in tune)
+        if isinstance(hyper_lr, dict):
+            wrong = set(hyper_lr) ^ set(tune)
+            if wrong:
+                raise ValueError(f"hyper_lr as a dict needs exactly one entry per tuned kind "
+                                 f"{tune}, got keys {sorted(hyper_lr)}; e.g. hyper_lr="
+                                 f"{{{', '.join(f'{k!r}: 0.05' for k in tune)}}}")
 
         # Let the base class validate its own arguments and fill in its defaults.
         if isinstance(params, (set, frozenset)):
@@ -117,22 +125,32 @@ class HyperOptimizer(torch.optim.Optimizer):
         self._hyper_ready = False
         super().__init__(inner.param_groups, inner.defaults)
         del inner
+        for gi, group in enumerate(self.param_groups):
+            if not group["params"]:
+                raise ValueError(f"param group {gi} has no parameters; give every group at least "
+                                 "one, or leave it out")
 
         self.tuned: dict[str, TunedKind] = {
             k: TunedKind(k, self._granularity[k], self._bounds[k]) for k in tune}
         hyper_kwargs = dict(hyper_optimizer_kwargs or {})
+        first = self.param_groups[0]["params"][0]
         if hyper_optimizer in (torch.optim.Adam, torch.optim.AdamW) and not (
-                {"fused", "foreach", "capturable", "differentiable"} & set(hyper_kwargs)):
+                {"fused", "foreach", "capturable", "differentiable"} & set(hyper_kwargs)) and \
+                first.device.type in _FUSED_DEVICES:
             # One kernel per hyper-step, its step counter on the device, and a found_inf input
             # that skips a non-finite hyper-step without a host sync.
             hyper_kwargs["fused"] = True
-        first = self.param_groups[0]["params"][0]
         if hyper_lr is None:
             hyper_lr = self.method.default_hyper_lr
         self._hyper_lr = hyper_lr
         raw_groups = [{"params": [], "lr": self._kind_hyper_lr(k), "kind": k} for k in tune]
         for gi, group in enumerate(self.param_groups):
             self._init_group_hyper(gi, group, raw_groups)
+        for kind, tk in self.tuned.items():
+            if not tk.values:    # every group starts at 0 (only possible for weight decay)
+                raise ValueError(f"cannot tune {kind}: every param group has {kind}=0, which "
+                                 f"cannot be tuned in log space; start from a positive value, "
+                                 f"e.g. {kind}=5e-4")
         try:
             self.hyper_optimizer = hyper_optimizer(raw_groups, **hyper_kwargs)
         except (TypeError, ValueError) as e:
@@ -156,21 +174,31 @@ class HyperOptimizer(torch.optim.Optimizer):
         return float(lr)
 
     def _init_group_hyper(self, gi: int, group: dict, raw_groups: list[dict]) -> None:
+        """Validate a param group, then create its tuned slots (nothing is created when any
+        check fails, so a rejected ``add_param_group`` leaves no trace)."""
         if not group["params"]:
-            raise ValueError("a param group has no parameters; give every group at least one")
-        nominal = {}
+            raise ValueError(f"param group {gi} has no parameters; give it at least one")
+        for p in group["params"]:
+            if p.is_sparse or p.is_complex() or not p.is_floating_point():
+                raise ValueError(f"HyperOptimizer needs dense real floating-point parameters, got "
+                                 f"{p.dtype}{' sparse' if p.is_sparse else ''}; for complex "
+                                 "ones optimise torch.view_as_real(p) instead")
         if isinstance(group.get("lr"), Tensor):    # torch accepts a tensor lr; we keep a float
             group["lr"] = float(group["lr"])
+        where = f" in param group {gi}"
+        plan = {}
         for kind, tk in self.tuned.items():
             value = self.rule.read(group, kind)
-            where = f" in param group {gi}"
             _check_value(kind, value, where)
+            if kind == "weight_decay" and value == 0:
+                plan[kind] = None       # a no-decay group: stays untuned at 0
+                continue
             reason = self.rule.check_tunable(group, kind)
-            if reason is None and kind in ("lr", "weight_decay") and value <= 0:
-                reason = (f"{kind}={value} cannot be tuned in log space; start from a positive "
-                          f"value, e.g. {kind}={'0.1' if kind == 'lr' else '5e-4'}")
+            if reason is None and kind == "lr" and value <= 0:
+                reason = f"lr={value} cannot be tuned in log space; start from e.g. lr=0.1"
             if reason:
                 raise ValueError(f"cannot tune {kind}{where}: {reason}")
+            tk.check_initial(value)
             if tk.granularity == "global" and tk.values:
                 # One value shared by every group: for lr it is a common factor (each group
                 # keeps its ratio to the first group's lr, like a scheduler scale); momentum and
@@ -181,17 +209,18 @@ class HyperOptimizer(torch.optim.Optimizer):
                         f"cannot tune {kind} globally: param group {gi} has {kind}={value} but "
                         f"the first group has {shared}; give every group the same {kind} or "
                         f"use granularity={{{kind!r}: 'group'}}")
-                nominal[kind] = shared
+                plan[kind] = (value, shared)
             else:
-                nominal[kind] = value
+                plan[kind] = (value, value)
+        nominal = {}
+        for kind, tk in self.tuned.items():
+            if plan[kind] is None:
+                tk.add_untuned_group()
+                continue
+            value, nominal[kind] = plan[kind]
             new = tk.add_group(group["params"], value)
             next(rg for rg in raw_groups if rg["kind"] == kind)["params"].extend(new)
         group["hyper_nominal"] = nominal
-        for p in group["params"]:
-            if p.is_sparse or p.is_complex() or not p.is_floating_point():
-                raise ValueError(f"HyperOptimizer needs dense real floating-point parameters, got "
-                                 f"{p.dtype}{' sparse' if p.is_sparse else ''}; for complex "
-                                 "ones optimise torch.view_as_real(p) instead")
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
@@ -217,6 +246,7 @@ class HyperOptimizer(torch.optim.Optimizer):
         (tensor) or a list of tensors shaped like the parameters (element).  Tuned learning rates
         include the scheduler scale ``group["lr"] / nominal``.  Untuned kinds appear as floats.
         """
+        self._sync_group_writes()
         out: dict[str, list] = {}
         for kind in self.rule.kinds:
             if kind in self.tuned:
@@ -264,11 +294,16 @@ class HyperOptimizer(torch.optim.Optimizer):
         for gi, group in enumerate(self.param_groups):
             nominal = group["hyper_nominal"]
             for kind in self.tuned_kinds:
-                if kind == "lr":
+                if kind == "lr" or kind not in nominal:    # lr: a scale; not in: untuned group
                     continue
                 value = self.rule.read(group, kind)
                 if value != nominal[kind]:
                     _check_value(kind, value, f" written to param group {gi}")
+                    if value <= 0:
+                        raise ValueError(f"{kind}={value} written to param group {gi} while "
+                                         f"{kind} is tuned (in log/logit space, where 0 is out "
+                                         f"of reach); write a value in "
+                                         f"{'(0, 1)' if kind == 'momentum' else '(0, inf)'}")
                     self.tuned[kind].fill_group(gi, value)
                     nominal[kind] = value
             lr = group["lr"]
@@ -282,12 +317,13 @@ class HyperOptimizer(torch.optim.Optimizer):
         hyper = {}
         for kind in self.rule.kinds:
             tk = self.tuned.get(kind)
-            if tk is None:
+            if tk is None or not tk.is_tuned(gi):
                 hyper[kind] = self.rule.read(group, kind)
             else:
                 v = tk.value(gi, pi)
-                if v.device != group["params"][pi].device:
-                    v = v.to(group["params"][pi].device, non_blocking=True)
+                p = group["params"][pi]
+                if v.device != p.device or v.dtype != p.dtype:   # multi-device; bf16 models
+                    v = v.to(p.device, p.dtype, non_blocking=True)
                 hyper[kind] = v * scale if (kind == "lr" and scale != 1.0) else v
         return hyper
 
@@ -308,7 +344,16 @@ class HyperOptimizer(torch.optim.Optimizer):
             loss = self.val_loss()
             if not isinstance(loss, Tensor) or loss.dim() != 0:
                 raise TypeError(f"val_loss() must return a scalar tensor, got {loss!r}")
-            grads = torch.autograd.grad(loss, params, allow_unused=True)
+            if not loss.requires_grad:
+                raise RuntimeError("val_loss() returned a loss that does not depend on the "
+                                   "parameters (no autograd graph); compute it from the model "
+                                   "inside the callable, without torch.no_grad() or .detach()")
+            try:
+                grads = torch.autograd.grad(loss, params, allow_unused=True)
+            except RuntimeError as e:
+                raise RuntimeError(f"could not differentiate val_loss(): {e}. val_loss must build "
+                                   "a fresh graph on each call and must not call backward() "
+                                   "itself") from e
         return [MetaGradient(gi, pi, p, g) for (gi, pi, p), g in zip(trainable, grads)]
 
     @torch.no_grad()
@@ -338,7 +383,17 @@ class HyperOptimizer(torch.optim.Optimizer):
         if self.val_loss is not None:
             self._window += 1
             if ends_window:
-                self._contributions += self.method.hypergradient(self, self._meta_from_val(trainable))
+                try:
+                    meta = self._meta_from_val(trainable)
+                except BaseException:
+                    # the base step stands (as after a raising closure in torch); this window's
+                    # hypergradient is dropped and the next window starts clean
+                    self._window = self._contributions = 0
+                    for tk in self.tuned.values():
+                        for acc in tk.accums:
+                            acc.zero_()
+                    raise
+                self._contributions += self.method.hypergradient(self, meta)
                 self._hyper_step()
         return loss
 
@@ -462,6 +517,7 @@ class HyperOptimizer(torch.optim.Optimizer):
                 "params_per_group": [len(g["params"]) for g in self.param_groups]}
 
     def state_dict(self) -> dict[str, Any]:
+        self._sync_group_writes()
         sd = super().state_dict()
         sd["hyper"] = {
             "config": self._fingerprint(),
@@ -499,6 +555,11 @@ class HyperOptimizer(torch.optim.Optimizer):
                                  "model's parameters; load it into the same model architecture")
         rest = {k: v for k, v in state_dict.items() if k != "hyper"}
         super().load_state_dict(rest)
+        for group in self.param_groups:     # our step counters live on the param's device
+            for p in group["params"]:
+                st = self.state.get(p)
+                if st and isinstance(st.get("step"), Tensor) and st["step"].device != p.device:
+                    st["step"] = st["step"].to(p.device)
         with torch.no_grad():
             for k, tk in self.tuned.items():
                 for name in ("values", "raws", "accums"):
@@ -514,6 +575,11 @@ class HyperOptimizer(torch.optim.Optimizer):
         self._skipped_hypersteps.copy_(hyper["skipped"][0])
         self._skipped_steps.copy_(hyper["skipped"][1])
         self._window_finite.copy_(hyper["skipped"][2])
+
+    def __getstate__(self) -> dict[str, Any]:
+        # torch.optim.Optimizer pickles only defaults/state/param_groups; we need everything but
+        # its hook dictionaries, which torch drops too (its __setstate__ recreates them)
+        return {k: v for k, v in self.__dict__.items() if not k.startswith("_optimizer_")}
 
     def __repr__(self) -> str:
         return (f"HyperOptimizer({self.optimizer_cls.__name__}, method={self.method!r}, "

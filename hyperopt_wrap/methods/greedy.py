@@ -34,9 +34,15 @@ class Greedy(HypergradientMethod):
         return ()
 
     def observe(self, opt, record: StepRecord) -> None:
+        stepped = {id(obs.param) for obs in record.params if obs.tangents}
         for obs in record.params:
             if obs.tangents:
                 opt.state[obs.param]["hyper"] = dict(obs.tangents)
+        # a parameter this step did not update has no one-step tangent: drop an older one
+        for group in opt.param_groups:
+            for p in group["params"]:
+                if id(p) not in stepped and p in opt.state:
+                    opt.state[p].pop("hyper", None)
         self._lr_scales = list(record.lr_scales) if record.params else None
         self._finite = record.finite
 

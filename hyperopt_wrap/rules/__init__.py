@@ -47,6 +47,10 @@ def register_rule(optimizer_cls: type, rule: UpdateRule) -> None:
 
 
 def get_rule(optimizer_cls: type) -> UpdateRule:
+    if isinstance(optimizer_cls, torch.optim.Optimizer):
+        raise TypeError(f"HyperOptimizer takes the optimizer class, not an instance: write "
+                        f"HyperOptimizer(torch.optim.{type(optimizer_cls).__name__}, "
+                        f"model.parameters(), lr=...) instead of passing {type(optimizer_cls).__name__}(...)")
     try:
         return _REGISTRY[optimizer_cls]
     except (KeyError, TypeError):
