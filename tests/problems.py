@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from hyperopt_wrap.rules import UpdateRule
+
 DTYPE = torch.float64
 
 Batch = tuple[Tensor, Tensor]
@@ -151,3 +153,17 @@ def rel_err(actual: Tensor, expected: Tensor) -> float:
     diff = (actual - expected).abs().max() if actual.numel() else torch.zeros((), dtype=DTYPE)
     scale = expected.abs().max() if expected.numel() else torch.zeros((), dtype=DTYPE)
     return float(diff / scale) if scale > 0 else float(diff)
+
+
+class SignRule(UpdateRule):
+    """A user-defined rule (sign SGD) that relies on the forward-mode default for tangents."""
+    kinds = ("lr",)
+
+    def options(self, group):
+        return {}
+
+    def init_state(self, param, options):
+        return {}
+
+    def update(self, param, grad, state, hyper, options):
+        return param - hyper["lr"] * grad.sign(), {}

@@ -7,8 +7,10 @@ import math
 import pytest
 import torch
 
-from hyperopt_wrap import HyperOptimizer, UpdateRule, register_rule
+from hyperopt_wrap import HyperOptimizer, register_rule
 from hyperopt_wrap.methods import Greedy
+
+from problems import SignRule
 
 ALL = ("lr", "momentum", "weight_decay")
 
@@ -376,18 +378,6 @@ def test_sparse_gradients_are_refused():
 def test_register_rule_for_a_custom_optimizer():
     class SignSGD(torch.optim.SGD):
         pass
-
-    class SignRule(UpdateRule):
-        kinds = ("lr",)
-
-        def options(self, group):
-            return {}
-
-        def init_state(self, param, options):
-            return {}
-
-        def update(self, param, grad, state, hyper, options):
-            return param - hyper["lr"] * grad.sign(), {}
 
     with pytest.raises(TypeError, match="UpdateRule"):
         register_rule(SignSGD, object())

@@ -8,6 +8,8 @@ import torch
 
 from hyperopt_wrap.rules import AdagradRule, AdamRule, RMSpropRule, SGDRule, UpdateRule
 
+from problems import SignRule
+
 DT = torch.float64
 N = 40
 
@@ -96,21 +98,9 @@ def test_fast_step_and_tangents_match_reference_and_forward_ad(case):
 
 
 def test_forward_ad_default_serves_a_user_rule():
-    class SignSGD(UpdateRule):
-        kinds = ("lr",)
-
-        def options(self, group):
-            return {}
-
-        def init_state(self, param, options):
-            return {}
-
-        def update(self, param, grad, state, hyper, options):
-            return param - hyper["lr"] * grad.sign(), {}
-
     p, g = torch.randn(5, dtype=DT), torch.randn(5, dtype=DT)
     with torch.no_grad():
-        new_p, _, tangents = SignSGD().update_with_tangents(p, g, {}, {"lr": _t(0.1)}, {}, ("lr",))
+        new_p, _, tangents = SignRule().update_with_tangents(p, g, {}, {"lr": _t(0.1)}, {}, ("lr",))
     torch.testing.assert_close(new_p, p - 0.1 * g.sign())
     torch.testing.assert_close(tangents["lr"], -g.sign())
 

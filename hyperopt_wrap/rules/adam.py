@@ -15,8 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .base import (Hyper, State, UpdateRule, add_scaled_, is_zero, kept, new_step_count, scratch,
-                   sub_scaled)
+from .base import Hyper, State, UpdateRule, add_scaled_, is_zero, kept, new_step_count, scratch
 
 
 class AdamRule(UpdateRule):
@@ -70,54 +69,6 @@ class AdamRule(UpdateRule):
         denom = second.sqrt() / bias_correction2_sqrt + eps
         return param - (lr / bias_correction1) * exp_avg / denom, new_state
 
-    def update_with_tangents(self, param, grad, state, hyper, options, kinds):
-        """Fast step (no_grad) with closed-form tangents; ``update`` is the reference."""
-        lr, beta1, wd = hyper["lr"], hyper["momentum"], hyper["weight_decay"]
-        beta2, eps = options["beta2"], options["eps"]
-        coupled = not is_zero(wd) and not options["decoupled"]
-        decoupled = not is_zero(wd) and options["decoupled"]
-        g = grad.neg() if options["maximize"] else grad
-        base = param * (1 - lr * wd) if decoupled else param
-        if coupled:
-            g = add_scaled_(g.clone() if g is grad else g, param, wd)
-        step = state["step"] + 1
-        exp_avg_old = state["exp_avg"]
-        exp_avg = torch.lerp(exp_avg_old, g, 1 - beta1)
-        exp_avg_sq = torch.addcmul(state["exp_avg_sq"] * beta2, g, g, value=1 - beta2)
-        new_state = {"step": step, "exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}
-        bias_correction1 = 1 - beta1 ** step
-        bias_correction2_sqrt = (1 - beta2 ** step).sqrt()
-        second = exp_avg_sq
-        if options["amsgrad"]:
-            second = torch.maximum(state["max_exp_avg_sq"], exp_avg_sq)
-            new_state["max_exp_avg_sq"] = second
-        root = second.sqrt()
-        denom = (root / bias_correction2_sqrt).add_(eps)
-        ratio = exp_avg / denom                       # m / denom
-        step_size = lr / bias_correction1
-        tangents = {}
-        for kind in kinds:
-            if kind == "lr":
-                t = ratio / (-bias_correction1)
-                tangents[kind] = add_scaled_(t, param, -wd) if decoupled else t
-            elif kind == "momentum":
-                # d m / d b1 = m_old - g;  d bc1 / d b1 = -t b1^(t-1)
-                d_bc1 = -step * beta1 ** (step - 1)
-                t = (exp_avg_old - g).div_(denom)
-                tangents[kind] = add_scaled_(t, ratio, -d_bc1 / bias_correction1).mul_(-step_size)
-            elif decoupled:
-                tangents[kind] = param * (-lr)
-            else:
-                # coupled: d g / d wd = w, d m = (1 - b1) w, d v = 2 (1 - b2) g w
-                d_sq = (g * param).mul_(2 * (1 - beta2))
-                if options["amsgrad"]:
-                    old = state["max_exp_avg_sq"]
-                    d_sq.mul_(torch.where(old == exp_avg_sq, 0.5, (exp_avg_sq > old).to(d_sq.dtype)))
-                d_denom = d_sq.div_(root).div_(2 * bias_correction2_sqrt)
-                t = torch.addcmul(param * (1 - beta1), ratio, d_denom, value=-1).div_(denom)
-                tangents[kind] = t.mul_(-step_size)
-        return sub_scaled(base, ratio, step_size), new_state, tangents
-
     def step_(self, param, grad, state, hyper, options, kinds, ok, work):
         """In place, like torch.optim.Adam, with closed-form tangents; a no-op for ok=0."""
         lr, beta1, wd = hyper["lr"], hyper["momentum"], hyper["weight_decay"]
@@ -125,7 +76,7 @@ class AdamRule(UpdateRule):
         coupled = not is_zero(wd) and not options["decoupled"]
         decoupled = not is_zero(wd) and options["decoupled"]
         if amsgrad and coupled and "weight_decay" in kinds:
-            return None     # rare; the out-of-place path handles torch.maximum's derivative
+            return None     # rare: forward mode through update() handles torch.maximum's kink
         g = grad.neg_() if options["maximize"] else grad
         if coupled:
             g.addcmul_(param, wd * ok)

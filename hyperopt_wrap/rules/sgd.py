@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .base import Hyper, State, UpdateRule, add_scaled_, is_zero, kept, scratch, sub_scaled
+from .base import Hyper, State, UpdateRule, add_scaled_, is_zero, kept, scratch
 
 
 class SGDRule(UpdateRule):
@@ -45,48 +45,6 @@ class SGDRule(UpdateRule):
             new_state["momentum_buffer"] = buf
             d = d + momentum * buf if options["nesterov"] else buf
         return param - lr * d, new_state
-
-    def update_with_tangents(self, param, grad, state, hyper, options, kinds):
-        """Fast step (no_grad) with closed-form tangents; ``update`` is the reference."""
-        lr, momentum, wd = hyper["lr"], hyper["momentum"], hyper["weight_decay"]
-        d = grad.neg() if options["maximize"] else grad
-        if not is_zero(wd):
-            d = add_scaled_(d.clone(), param, wd) if d is grad else add_scaled_(d, param, wd)
-        new_state: State = {}
-        d_dir_dmu = d_dir_dwd = None          # d direction / d momentum, / d weight_decay
-        if not is_zero(momentum):
-            buf_old = state.get("momentum_buffer")
-            if buf_old is None:
-                buf, d_buf_dmu, d_buf_dwd = d, None, param
-            else:
-                tau = 1 - options["dampening"]
-                buf = add_scaled_(buf_old * momentum, d, tau)
-                d_buf_dmu, d_buf_dwd = buf_old, (param * tau if tau != 1 else param)
-            new_state["momentum_buffer"] = buf
-            if options["nesterov"]:
-                if buf is d:     # first step: d + mu * d
-                    direction = d * (1 + momentum)
-                else:
-                    direction = add_scaled_(d.clone() if d is grad else d, buf, momentum)
-                if "momentum" in kinds:
-                    d_dir_dmu = buf if d_buf_dmu is None else add_scaled_(buf.clone(), d_buf_dmu, momentum)
-                if "weight_decay" in kinds:
-                    d_dir_dwd = add_scaled_(param.clone(), d_buf_dwd, momentum)
-            else:
-                direction = buf
-                d_dir_dmu, d_dir_dwd = d_buf_dmu, d_buf_dwd
-        else:
-            direction, d_dir_dwd = d, param
-        tangents = {}
-        for kind in kinds:
-            if kind == "lr":
-                tangents[kind] = direction.neg()
-            elif kind == "momentum":
-                tangents[kind] = (torch.zeros_like(param) if d_dir_dmu is None
-                                  else d_dir_dmu * (-lr))
-            else:
-                tangents[kind] = d_dir_dwd * (-lr)
-        return sub_scaled(param, direction, lr), new_state, tangents
 
     def step_(self, param, grad, state, hyper, options, kinds, ok, work):
         """In place, like torch.optim.SGD, with closed-form tangents; a no-op for ok=0."""
