@@ -61,40 +61,34 @@ def _subsets(rule, consts):
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
-def test_fast_step_and_tangents_match_reference_and_forward_ad(case):
+def test_forward_mode_fallback_matches_update_and_finite_differences(case):
+    """The generic path (what a user's rule gets, and the rare configurations a built-in
+    ``step_`` declines): ``update_with_tangents`` returns ``update``'s step exactly, and
+    tangents equal to central differences of ``update`` in float64."""
     _, rule, state, options, consts = case
     gen = torch.Generator().manual_seed(1)
     param = torch.randn(N, generator=gen, dtype=DT)
     grad = torch.randn(N, generator=gen, dtype=DT)
     values = {"lr": 0.05, "momentum": consts.get("momentum", 0.8), "weight_decay": 0.03}
-    for tuned in _subsets(rule, consts):
-        for wd_const in (0.0, 0.03):
-            hyper = {k: (_t(values[k]) if k in tuned else
-                         (wd_const if k == "weight_decay" else values[k])) for k in rule.kinds}
-            snapshot = (param.clone(), grad.clone(), {k: v.clone() for k, v in state.items()})
-            with torch.no_grad():
-                fast_p, fast_s, fast_t = rule.update_with_tangents(param, grad, state, hyper,
-                                                                   options, tuned)
-                ad_p, ad_s, ad_t = UpdateRule.update_with_tangents(rule, param, grad, state,
-                                                                   hyper, options, tuned)
-                ref_p, ref_s = rule.update(param, grad, state, hyper, options)
-            # inputs untouched
-            assert torch.equal(param, snapshot[0]) and torch.equal(grad, snapshot[1])
-            assert all(torch.equal(state[k], snapshot[2][k]) for k in state)
-            torch.testing.assert_close(fast_p, ref_p, rtol=1e-14, atol=1e-15)
-            torch.testing.assert_close(ad_p, ref_p, rtol=0, atol=0)
-            assert fast_s.keys() == ref_s.keys()
-            for k in ref_s:
-                torch.testing.assert_close(fast_s[k], ref_s[k], rtol=1e-14, atol=1e-15)
-            assert set(fast_t) == set(tuned)
-            for k in tuned:
-                torch.testing.assert_close(fast_t[k], ad_t[k], rtol=1e-12, atol=1e-15,
-                                           msg=lambda m: f"tangent {k}, tuned={tuned}: {m}")
-            # tangents outlive the step (methods keep them), so none may alias an input
-            inputs = [param, grad, *state.values()]
-            for o in fast_t.values():
-                assert all(o.data_ptr() != i.data_ptr() for i in inputs if i.numel() > 1), \
-                    f"an output of {case[0]} aliases an input (tuned={tuned})"
+    kinds = tuple(_subsets(rule, consts))[-1]           # every tunable kind
+    hyper = {k: (_t(values[k]) if k in kinds else values[k]) for k in rule.kinds}
+    with torch.no_grad():
+        new_p, new_s, tangents = UpdateRule.update_with_tangents(rule, param, grad, state, hyper,
+                                                                 options, kinds)
+        ref_p, ref_s = rule.update(param, grad, state, hyper, options)
+        assert torch.equal(new_p, ref_p)
+        assert all(torch.equal(new_s[k], ref_s[k]) for k in ref_s)
+        for kind in kinds:
+            # five-point stencil in float64: truncation ~h^4, round-off ~eps/h, both < 1e-11
+            h = 1e-3 * values[kind]
+
+            def at(x):
+                return rule.update(param, grad, state,
+                                   dict(hyper, **{kind: _t(values[kind] + x * h)}), options)[0]
+
+            fd = (8 * (at(1) - at(-1)) - (at(2) - at(-2))) / (12 * h)
+            torch.testing.assert_close(tangents[kind], fd, rtol=1e-7, atol=1e-9,
+                                       msg=lambda m: f"tangent {kind}: {m}")
 
 
 def test_forward_ad_default_serves_a_user_rule():
@@ -111,9 +105,9 @@ def _clone_state(state):
 
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 def test_in_place_step_matches_reference_and_is_a_no_op_when_skipped(case):
-    """``step_`` (the allocation-free fast path) updates param and state like ``update`` and
-    returns the forward-AD tangents; with ok=0 (a skipped step: zero gradient) it leaves param
-    and state bit-exactly unchanged."""
+    """``step_`` (the allocation-free fast path every built-in rule has) updates param and state
+    like ``update`` and returns closed-form tangents equal to forward mode through ``update``;
+    with ok=0 (a skipped step: zero gradient) it leaves param and state bit-exactly unchanged."""
     _, rule, state, options, consts = case
     gen = torch.Generator().manual_seed(2)
     param = torch.randn(N, generator=gen, dtype=DT)
@@ -147,5 +141,4 @@ def test_in_place_step_matches_reference_and_is_a_no_op_when_skipped(case):
                 assert torch.equal(p, param)
                 for k in state:
                     assert torch.equal(s[k], state[k]), k
-    if isinstance(rule, (SGDRule, AdamRule)):
-        assert handled > 0, "SGD and Adam must have an in-place fast path"
+    assert handled > 0, f"{type(rule).__name__} must have an in-place fast path"

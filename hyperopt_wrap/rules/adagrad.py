@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .base import Hyper, State, UpdateRule, add_scaled_, is_zero, new_step_count, sub_scaled
+from .base import Hyper, State, UpdateRule, is_zero, new_step_count, scratch
 
 
 class AdagradRule(UpdateRule):
@@ -39,23 +39,28 @@ class AdagradRule(UpdateRule):
         clr = lr / (1 + (step - 1) * options["lr_decay"])
         return param - clr * g / (total.sqrt() + options["eps"]), {"step": step, "sum": total}
 
-    def update_with_tangents(self, param, grad, state, hyper, options, kinds):
-        """Fast step (no_grad) with closed-form tangents; ``update`` is the reference."""
+    def step_(self, param, grad, state, hyper, options, kinds, ok, work):
+        """In place, like torch.optim.Adagrad, with closed-form tangents; a no-op for ok=0."""
         lr, wd = hyper["lr"], hyper["weight_decay"]
-        g = grad.neg() if options["maximize"] else grad
+        g = grad.neg_() if options["maximize"] else grad
         if not is_zero(wd):
-            g = add_scaled_(g.clone() if g is grad else g, param, wd)
-        step = state["step"] + 1
-        total = torch.addcmul(state["sum"], g, g)
-        root = total.sqrt()
-        std = root + options["eps"]
-        scaled = g / std
-        clr = lr / (1 + (step - 1) * options["lr_decay"])
+            g.addcmul_(param, wd * ok)
+        step = state["step"].add_(ok)
+        total = state["sum"].addcmul_(g, g)
+        root = torch.sqrt(total, out=scratch(work, "root", param))
+        t_wd = None
+        if "weight_decay" in kinds:  # d std / d wd = g w / sqrt(s); 0/0 where g = 0: limit 0
+            t_wd = torch.mul(g, param, out=scratch(work, "t_weight_decay", param))
+            t_wd.div_(root).nan_to_num_(0.0)
+        std = root.add_(options["eps"])
+        scaled = torch.div(g, std, out=scratch(work, "scaled", param))
+        decay = 1 + (step - 1) * options["lr_decay"]
+        clr = lr / decay
         tangents = {}
         for kind in kinds:
             if kind == "lr":
-                tangents[kind] = scaled * (-clr / lr)
-            else:   # d std / d wd = g w / sqrt(s)
-                t = (scaled * g).mul_(param).div_(root)
-                tangents[kind] = torch.sub(param, t).div_(std).mul_(-clr)
-        return sub_scaled(param, scaled, clr), {"step": step, "sum": total}, tangents
+                tangents[kind] = torch.mul(scaled, -1 / decay, out=scratch(work, "t_lr", param))
+            else:
+                tangents[kind] = t_wd.mul_(scaled).neg_().add_(param).div_(std).mul_(-clr)
+        param.addcmul_(scaled, clr * ok, value=-1)
+        return tangents

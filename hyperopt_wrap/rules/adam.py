@@ -97,8 +97,9 @@ class AdamRule(UpdateRule):
         t_wd = None
         if "weight_decay" in kinds:
             t_wd = scratch(work, "t_weight_decay", param)
-            if coupled:     # d denom / d wd = (1 - b2) g w / (sqrt(v) sqrt(bc2))
-                torch.mul(g, param, out=t_wd).mul_(1 - beta2).div_(denom).div_(bias_correction2_sqrt)
+            if coupled:     # d denom / d wd = (1 - b2) g w / (sqrt(v) sqrt(bc2)); 0/0 -> 0
+                torch.mul(g, param, out=t_wd).mul_(1 - beta2).div_(denom).nan_to_num_(0.0)
+                t_wd.div_(bias_correction2_sqrt)
             else:
                 torch.mul(param, -lr, out=t_wd)
         denom.div_(bias_correction2_sqrt).add_(eps)

@@ -140,13 +140,6 @@ def kept(ok: Tensor, value: float | Tensor, frozen: float) -> Tensor:
     return ok * value + (1 - ok) * frozen
 
 
-def sub_scaled(base: Tensor, x: Tensor, scale: float | Tensor) -> Tensor:
-    """``base - scale * x`` in one fused kernel, for a float or a 0-dim tensor ``scale``."""
-    if isinstance(scale, Tensor):
-        return torch.addcmul(base, x, scale, value=-1)
-    return torch.add(base, x, alpha=-scale)
-
-
 def add_scaled_(x: Tensor, y: Tensor, scale: float | Tensor) -> Tensor:
     """``x += scale * y`` in place."""
     if isinstance(scale, Tensor):

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .base import Hyper, State, UpdateRule, add_scaled_, is_zero, new_step_count, sub_scaled
+from .base import Hyper, State, UpdateRule, is_zero, kept, new_step_count, scratch
 
 
 class RMSpropRule(UpdateRule):
@@ -56,44 +56,48 @@ class RMSpropRule(UpdateRule):
             return param - lr * buf, new_state
         return param - lr * g / avg, new_state
 
-    def update_with_tangents(self, param, grad, state, hyper, options, kinds):
-        """Fast step (no_grad) with closed-form tangents; ``update`` is the reference."""
+    def step_(self, param, grad, state, hyper, options, kinds, ok, work):
+        """In place, like torch.optim.RMSprop, with closed-form tangents; a no-op for ok=0."""
         lr, momentum, wd = hyper["lr"], hyper["momentum"], hyper["weight_decay"]
         alpha, eps = options["alpha"], options["eps"]
-        g = grad.neg() if options["maximize"] else grad
+        g = grad.neg_() if options["maximize"] else grad
         if not is_zero(wd):
-            g = add_scaled_(g.clone() if g is grad else g, param, wd)
-        square_avg = torch.addcmul(state["square_avg"] * alpha, g, g, value=1 - alpha)
-        new_state = {"step": state["step"] + 1, "square_avg": square_avg}
-        want_wd = "weight_decay" in kinds
+            g.addcmul_(param, wd * ok)
+        square_avg = state["square_avg"]
+        square_avg.mul_(kept(ok, alpha, 1.0)).addcmul_(g, g, value=1 - alpha)
+        state["step"].add_(ok)
+        root = scratch(work, "root", param)
+        t_wd = scratch(work, "t_weight_decay", param) if "weight_decay" in kinds else None
         if options["centered"]:
-            grad_avg = torch.lerp(state["grad_avg"], g, 1 - alpha)
-            new_state["grad_avg"] = grad_avg
-            root = torch.addcmul(square_avg, grad_avg, grad_avg, value=-1).sqrt_()
-            if want_wd:   # d(v - gbar^2) = 2(1-a) g w - 2 gbar (1-a) w
-                d_root = (g - grad_avg).mul_(param).mul_(1 - alpha).div_(root)
+            grad_avg = state["grad_avg"]
+            grad_avg.lerp_(g, (1 - alpha) * ok)
+            torch.addcmul(square_avg, grad_avg, grad_avg, value=-1, out=root).sqrt_()
+            if t_wd is not None:   # d root / d wd = (1 - a)(g - gbar) w / root
+                torch.sub(g, grad_avg, out=t_wd).mul_(param).mul_(1 - alpha)
         else:
-            root = square_avg.sqrt()
-            if want_wd:
-                d_root = (g * param).mul_(1 - alpha).div_(root)
-        avg = root + eps
-        scaled = g / avg
-        if want_wd:
-            d_scaled = torch.addcmul(param, scaled, d_root, value=-1).div_(avg)
-        tangents = {}
+            torch.sqrt(square_avg, out=root)
+            if t_wd is not None:   # d root / d wd = (1 - a) g w / root
+                torch.mul(g, param, out=t_wd).mul_(1 - alpha)
+        if t_wd is not None:
+            t_wd.div_(root).nan_to_num_(0.0)    # 0/0 where g = 0: the limit is 0
+        avg = root.add_(eps)
+        scaled = torch.div(g, avg, out=scratch(work, "scaled", param))
+        if t_wd is not None:       # d scaled / d wd = (w - scaled d root) / avg
+            t_wd.mul_(scaled).neg_().add_(param).div_(avg).mul_(-lr)
+        t_mu = None
         if options["has_momentum"]:
-            buf_old = state["momentum_buffer"]
-            buf = add_scaled_(buf_old * momentum, scaled, 1.0)
-            new_state["momentum_buffer"] = buf
-            direction, d_dir_dmu = buf, buf_old
+            buf = state["momentum_buffer"]
+            if "momentum" in kinds:
+                t_mu = torch.mul(buf, -lr, out=scratch(work, "t_momentum", param))
+            buf.mul_(kept(ok, momentum, 1.0)).add_(scaled)
+            direction = buf
         else:
-            direction, d_dir_dmu = scaled, None
+            direction = scaled
+        tangents = {}
         for kind in kinds:
             if kind == "lr":
-                tangents[kind] = direction.neg()
-            elif kind == "momentum":
-                tangents[kind] = (torch.zeros_like(param) if d_dir_dmu is None
-                                  else d_dir_dmu * (-lr))
+                tangents[kind] = torch.neg(direction, out=scratch(work, "t_lr", param))
             else:
-                tangents[kind] = d_scaled.mul_(-lr)
-        return sub_scaled(param, direction, lr), new_state, tangents
+                tangents[kind] = t_mu if kind == "momentum" else t_wd
+        param.addcmul_(direction, lr * ok, value=-1)
+        return tangents
