@@ -508,3 +508,21 @@ def test_global_granularity_across_groups():
     bad = [{"params": params[:2]}, {"params": params[2:], "momentum": 0.8}]
     with pytest.raises(ValueError, match="granularity=\\{'momentum': 'group'\\}"):
         HyperOptimizer(torch.optim.SGD, bad, lr=0.05, momentum=0.9, tune=("lr", "momentum"))
+
+
+@pytest.mark.parametrize("cls", [torch.optim.Adam, torch.optim.RMSprop, torch.optim.Adagrad],
+                         ids=lambda c: c.__name__)
+def test_zero_gradient_on_zero_weights_does_not_poison_weight_decay_tuning(cls):
+    """A zero-initialised bias whose gradient is exactly 0 (a dead unit) makes the second
+    moment 0; d/d(weight decay) there is 0/0, whose limit 0 must be used, not NaN (which would
+    skip every hyper-step for the rest of training)."""
+    w = torch.nn.Parameter(torch.randn(3, dtype=torch.float64))
+    b = torch.nn.Parameter(torch.zeros(2, dtype=torch.float64))
+    opt = HyperOptimizer(cls, [w, b], lr=0.01, weight_decay=1e-2, tune=("lr", "weight_decay"))
+    for _ in range(5):
+        opt.zero_grad()
+        (w ** 2).sum().backward()
+        b.grad = torch.zeros_like(b)
+        opt.step()
+    assert opt.hypersteps == 4 and opt.skipped_hypersteps == 0
+    assert float(opt.hyperparameters()["weight_decay"][0]) != 1e-2
