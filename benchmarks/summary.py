@@ -17,7 +17,8 @@ Memory (torch has no allocator statistics for CPU tensors, and tracemalloc does 
 
 * ``state``: bytes held by the optimizer between steps, the sum of the distinct tensors in
   ``opt.state`` (for HyperOptimizer including the method's buffers kept there) plus, for
-  HyperOptimizer, its tuned values/raws/accumulators and the hyper-optimizer's state;
+  HyperOptimizer, its tuned values/raws/accumulators, the hyper-optimizer's state and the
+  persistent per-parameter scratch buffers of its in-place steps;
 * ``step peak``: the highest amount allocated during one step above what was held just
   before it, from ``torch.profiler`` memory events (``profile_memory=True``).
 
@@ -161,6 +162,7 @@ def optimizer_state_bytes(opt: torch.optim.Optimizer) -> int:
         for tk in opt.tuned.values():
             tensors += tk.values + tk.raws + tk.accums + tk.last
         tensors += list(_tensors(list(opt.hyper_optimizer.state.values())))
+        tensors += list(_tensors(list(opt._workspace.values())))   # persistent scratch buffers
     return _distinct_bytes(tensors)
 
 
@@ -370,7 +372,8 @@ def format_markdown(results: list[dict], info: dict[str, str], settings: dict) -
              "ratio of medians: median step time / vanilla's median step time (the two differ "
              "when machine load drifts)",
              "- state: bytes the optimizer holds between steps (distinct tensors in opt.state, plus "
-             "HyperOptimizer's tuned values, raws, accumulators and hyper-optimizer state); "
+             "HyperOptimizer's tuned values, raws, accumulators, hyper-optimizer state and scratch "
+             "buffers); "
              "step peak: highest bytes allocated during a step above those held before it "
              "(torch.profiler memory events)",
              "- base settings: " + "; ".join(f"{k} {v[1]}" for k, v in BASES.items()),

@@ -103,7 +103,9 @@ class AdamRule(UpdateRule):
             else:
                 torch.mul(param, -lr, out=t_wd)
         denom.div_(bias_correction2_sqrt).add_(eps)
-        ratio = torch.div(exp_avg, denom, out=scratch(work, "ratio", param))
+        # m / denom; in the denominator's own buffer unless a tangent still needs the latter
+        reuse = "momentum" not in kinds and not (coupled and "weight_decay" in kinds)
+        ratio = torch.div(exp_avg, denom, out=denom if reuse else scratch(work, "ratio", param))
         step_size = lr / bias_correction1
         tangents = {}
         for kind in kinds:
