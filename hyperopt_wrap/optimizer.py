@@ -313,18 +313,26 @@ class HyperOptimizer(torch.optim.Optimizer):
             scales.append(self._lr_scale(group))
         return scales
 
-    def _hyper_values(self, gi: int, pi: int, group: dict, scale: float) -> dict[str, Any]:
+    def _hyper_values(self, gi: int, pi: int, group: dict, scale: float,
+                      cache: dict) -> dict[str, Any]:
+        """The rule's hyperparameters for one parameter. ``cache`` (one per step) hands every
+        parameter of a slot the same tensor object, so rules can memoise per step."""
         hyper = {}
         for kind in self.rule.kinds:
             tk = self.tuned.get(kind)
             if tk is None or not tk.is_tuned(gi):
                 hyper[kind] = self.rule.read(group, kind)
             else:
-                v = tk.value(gi, pi)
+                block, index = tk.group_slots[gi][pi]
                 p = group["params"][pi]
-                if v.device != p.device or v.dtype != p.dtype:   # multi-device; bf16 models
-                    v = v.to(p.device, p.dtype, non_blocking=True)
-                hyper[kind] = v * scale if (kind == "lr" and scale != 1.0) else v
+                key = (kind, block, index, scale if kind == "lr" else 1.0, p.device, p.dtype)
+                v = cache.get(key)
+                if v is None:
+                    v = tk.value(gi, pi)
+                    if v.device != p.device or v.dtype != p.dtype:   # multi-device; bf16 models
+                        v = v.to(p.device, p.dtype, non_blocking=True)
+                    v = cache[key] = v * scale if (kind == "lr" and scale != 1.0) else v
+                hyper[kind] = v
         return hyper
 
     def _trainable(self) -> list[tuple[int, int, Tensor]]:
@@ -411,6 +419,7 @@ class HyperOptimizer(torch.optim.Optimizer):
         finite = torch.stack([n.to(first, non_blocking=True) for n in norms]).isfinite().all()
         self._skipped_steps.add_((~finite).to(self._skipped_steps.device))
         ok_as: dict[tuple, Tensor] = {}
+        values: dict[tuple, Tensor] = {}
         options = [rule.options(g) for g in self.param_groups]
         observed = []
         for gi, pi, p in trainable:
@@ -423,7 +432,7 @@ class HyperOptimizer(torch.optim.Optimizer):
             state = self.state[p]
             if not any(k != _BUFFERS for k in state):
                 state.update(rule.init_state(p, options[gi]))
-            hyper = self._hyper_values(gi, pi, self.param_groups[gi], scales[gi])
+            hyper = self._hyper_values(gi, pi, self.param_groups[gi], scales[gi], values)
             tangents = rule.step_(p, grad, state, hyper, options[gi], kinds, ok, work)
             if tangents is None:
                 tangents = self._step_out_of_place(p, grad, state, hyper, options[gi], kinds, ok)

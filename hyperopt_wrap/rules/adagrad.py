@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .base import Hyper, State, UpdateRule, is_zero, new_step_count, scratch
+from .base import Hyper, State, UpdateRule, gated, is_zero, new_step_count, scratch
 
 
 class AdagradRule(UpdateRule):
@@ -44,7 +44,7 @@ class AdagradRule(UpdateRule):
         lr, wd = hyper["lr"], hyper["weight_decay"]
         g = grad.neg_() if options["maximize"] else grad
         if not is_zero(wd):
-            g.addcmul_(param, wd * ok)
+            g.addcmul_(param, gated(ok, wd))
         step = state["step"].add_(ok)
         total = state["sum"].addcmul_(g, g)
         root = torch.sqrt(total, out=scratch(work, "root", param))

@@ -15,7 +15,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .base import Hyper, State, UpdateRule, add_scaled_, is_zero, kept, new_step_count, scratch
+from .base import (Hyper, State, UpdateRule, add_scaled_, gated, is_zero, kept, new_step_count,
+                   scratch)
 
 
 class AdamRule(UpdateRule):
@@ -79,11 +80,11 @@ class AdamRule(UpdateRule):
             return None     # rare: forward mode through update() handles torch.maximum's kink
         g = grad.neg_() if options["maximize"] else grad
         if coupled:
-            g.addcmul_(param, wd * ok)
+            g.addcmul_(param, gated(ok, wd))
         exp_avg, exp_avg_sq, step = state["exp_avg"], state["exp_avg_sq"], state["step"]
         t_b1 = torch.sub(exp_avg, g, out=scratch(work, "t_momentum", param)) \
             if "momentum" in kinds else None   # d m / d b1 = m_old - g
-        exp_avg.lerp_(g, (1 - beta1) * ok)
+        exp_avg.lerp_(g, gated(ok, 1 - beta1))
         exp_avg_sq.mul_(kept(ok, beta2, 1.0)).addcmul_(g, g, value=1 - beta2)
         step.add_(ok)
         t = step.clamp(min=1)

@@ -134,10 +134,28 @@ def scratch(work: dict[str, Tensor], name: str, like: Tensor) -> Tensor:
     return buf
 
 
+def _memo(ok: Tensor, key, value, compute):
+    """Memoise ``compute()`` on the per-step tensor ``ok``; a tensor ``value`` is keyed by
+    identity and kept alive by the memo, so its id cannot be reused within the step."""
+    memo = ok.__dict__.setdefault("_memo", {})
+    hit = memo.get(key)
+    if hit is None or hit[0] is not value:
+        hit = memo[key] = (value, compute())
+    return hit[1]
+
+
+def gated(ok: Tensor, value: float | Tensor) -> Tensor:
+    """``value * ok``: the coefficient of a step's increment, 0 when the step is skipped
+    (computed once per step per value, not once per parameter)."""
+    key = ("gated", id(value) if isinstance(value, Tensor) else value)
+    return _memo(ok, key, value, lambda: value * ok)
+
+
 def kept(ok: Tensor, value: float | Tensor, frozen: float) -> Tensor:
     """``value`` where the step is taken (ok=1), ``frozen`` (the no-op value) where it is
-    skipped (ok=0); exact in both cases, in ``ok``'s dtype."""
-    return ok * value + (1 - ok) * frozen
+    skipped (ok=0); exact in both cases, in ``ok``'s dtype (memoised like :func:`gated`)."""
+    key = ("kept", id(value) if isinstance(value, Tensor) else value, frozen)
+    return _memo(ok, key, value, lambda: ok * value + (1 - ok) * frozen)
 
 
 def add_scaled_(x: Tensor, y: Tensor, scale: float | Tensor) -> Tensor:

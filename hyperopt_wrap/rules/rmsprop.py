@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .base import Hyper, State, UpdateRule, is_zero, kept, new_step_count, scratch
+from .base import Hyper, State, UpdateRule, gated, is_zero, kept, new_step_count, scratch
 
 
 class RMSpropRule(UpdateRule):
@@ -62,7 +62,7 @@ class RMSpropRule(UpdateRule):
         alpha, eps = options["alpha"], options["eps"]
         g = grad.neg_() if options["maximize"] else grad
         if not is_zero(wd):
-            g.addcmul_(param, wd * ok)
+            g.addcmul_(param, gated(ok, wd))
         square_avg = state["square_avg"]
         square_avg.mul_(kept(ok, alpha, 1.0)).addcmul_(g, g, value=1 - alpha)
         state["step"].add_(ok)
@@ -70,7 +70,7 @@ class RMSpropRule(UpdateRule):
         t_wd = scratch(work, "t_weight_decay", param) if "weight_decay" in kinds else None
         if options["centered"]:
             grad_avg = state["grad_avg"]
-            grad_avg.lerp_(g, (1 - alpha) * ok)
+            grad_avg.lerp_(g, gated(ok, 1 - alpha))
             torch.addcmul(square_avg, grad_avg, grad_avg, value=-1, out=root).sqrt_()
             if t_wd is not None:   # d root / d wd = (1 - a)(g - gbar) w / root
                 torch.sub(g, grad_avg, out=t_wd).mul_(param).mul_(1 - alpha)
@@ -99,5 +99,5 @@ class RMSpropRule(UpdateRule):
                 tangents[kind] = torch.neg(direction, out=scratch(work, "t_lr", param))
             else:
                 tangents[kind] = t_mu if kind == "momentum" else t_wd
-        param.addcmul_(direction, lr * ok, value=-1)
+        param.addcmul_(direction, gated(ok, lr), value=-1)
         return tangents

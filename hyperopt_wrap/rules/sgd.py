@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .base import Hyper, State, UpdateRule, add_scaled_, is_zero, kept, scratch
+from .base import Hyper, State, UpdateRule, add_scaled_, gated, is_zero, kept, scratch
 
 
 class SGDRule(UpdateRule):
@@ -51,7 +51,7 @@ class SGDRule(UpdateRule):
         lr, momentum, wd = hyper["lr"], hyper["momentum"], hyper["weight_decay"]
         d = grad.neg_() if options["maximize"] else grad
         if not is_zero(wd):
-            d.addcmul_(param, wd * ok)          # zero when skipped
+            d.addcmul_(param, gated(ok, wd))          # zero when skipped
         t_mu = scratch(work, "t_momentum", param) if "momentum" in kinds else None
         t_wd = scratch(work, "t_weight_decay", param) if "weight_decay" in kinds else None
         if not is_zero(momentum):
@@ -87,5 +87,5 @@ class SGDRule(UpdateRule):
                 tangents[kind] = torch.neg(direction, out=scratch(work, "t_lr", param))
             else:
                 tangents[kind] = (t_mu if kind == "momentum" else t_wd).mul_(-lr)
-        param.addcmul_(direction, lr * ok, value=-1)
+        param.addcmul_(direction, gated(ok, lr), value=-1)
         return tangents
