@@ -197,19 +197,32 @@ class TunedKind:
                 target.fill_(value)
                 self.raws[block].copy_(self.parametrisation.to_raw(self.values[block]))
 
-    def accumulate(self, group_index: int, param_index: int, meta_grad: Tensor,
-                   tangent: Tensor, scale: float) -> None:
-        """accum += scale * <meta_grad, tangent>, reduced to the slot's shape."""
-        slots = self.group_slots[group_index]
-        if slots is None:
-            return
-        block, index = slots[param_index]
-        acc = self.accums[block]
-        if index is None:
-            acc.addcmul_(meta_grad, tangent, value=scale)
-        else:
+    def accumulate(self, terms) -> None:
+        """accum += scale * <meta_grad, tangent>, reduced to each slot's shape, for ``terms``
+        = iterable of ``(group_index, param_index, meta_grad, tangent, scale)``.  Scalar slots
+        are summed in one add per block, not one small op per parameter."""
+        scalar: dict[int, list] = {}
+        for gi, pi, meta_grad, tangent, scale in terms:
+            slots = self.group_slots[gi]
+            if slots is None:
+                continue
+            block, index = slots[pi]
+            if index is None:
+                self.accums[block].addcmul_(meta_grad, tangent, value=scale)
+                continue
             dot = torch.vdot(meta_grad.reshape(-1), tangent.reshape(-1))
-            acc[index].add_(dot.to(acc.dtype), alpha=scale)
+            scalar.setdefault(block, []).append((index, dot * scale if scale != 1.0 else dot))
+        for block, items in scalar.items():
+            acc = self.accums[block]
+            dots = torch.stack([d.to(acc.device, acc.dtype) for _, d in items])
+            indices = [i for i, _ in items]
+            if acc.numel() == 1:
+                acc.add_(dots.sum())
+            elif indices == list(range(acc.numel())):
+                acc.add_(dots)
+            else:   # some parameters had no gradient this step
+                for i, d in zip(indices, dots):
+                    acc[i].add_(d)
 
     def per_group(self, blocks: list[Tensor]) -> list:
         """Arrange block tensors as the public structure: one entry per param group."""

@@ -526,3 +526,32 @@ def test_zero_gradient_on_zero_weights_does_not_poison_weight_decay_tuning(cls):
         opt.step()
     assert opt.hypersteps == 4 and opt.skipped_hypersteps == 0
     assert float(opt.hyperparameters()["weight_decay"][0]) != 1e-2
+
+
+def test_tensor_granularity_with_a_parameter_missing_its_gradient():
+    """Per-tensor hypergradients of plain SGD are -g_{t+1,i} . g_{t,i}; a tensor without a
+    gradient at either step contributes nothing, and the others are unaffected."""
+    a = torch.nn.Parameter(torch.randn(4, dtype=torch.float64))
+    b = torch.nn.Parameter(torch.randn(3, dtype=torch.float64))
+    c = torch.nn.Parameter(torch.randn(2, dtype=torch.float64))
+    opt = HyperOptimizer(torch.optim.SGD, [a, b, c], lr=0.05, granularity="tensor", hyper_lr=0.0)
+
+    def step(use_b):
+        opt.zero_grad()
+        loss = (a ** 2).sum() * 1.5 + (c ** 3).sum() + ((b ** 2).sum() if use_b else 0)
+        loss.backward()
+        grads = [None if p.grad is None else p.grad.clone() for p in (a, b, c)]
+        opt.step()
+        return grads
+
+    g0 = step(use_b=True)
+    g1 = step(use_b=False)          # b has no gradient: its pending tangent is dropped
+    got = opt.last_hypergradient()["lr"][0]
+    assert float(got[1]) == 0.0
+    for i in (0, 2):
+        assert float(got[i]) == pytest.approx(-float((g0[i] * g1[i]).sum()), rel=1e-12)
+    g2 = step(use_b=True)           # b was not stepped at step 1: no tangent to pair with
+    got = opt.last_hypergradient()["lr"][0]
+    assert float(got[1]) == 0.0
+    for i in (0, 2):
+        assert float(got[i]) == pytest.approx(-float((g1[i] * g2[i]).sum()), rel=1e-12)

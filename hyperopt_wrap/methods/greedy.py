@@ -49,7 +49,7 @@ class Greedy(HypergradientMethod):
     def hypergradient(self, opt, meta_grads: list[MetaGradient]) -> int:
         if self._lr_scales is None:
             return 0
-        used = False
+        terms: dict[str, list] = {kind: [] for kind in opt.tuned}
         for mg in meta_grads:
             buffers = opt.state[mg.param].pop("hyper", None)
             if buffers is None or mg.grad is None:
@@ -57,8 +57,10 @@ class Greedy(HypergradientMethod):
             sign = -1.0 if opt.param_groups[mg.group_index]["maximize"] else 1.0
             for kind, tangent in buffers.items():
                 scale = sign * (self._lr_scales[mg.group_index] if kind == "lr" else 1.0)
-                opt.tuned[kind].accumulate(mg.group_index, mg.param_index, mg.grad, tangent, scale)
-            used = True
+                terms[kind].append((mg.group_index, mg.param_index, mg.grad, tangent, scale))
+        used = any(terms.values())
+        for kind, kind_terms in terms.items():
+            opt.tuned[kind].accumulate(kind_terms)
         if used:
             opt.mark_window(self._finite)
         self._lr_scales = self._finite = None
