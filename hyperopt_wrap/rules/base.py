@@ -6,11 +6,16 @@ A rule is one step of a base optimizer written as a pure function of tensors,
 
 elementwise in ``(param, grad, state)``.  The same code runs in two ways:
 
-* under ``torch.no_grad()`` for the real step (the optimizer copies the result
-  into the parameter and its state in place);
+* under ``torch.no_grad()`` for the real step, when the rule has no in-place
+  :meth:`UpdateRule.step_` (the optimizer copies the result into the parameter
+  and its state);
 * with forward- or reverse-mode autograd, which gives the derivatives the
   hypergradient methods need: ``B = dPhi/dlam`` (tangents with respect to the
-  hyperparameters) and ``A = dPhi/dx``.
+  hyperparameters) and ``A = dPhi/dx``; ``reference.py`` unrolls it.
+
+Built-in rules also implement ``step_``: the real step in place (no allocation
+per step, like torch.optim), with closed-form tangents; the tests check it
+against ``update`` and against forward mode through ``update`` in float64.
 
 ``hyper`` maps a kind ("lr", "momentum", "weight_decay") to a Python float
 (constant) or a tensor (tuned; 0-dim or shaped like ``param``).  A rule must
@@ -79,15 +84,14 @@ class UpdateRule:
     def update_with_tangents(self, param: Tensor, grad: Tensor, state: State, hyper: Hyper,
                              options: dict[str, Any], kinds: tuple[str, ...]
                              ) -> tuple[Tensor, State, dict[str, Tensor]]:
-        """The real step (called under ``torch.no_grad()``): ``update``'s result plus
-        ``d new_param / d hyper[kind]`` for each kind in ``kinds`` (elementwise).
+        """The out-of-place real step (under ``torch.no_grad()``), used when :meth:`step_`
+        declines: ``update``'s result plus ``d new_param / d hyper[kind]`` for each kind in
+        ``kinds`` (elementwise).
 
-        The default runs forward-mode AD through :meth:`update`, one tangent per kind, so a
-        user's rule needs nothing more.  Built-in rules override it with a fast version that
-        works in place on its own temporaries and computes closed-form tangents from the step's
-        intermediates; the tests check both agree with ``update`` and forward mode in float64.
-        Tangents must not alias ``param``, ``grad`` or ``state`` (methods keep them past the
-        step); the new param and state may (the optimizer copies them into its own storage).
+        This default runs forward-mode AD through :meth:`update`, one tangent per kind, so a
+        user's rule needs nothing more; override it (or :meth:`step_`) for speed.  Tangents must
+        not alias ``param``, ``grad`` or ``state`` (methods keep them past the step); the new
+        param and state may (the optimizer copies them into its own storage).
         """
         if not kinds:
             new_param, new_state = self.update(param, grad, state, hyper, options)
