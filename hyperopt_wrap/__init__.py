@@ -1,7 +1,9 @@
 """hyperopt_wrap: tune lr, momentum and weight decay during the one training run you do anyway."""
-from .methods import Greedy
+from .curvature import CurvatureError, FiniteDifferences
+from .methods import Greedy, Implicit, Unroll
 from .optimizer import HyperOptimizer
 from .rules import UpdateRule, register_rule
 
 __version__ = "0.1.0"
-__all__ = ["HyperOptimizer", "register_rule", "UpdateRule", "Greedy", "__version__"]
+__all__ = ["HyperOptimizer", "register_rule", "UpdateRule", "Greedy", "Implicit", "Unroll",
+           "FiniteDifferences", "CurvatureError", "__version__"]

@@ -212,6 +212,25 @@ class TunedKind:
                 continue
             dot = torch.vdot(meta_grad.reshape(-1), tangent.reshape(-1))
             scalar.setdefault(block, []).append((index, dot * scale if scale != 1.0 else dot))
+        self._add_scalar(scalar)
+
+    def add_contributions(self, terms) -> None:
+        """accum += value for ``terms`` = iterable of ``(group_index, param_index, value)``,
+        ``value`` already reduced to the slot's shape (0-dim, or the parameter's shape for
+        element slots)."""
+        scalar: dict[int, list] = {}
+        for gi, pi, value in terms:
+            slots = self.group_slots[gi]
+            if slots is None:
+                continue
+            block, index = slots[pi]
+            if index is None:
+                self.accums[block].add_(value)
+            else:
+                scalar.setdefault(block, []).append((index, value))
+        self._add_scalar(scalar)
+
+    def _add_scalar(self, scalar: dict[int, list]) -> None:
         for block, items in scalar.items():
             acc = self.accums[block]
             dots = torch.stack([d.to(acc.device, acc.dtype) for _, d in items])

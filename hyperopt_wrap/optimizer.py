@@ -7,10 +7,14 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
+from .curvature import (ClosureSource, CurvatureError, FiniteDifferences, GraphSource,
+                        capture_rng, missing_source_message, resolve_curvature)
 from .hyperparams import TunedKind, resolve_bounds, resolve_granularity
-from .methods import MetaGradient, ObservedParam, StepRecord, resolve_method
+from .methods import (HypergradientMethod, MetaGradient, ObservedParam, StepRecord,
+                      resolve_method)
 from .rules import KINDS, get_rule
 from .rules.base import scratch
+from .tape import TapedParam, TapedStep
 
 _BUFFERS = "hyper"   # key of a method's per-parameter buffers inside opt.state[p]
 _FUSED_DEVICES = ("cpu", "cuda", "xpu", "mps")   # where torch's fused Adam kernel runs
@@ -65,6 +69,12 @@ class HyperOptimizer(torch.optim.Optimizer):
             returns the quantity you maximise).
         bounds: ``{kind: (low, high)}`` in natural units; defaults lr and weight decay in
             ``[1e-10, 1]``, momentum in ``[0, 0.9999]``.
+        curvature: where second-order methods (implicit, unroll) get Hessian-vector products:
+            ``"auto"`` (default: the gradient graph when ``p.grad`` carries one, i.e. after
+            ``loss.backward(create_graph=opt.needs_graph)``, else the closure given to
+            ``step``), ``"graph"``, ``"closure"``, or
+            :class:`~hyperopt_wrap.FiniteDifferences` (central differences, eps, ``model=`` to
+            protect BatchNorm buffers).  See :mod:`hyperopt_wrap.curvature`.
         **optimizer_kwargs: passed to ``optimizer_cls`` (validated by it).
 
     Param-group entries stay readable and writable. For a tuned ``lr``, ``group["lr"]`` is a
@@ -77,7 +87,8 @@ class HyperOptimizer(torch.optim.Optimizer):
     def __init__(self, optimizer_cls: type, params, *, method="greedy", tune=("lr",),
                  granularity="global", hyper_lr=None, hyper_optimizer=torch.optim.Adam,
                  hyper_optimizer_kwargs: dict | None = None, update_every: int | None = None,
-                 val_loss: Callable[[], Tensor] | None = None, bounds=None, **optimizer_kwargs):
+                 val_loss: Callable[[], Tensor] | None = None, bounds=None, curvature="auto",
+                 **optimizer_kwargs):
         self.rule = get_rule(optimizer_cls)
         self.optimizer_cls = optimizer_cls
         if isinstance(tune, str):
@@ -95,6 +106,7 @@ class HyperOptimizer(torch.optim.Optimizer):
         self._granularity = resolve_granularity(granularity, tune)
         self._bounds = resolve_bounds(bounds, tune)
         self.method = resolve_method(method)
+        self.curvature = resolve_curvature(curvature)
         if val_loss is not None and not callable(val_loss):
             raise TypeError(f"val_loss must be a zero-argument callable returning a loss, "
                             f"got {val_loss!r}; e.g. val_loss=lambda: loss_fn(model(xv), yv)")
@@ -142,6 +154,8 @@ class HyperOptimizer(torch.optim.Optimizer):
             hyper_kwargs["fused"] = True
         if hyper_lr is None:
             hyper_lr = self.method.default_hyper_lr
+            if isinstance(hyper_lr, dict):
+                hyper_lr = {k: hyper_lr[k] for k in tune}
         self._hyper_lr = hyper_lr
         raw_groups = [{"params": [], "lr": self._kind_hyper_lr(k), "kind": k} for k in tune]
         for gi, group in enumerate(self.param_groups):
@@ -159,7 +173,12 @@ class HyperOptimizer(torch.optim.Optimizer):
         self._skipped_steps = torch.zeros((), dtype=torch.int64, device=first.device)
         self._window_finite = torch.ones((), dtype=torch.bool, device=first.device)
         self._workspace: dict[Tensor, dict[str, Tensor]] = {}   # per-parameter scratch buffers
-        self._window = 0          # base steps (val_loss) or contributions since the hyper-step
+        self._window = 0          # base steps since the last hyper-step
+        self._tape: list[TapedStep] = []   # steps recorded for a second-order method
+        self._step_calls = 0
+        self._replay_checked = False   # an old step's closure was checked to bind its batch
+        self._unversioned = False      # params written through .data while a graph is kept
+        self._replaying = False
         self._contributions = 0   # hypergradient contributions in the accumulators
         self._steps = 0
         self._hypersteps = 0
@@ -282,6 +301,30 @@ class HyperOptimizer(torch.optim.Optimizer):
     def hypersteps(self) -> int:
         return self._hypersteps
 
+    @property
+    def needs_graph(self) -> bool:
+        """True when the coming ``step()`` will be recorded by a second-order method that takes
+        its Hessian-vector products from the gradient graph.  Use it as
+        ``loss.backward(create_graph=opt.needs_graph)``: the (costlier) graph is built only on
+        the steps that need it."""
+        return (self.method.needs_curvature and not self._replaying
+                and not isinstance(self.curvature, FiniteDifferences)
+                and self.method.records_step(self, self._window % self.update_every))
+
+    @property
+    def window_complete(self) -> bool:
+        """For methods: the current window's ``update_every`` base steps have all been taken."""
+        return self._window >= self.update_every
+
+    @property
+    def tape(self) -> list[TapedStep]:
+        """For methods: the steps recorded in the current window, oldest first."""
+        return self._tape
+
+    def release_tape(self) -> None:
+        """For methods: drop the recorded steps (and the graphs they keep)."""
+        self._tape = []
+
     # ------------------------------------------------------------------ the step
     def _lr_scale(self, group: dict) -> float:
         if "lr" not in self.tuned:
@@ -367,50 +410,99 @@ class HyperOptimizer(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure: Callable[[], Tensor] | None = None):
         """One base step (and a hyper-step when a window completes). Returns the closure's loss."""
-        loss = None
+        self._step_calls += 1
+        method = self.method
+        records = method.records_step(self, self._window % self.update_every)
+        curvature = records and method.needs_curvature
+        loss = rng = None
         if closure is not None:
+            if curvature:
+                rng = capture_rng(sorted({p.device for g in self.param_groups
+                                          for p in g["params"]}, key=str))
             with torch.enable_grad():
                 loss = closure()
         scales = self._sync_group_writes()
         trainable = self._trainable()
         if not trainable:
             return loss
-        if self.val_loss is None:
-            # E is the training loss at the weights of the last step: its gradient is this
-            # step's p.grad, which completes whatever the method has pending.
-            added = self.method.hypergradient(
-                self, [MetaGradient(gi, pi, p, p.grad) for gi, pi, p in trainable])
-            self._contributions += added
-            self._window += added
-            if added and self._window >= self.update_every:
-                self._hyper_step()
+        # decided before anything changes: a missing curvature source raises with nothing done
+        source = self._curvature_source(trainable, closure, rng, loss) if curvature else None
+        try:
+            if self.val_loss is None:
+                # E is the training loss at the weights of the last step: its gradient is this
+                # step's p.grad, which completes whatever the method has pending.
+                added = method.hypergradient(
+                    self, [MetaGradient(gi, pi, p, p.grad) for gi, pi, p in trainable])
+                self._contributions += added
+                if added and self._window >= self.update_every:
+                    self._hyper_step()
+        except BaseException:
+            self._abandon_window()
+            raise
         ends_window = self._window + 1 >= self.update_every
-        record = self._base_step(trainable, scales, self.method.tangent_kinds(self, ends_window))
-        self.method.observe(self, record)
+        record = self._base_step(trainable, scales, method.tangent_kinds(self, ends_window),
+                                 source)
+        method.observe(self, record)
         self._steps += 1
-        if self.val_loss is not None:
-            self._window += 1
-            if ends_window:
-                try:
-                    meta = self._meta_from_val(trainable)
-                except BaseException:
-                    # the base step stands (as after a raising closure in torch); this window's
-                    # hypergradient is dropped and the next window starts clean
-                    self._window = self._contributions = 0
-                    for tk in self.tuned.values():
-                        for acc in tk.accums:
-                            acc.zero_()
-                    raise
-                self._contributions += self.method.hypergradient(self, meta)
-                self._hyper_step()
+        self._window += 1
+        if self.val_loss is not None and ends_window:
+            try:
+                meta = self._meta_from_val(trainable)
+                self._contributions += method.hypergradient(self, meta)
+            except BaseException:
+                # the base step stands (as after a raising closure in torch); this window's
+                # hypergradient is dropped and the next window starts clean
+                self._abandon_window()
+                raise
+            self._hyper_step()
+        self._settle_versions()
         return loss
 
-    def _base_step(self, trainable, scales: list[float], kinds: tuple[str, ...]) -> StepRecord:
+    def _abandon_window(self) -> None:
+        self._window = self._contributions = 0
+        self._tape = []
+        for tk in self.tuned.values():
+            for acc in tk.accums:
+                acc.zero_()
+        self._settle_versions()
+
+    def _settle_versions(self) -> None:
+        """Once no recorded graph is kept, bump the version counters of the parameters written
+        through ``.data`` meanwhile, so stale graphs raise as after a torch.optim step."""
+        if self._unversioned and not any(isinstance(st.source, GraphSource) for st in self._tape):
+            for group in self.param_groups:
+                for p in group["params"]:
+                    torch.autograd.graph.increment_version(p)
+            self._unversioned = False
+
+    def _curvature_source(self, trainable, closure, rng, loss):
+        cfg = self.curvature
+        grads = [p.grad for _, _, p in trainable]
+        if not isinstance(cfg, FiniteDifferences) and any(g.grad_fn is not None for g in grads):
+            for _, _, p in trainable:       # we keep the graph; p.grad keeps the values
+                p.grad = p.grad.detach()
+            self._unversioned = True
+            return GraphSource(grads)
+        if cfg == "graph":
+            raise CurvatureError(
+                "curvature='graph' but p.grad carries no graph on a step the method records; "
+                "call loss.backward(create_graph=opt.needs_graph) before opt.step() (or use "
+                "curvature='auto' with a closure)")
+        if closure is None:
+            raise CurvatureError(missing_source_message(self.method.name))
+        config = cfg if isinstance(cfg, FiniteDifferences) else FiniteDifferences()
+        return ClosureSource(closure, rng, loss, self._step_calls, config)
+
+    def _base_step(self, trainable, scales: list[float], kinds: tuple[str, ...],
+                   source=None) -> StepRecord:
         """Run the rule on every parameter with a gradient; write results back in place.
 
         A NaN or inf anywhere in the gradients skips the whole step without a host sync:
         ``ok`` is a device scalar (1 or 0), the rule sees the gradient times ``ok`` (exactly
         ``g`` when finite, exactly 0 otherwise) and leaves everything as it was for ok=0.
+        With a curvature ``source`` the step is recorded on the tape first.  While a recorded
+        gradient graph is kept, parameters are written through ``p.data`` (see
+        :mod:`hyperopt_wrap.curvature`).
         """
         rule = self.rule
         grads = [p.grad for _, _, p in trainable]
@@ -422,6 +514,7 @@ class HyperOptimizer(torch.optim.Optimizer):
         values: dict[tuple, Tensor] = {}
         options = [rule.options(g) for g in self.param_groups]
         observed = []
+        taped = [] if source is not None else None
         for gi, pi, p in trainable:
             key = (p.device, p.dtype)
             ok = ok_as.get(key)
@@ -433,10 +526,20 @@ class HyperOptimizer(torch.optim.Optimizer):
             if not any(k != _BUFFERS for k in state):
                 state.update(rule.init_state(p, options[gi]))
             hyper = self._hyper_values(gi, pi, self.param_groups[gi], scales[gi], values)
-            tangents = rule.step_(p, grad, state, hyper, options[gi], kinds, ok, work)
+            if taped is not None:
+                taped.append(TapedParam(
+                    gi, pi, p, p.detach().clone(),
+                    {k: (v.detach().clone() if isinstance(v, Tensor) else v)
+                     for k, v in state.items() if k != _BUFFERS},
+                    grad.clone(), hyper, options[gi], scales[gi]))
+            target = p.data if self._unversioned else p
+            tangents = rule.step_(target, grad, state, hyper, options[gi], kinds, ok, work)
             if tangents is None:
-                tangents = self._step_out_of_place(p, grad, state, hyper, options[gi], kinds, ok)
+                tangents = self._step_out_of_place(target, grad, state, hyper, options[gi],
+                                                   kinds, ok)
             observed.append(ObservedParam(gi, pi, p, tangents))
+        if taped is not None:
+            self._tape.append(TapedStep(taped, source, finite))
         return StepRecord(observed, scales, finite)
 
     def _step_out_of_place(self, p, grad, state, hyper, options, kinds, ok) -> dict[str, Tensor]:
@@ -581,6 +684,9 @@ class HyperOptimizer(torch.optim.Optimizer):
         c = hyper["counters"]
         self._window, self._contributions = c["window"], c["contributions"]
         self._steps, self._hypersteps = c["steps"], c["hypersteps"]
+        if self._records_steps():
+            # recorded steps (graphs, closures) are not saved: the interrupted window restarts
+            self._abandon_window()
         self._skipped_hypersteps.copy_(hyper["skipped"][0])
         self._skipped_steps.copy_(hyper["skipped"][1])
         self._window_finite.copy_(hyper["skipped"][2])
@@ -588,7 +694,16 @@ class HyperOptimizer(torch.optim.Optimizer):
     def __getstate__(self) -> dict[str, Any]:
         # torch.optim.Optimizer pickles only defaults/state/param_groups; we need everything but
         # its hook dictionaries, which torch drops too (its __setstate__ recreates them)
-        return {k: v for k, v in self.__dict__.items() if not k.startswith("_optimizer_")}
+        state = {k: v for k, v in self.__dict__.items() if not k.startswith("_optimizer_")}
+        if state.get("_tape"):
+            # recorded steps hold graphs and closures, which cannot be copied: the copy
+            # restarts the current window
+            # (a second-order method's accumulators are empty between steps)
+            state.update(_tape=[], _window=0, _contributions=0)
+        return state
+
+    def _records_steps(self) -> bool:
+        return type(self.method).records_step is not HypergradientMethod.records_step
 
     def __repr__(self) -> str:
         return (f"HyperOptimizer({self.optimizer_cls.__name__}, method={self.method!r}, "

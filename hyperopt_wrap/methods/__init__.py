@@ -3,8 +3,11 @@ from __future__ import annotations
 
 from .base import HypergradientMethod, MetaGradient, ObservedParam, StepRecord
 from .greedy import Greedy
+from .implicit import Implicit
+from .unroll import Unroll
 
-METHODS: dict[str, type[HypergradientMethod]] = {"greedy": Greedy}
+METHODS: dict[str, type[HypergradientMethod]] = {"greedy": Greedy, "implicit": Implicit,
+                                                   "unroll": Unroll}
 
 
 def resolve_method(method) -> HypergradientMethod:
@@ -18,5 +21,5 @@ def resolve_method(method) -> HypergradientMethod:
                      "or pass an instance such as hyperopt_wrap.methods.Greedy()")
 
 
-__all__ = ["HypergradientMethod", "Greedy", "METHODS", "resolve_method", "MetaGradient",
+__all__ = ["HypergradientMethod", "Greedy", "Implicit", "Unroll", "METHODS", "resolve_method", "MetaGradient",
            "ObservedParam", "StepRecord"]

@@ -7,6 +7,8 @@ arguments) and no hidden running state: per-parameter buffers live in
 
 Each base step the optimizer
 
+0. asks ``records_step(opt, position)`` whether to record the step on ``opt.tape`` (methods that
+   differentiate through past steps: implicit, unroll);
 1. asks ``tangent_kinds(opt, ends_window)`` which hyperparameter tangents
    ``B = dPhi/dlam`` the step must produce (forward mode through the rule);
 2. runs the step and hands ``observe(opt, record)`` what it saw;
@@ -60,7 +62,17 @@ class MetaGradient:
 class HypergradientMethod:
     name = "method"
     default_update_every = 1
-    default_hyper_lr = 0.01
+    default_hyper_lr: "float | dict[str, float]" = 0.01
+    #: the method asks for Hessian-vector products (a gradient graph or a closure, see
+    #: :mod:`hyperopt_wrap.curvature`) on the steps it records
+    needs_curvature = False
+
+    def records_step(self, opt: "HyperOptimizer", position: int) -> bool:
+        """Whether the base step at ``position`` (0-based) in the window is recorded on
+        ``opt.tape`` (weights, state, gradient and curvature source before the update) for a
+        later reverse pass.  A method that records steps reads them in :meth:`hypergradient`
+        once ``opt.window_complete`` and then calls ``opt.release_tape()``."""
+        return False
 
     def bind(self, opt: "HyperOptimizer") -> None:
         """Check that the method can serve this optimizer; raise otherwise."""

@@ -1,0 +1,237 @@
+"""Hessian-vector products of the training loss at a recorded step, from one of two sources.
+
+Second-order methods need ``u -> H_t u``: the Hessian of the minibatch loss at the weights
+``w_t`` and on the minibatch ``B_t`` of a step ``t`` that already happened (the parameters have
+moved on since).  The optimizer never sees the model, only what the user hands ``step()``, so
+there are two sources:
+
+**graph** -- the user ran ``loss.backward(create_graph=opt.needs_graph)`` (or a closure that does
+so).  ``p.grad`` then carries the graph of ``g_t(w)``, and ``H_t u`` is one double backward,
+exact.  While such a graph is kept, ``step()`` writes the parameters through ``p.data`` (which
+does not bump autograd's version counter); a product first puts ``w_t`` back into the
+parameters bit-exactly, so every tensor the graph saved holds its step-``t`` value again, and
+afterwards restores the current weights.  When the method releases the graphs the version
+counters are bumped, so any later use of the old graphs raises as it would after a
+``torch.optim`` step.  ``p.grad`` is replaced by a detached tensor with the same values (the
+method holds the graph), which also breaks the ``p -> p.grad -> graph -> p`` reference cycle
+torch warns about.
+
+**closure** -- the standard closure protocol (``closure()`` zeroes the gradients, runs forward
+and backward and returns the loss, as for ``torch.optim.LBFGS``).  ``H_t u`` is a finite
+difference of gradients, re-calling the step's closure at perturbed weights::
+
+    forward:  (g(w_t + eps u) - g_t) / eps                      1 gradient per product
+    central:  (g(w_t + eps u) - g(w_t - eps u)) / (2 eps)       2 gradients per product
+
+    eps = rel_eps * (1 + ||w_t||) / ||u||     (norms over all parameters of the step)
+
+with ``rel_eps`` = sqrt(machine epsilon) for forward and its cube root for central differences
+(the usual balance of truncation against round-off: float32 3.5e-4 / 4.9e-3, float64 1.5e-8 /
+6.1e-6).  The replay forks torch's RNG and restores the state the step's closure started from,
+so dropout draws the same masks; the weights and ``p.grad`` are restored bit-exactly
+afterwards, and with ``model=`` the module's buffers (BatchNorm running statistics) too.
+A closure recorded in an earlier ``step()`` call must bind its own batch (a plain closure
+captures loop variables by reference and would replay the *current* batch): the first such
+replay checks that the closure reproduces the recorded loss at the recorded weights and
+raises if not.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = ["FiniteDifferences", "resolve_curvature", "GraphSource", "ClosureSource",
+           "CurvatureError"]
+
+
+class CurvatureError(RuntimeError):
+    """A second-order method found no way to compute Hessian-vector products."""
+
+
+@dataclass(frozen=True)
+class FiniteDifferences:
+    """Hessian-vector products by finite differences through the step's closure.
+
+    Args:
+        central: central differences (2 gradients per product, error O(eps^2)) instead of
+            forward differences (1 gradient, error O(eps)).
+        rel_eps: the relative step; default sqrt(machine eps) (forward) or its cube root
+            (central) of the parameters' dtype.
+        model: optional ``nn.Module`` whose buffers (e.g. BatchNorm running statistics) are
+            saved before replaying closures and restored afterwards.
+    """
+    central: bool = False
+    rel_eps: float | None = None
+    model: Any = None
+
+    def __post_init__(self):
+        if self.rel_eps is not None and not (isinstance(self.rel_eps, (int, float))
+                                             and 0 < self.rel_eps < 1):
+            raise ValueError(f"rel_eps must be a number in (0, 1), got {self.rel_eps!r}; "
+                             "e.g. FiniteDifferences(rel_eps=1e-3), or leave it None")
+        if self.model is not None and not isinstance(self.model, torch.nn.Module):
+            raise TypeError(f"model= must be the torch.nn.Module whose buffers to protect, got "
+                            f"{type(self.model).__name__}")
+
+    def eps_for(self, dtype: torch.dtype) -> float:
+        if self.rel_eps is not None:
+            return float(self.rel_eps)
+        e = torch.finfo(dtype).eps
+        return e ** (1 / 3) if self.central else e ** 0.5
+
+
+def resolve_curvature(curvature) -> str | FiniteDifferences:
+    """``"auto"`` (the graph when ``p.grad`` has one, else the closure with forward
+    differences), ``"graph"``, ``"closure"`` or a :class:`FiniteDifferences`."""
+    if isinstance(curvature, FiniteDifferences) or curvature in ("auto", "graph"):
+        return curvature
+    if curvature == "closure":
+        return FiniteDifferences()
+    raise ValueError(f"unknown curvature={curvature!r}; use 'auto', 'graph', 'closure' or "
+                     "hyperopt_wrap.FiniteDifferences(central=True, model=model)")
+
+
+def missing_source_message(method_name: str) -> str:
+    return (f"method {method_name!r} needs Hessian-vector products of the training loss at this "
+            "step, and step() got neither a gradient graph nor a closure. Either keep the graph "
+            "on the steps that need it:\n\n"
+            "    loss = loss_fn(model(x), y)\n"
+            "    loss.backward(create_graph=opt.needs_graph)\n"
+            "    opt.step()\n\n"
+            "or pass a closure that binds its batch (it may be re-run on this batch later):\n\n"
+            "    def closure(x=x, y=y):\n"
+            "        opt.zero_grad()\n"
+            "        loss = loss_fn(model(x), y)\n"
+            "        loss.backward()\n"
+            "        return loss\n"
+            "    opt.step(closure)")
+
+
+def capture_rng(devices: Sequence[torch.device]) -> dict:
+    """torch's RNG state as it is now (CPU and the given CUDA devices)."""
+    state = {"cpu": torch.get_rng_state()}
+    for dev in devices:
+        if dev.type == "cuda":
+            state[dev] = torch.cuda.get_rng_state(dev)
+    return state
+
+
+@contextlib.contextmanager
+def replaying_rng(state: dict):
+    """Run with torch's RNG set to ``state``; the outer RNG stream is left as it was."""
+    cuda = [d for d in state if d != "cpu"]
+    with torch.random.fork_rng(devices=cuda, device_type="cuda"):
+        torch.set_rng_state(state["cpu"])
+        for dev in cuda:
+            torch.cuda.set_rng_state(state[dev], dev)
+        yield
+
+
+class GraphSource:
+    """Exact products from the double-backward graph of the step's gradients."""
+    kind = "graph"
+
+    def __init__(self, grads: list[Tensor]):
+        self.grads = grads      # p.grad of the step, with its graph (None where p had none)
+
+    def hvp(self, params: list[Tensor], us: list[Tensor], **_) -> list[Tensor]:
+        outs, vecs = [], []
+        for g, u in zip(self.grads, us):
+            if g is not None and g.requires_grad:
+                outs.append(g)
+                vecs.append(u)
+        if not outs:
+            return [torch.zeros_like(p) for p in params]
+        with torch.enable_grad():
+            hv = torch.autograd.grad(outs, params, vecs, retain_graph=True, allow_unused=True)
+        return [torch.zeros_like(p) if h is None else h for p, h in zip(params, hv)]
+
+
+class ClosureSource:
+    """Finite-difference products through the step's closure."""
+    kind = "closure"
+
+    def __init__(self, closure: Callable[[], Any], rng: dict, loss: Any, call: int,
+                 config: FiniteDifferences):
+        self.closure = closure
+        self.rng = rng
+        self.loss = loss.detach().clone() if isinstance(loss, Tensor) else loss
+        self.call = call          # the step() call that recorded it
+        self.config = config
+
+    def gradient(self, params: list[Tensor]) -> tuple[list[Tensor], Any]:
+        """Call the closure (RNG as recorded) at the parameters' current values; its gradient."""
+        for p in params:
+            p.grad = None
+        with replaying_rng(self.rng), torch.enable_grad():
+            loss = self.closure()
+        grads = [torch.zeros_like(p) if p.grad is None else p.grad.detach() for p in params]
+        for p in params:
+            p.grad = None
+        return grads, loss
+
+    def check_binding(self, params: list[Tensor], weights: list[Tensor]) -> None:
+        """The closure, re-run at the recorded weights, must give the recorded loss."""
+        for p, w in zip(params, weights):
+            p.data.copy_(w)
+        _, loss = self.gradient(params)
+        if not isinstance(self.loss, Tensor) or not isinstance(loss, Tensor):
+            raise CurvatureError("the closure must return the loss (a tensor) so that its replay "
+                                 "can be checked; end it with `return loss`")
+        if not torch.allclose(loss.detach().to(self.loss.dtype), self.loss, rtol=1e-5, atol=0):
+            raise CurvatureError(
+                f"replaying an earlier step's closure at that step's weights gave loss "
+                f"{float(loss):.8g}, but the step recorded {float(self.loss):.8g}: the closure "
+                "does not reproduce its own minibatch. A closure defined in the loop captures "
+                "`x, y` by reference and sees the newest batch; bind the batch instead:\n\n"
+                "    def closure(x=x, y=y): ...        # or functools.partial(closure, x, y)\n\n"
+                "and draw any randomness (augmentation, dropout) from torch's RNG, which the "
+                "replay restores. Or keep the graph instead: "
+                "loss.backward(create_graph=opt.needs_graph).")
+
+    def hvp(self, params: list[Tensor], us: list[Tensor], *, weights: list[Tensor],
+            grads: list[Tensor]) -> list[Tensor]:
+        """``H u`` at ``weights`` (the step's), ``grads`` its recorded gradient.  Leaves the
+        parameters perturbed; the caller restores them."""
+        cfg = self.config
+        rel = cfg.eps_for(params[0].dtype)
+        unorm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(u) for u in us]))
+        wnorm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(w)
+                                                      for w in weights]))
+        # eps = rel (1 + |w|) / |u|; u = 0 gives H u = 0 without dividing by zero
+        eps = torch.where(unorm > 0, rel * (1 + wnorm) / unorm.clamp_min(1e-30),
+                          torch.zeros_like(unorm))
+        inv = torch.where(unorm > 0, 1 / eps.clamp_min(1e-30), torch.zeros_like(unorm))
+        for p, w, u in zip(params, weights, us):
+            p.data.copy_(w).add_(u * eps.to(u.dtype))
+        plus, _ = self.gradient(params)
+        if cfg.central:
+            for p, w, u in zip(params, weights, us):
+                p.data.copy_(w).sub_(u * eps.to(u.dtype))
+            minus, _ = self.gradient(params)
+            return [(a - b).mul_(inv.to(a.dtype) / 2) for a, b in zip(plus, minus)]
+        return [(a - g).mul_(inv.to(a.dtype)) for a, g in zip(plus, grads)]
+
+
+class BufferGuard:
+    """Saves a module's buffers and puts them back (closure replays run the model forward)."""
+
+    def __init__(self, model):
+        self.model = model
+        self.saved = None
+
+    def __enter__(self):
+        if self.model is not None:
+            self.saved = [(b, b.detach().clone()) for b in self.model.buffers()]
+        return self
+
+    def __exit__(self, *exc):
+        if self.saved:
+            with torch.no_grad():
+                for b, old in self.saved:
+                    b.copy_(old)
+        return False
