@@ -74,7 +74,8 @@ class Implicit(HypergradientMethod):
                 for _ in range(self.neumann_terms - 1):
                     res = graph.vjp(a_w, a_s, inputs=True, hyper=False)
                     hv = replay.hvp(step, [r[1] for r in res])
-                    a_w = [r[0].add_(h) for r, h in zip(res, hv)]
+                    # not in place: autograd may hand back a cotangent itself
+                    a_w = [r[0] + h for r, h in zip(res, hv)]
                     for i, a in enumerate(a_w):
                         acc_w[i] = a.clone() if acc_w[i] is None else acc_w[i].add_(a)
                     if self.include_state:

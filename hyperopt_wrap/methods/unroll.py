@@ -74,7 +74,7 @@ class Unroll(HypergradientMethod):
                 if not oldest:
                     hv = replay.hvp(step, [r[1] for r in res])
                     for i, r, h in zip(ids, res, hv):
-                        a_w[i] = r[0].add_(h)
+                        a_w[i] = r[0] + h     # not in place: autograd may hand back a cotangent
                         a_s[i] = r[2]
         opt.release_tape()
         return 1
