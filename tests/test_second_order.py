@@ -29,8 +29,7 @@ from cases import GRANULARITIES
 from problems import DTYPE, PROBLEMS, flat, mlp, rel_err
 from training import KEY_CASES, OTHER_CASES, Training, _assert_close, _case, _errors
 
-from hyperopt_wrap import (CurvatureError, FiniteDifferences, Greedy, HyperOptimizer, Implicit,
-                           Unroll)
+from hyperopt_wrap import FiniteDifferences, Greedy, HyperOptimizer, Implicit, Unroll
 from hyperopt_wrap.rules import get_rule
 
 K, T = 3, 4                    # unroll horizon and window in the reference comparisons
