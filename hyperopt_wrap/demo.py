@@ -108,7 +108,8 @@ class _Trainer:
             idx = self.batches[i]
             opt.zero_grad()
             loss = loss_fn(model(data.x_train[idx]), data.y_train[idx])
-            loss.backward()
+            # the graph is built only on steps a second-order method records
+            loss.backward(create_graph=getattr(opt, "needs_graph", False))
             opt.step()
         self.run.seconds += time.perf_counter() - start
         self.run.steps_done += n
@@ -138,7 +139,7 @@ class _Trainer:
 
 def build_runs(args) -> list[tuple[Run, dict]]:
     """The configurations to compare: (run, optimizer settings)."""
-    hyper = {"method": "greedy", "tune": ("lr",), "granularity": "global"}
+    hyper = {"method": args.method, "tune": ("lr",), "granularity": "global"}
     if args.hyper_lr is not None:
         hyper["hyper_lr"] = args.hyper_lr
     # lr is tuned in log space and clamped to bounds; the default upper bound (1.0) would
@@ -273,6 +274,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="learning rate of the plain-SGD reference run")
     p.add_argument("--large-lr", type=float, default=DEFAULTS["large_lr"],
                    help="the too-large initial learning rate")
+    p.add_argument("--method", choices=("greedy", "implicit", "unroll"), default="greedy",
+                   help="the hypergradient method (default greedy; implicit and unroll take "
+                        "their curvature from the gradient graph on the steps they record)")
     p.add_argument("--hyper-lr", type=float, default=None,
                    help="HyperOptimizer's hyper_lr (default: the method's own)")
     p.add_argument("--batch-size", type=int, default=DEFAULTS["batch_size"])
@@ -312,7 +316,7 @@ def main(argv: Sequence[str] | None = None) -> list[Run]:
               f"SGD momentum 0.9; batch {args.batch_size}; {args.steps} steps; seed {args.seed}; "
               f"torch {torch.__version__}, {args.threads} thread(s)")
         hyper_lr = "method default" if args.hyper_lr is None else f"{args.hyper_lr:g}"
-        print(f"Hyper = HyperOptimizer(torch.optim.SGD, method='greedy', tune=('lr',), "
+        print(f"Hyper = HyperOptimizer(torch.optim.SGD, method={args.method!r}, tune=('lr',), "
               f"granularity='global', hyper_lr={hyper_lr}); meta-objective: next minibatch loss")
         runs = train_all(args, data)
         print()
