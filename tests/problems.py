@@ -8,6 +8,7 @@ dtype, so a float32 leak inside the library would show up as a precision loss.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Callable
 
@@ -167,3 +168,27 @@ class SignRule(UpdateRule):
 
     def update(self, param, grad, state, hyper, options):
         return param - hyper["lr"] * grad.sign(), {}
+
+
+@contextlib.contextmanager
+def forbid_host_sync(monkeypatch, allowed: set[int] = frozenset()):
+    """Inside the block, reading any tensor's value on the host (``.item()``, ``bool()``,
+    ``.cpu()``, ...) raises, except for the tensors whose ``id`` is in ``allowed``; a raise that
+    the code under test swallowed still fails at the end of the block."""
+    calls = []
+
+    def guard(name):
+        original = getattr(Tensor, name)
+
+        def wrapped(self, *a, **k):
+            if id(self) not in allowed:
+                calls.append(name)
+                raise AssertionError(f"host synchronisation: Tensor.{name} inside step()")
+            return original(self, *a, **k)
+        return wrapped
+
+    with monkeypatch.context() as mp:
+        for name in ("item", "tolist", "__bool__", "__float__", "__int__", "cpu", "numpy"):
+            mp.setattr(Tensor, name, guard(name))
+        yield
+    assert not calls, f"host synchronisation inside step(): {calls}"

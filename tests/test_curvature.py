@@ -17,6 +17,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from problems import forbid_host_sync
+
 from hyperopt_wrap import CurvatureError, FiniteDifferences, HyperOptimizer, Implicit, Unroll
 
 DT = torch.float64
@@ -287,3 +289,25 @@ def test_defaults_are_the_authors():
     assert lrs["lr"] == pytest.approx(0.05 * 2.302585092994046) and lrs["momentum"] == 0.05
     un = HyperOptimizer(torch.optim.SGD, _model().parameters(), method="unroll", lr=0.1)
     assert un.method.horizon == 5 and un.update_every == 10
+
+
+@pytest.mark.parametrize("source", ["graph", "closure"])
+@pytest.mark.parametrize("method", [Implicit(3), Unroll(3)], ids=repr)
+def test_second_order_steps_make_no_host_synchronisation(monkeypatch, method, source):
+    """Recording, replaying and the hyper-step decide on the device.  The one exception is
+    the check, at the first replay of an earlier step's closure, that the closure binds its
+    batch (one comparison in the run), so the guarded steps come after it."""
+    model, opt = _train(method, source, steps=8)       # two windows: the check has run
+    assert opt.hypersteps >= 1
+    x, y = _data()
+    allowed = set()
+    for xb, yb in _batches(x, y)[:8]:
+        allowed |= {id(s["step"]) for s in opt.hyper_optimizer.state.values() if "step" in s}
+        with forbid_host_sync(monkeypatch, allowed):
+            if source == "graph":
+                opt.zero_grad()
+                F.cross_entropy(model(xb), yb).backward(create_graph=opt.needs_graph)
+                opt.step()
+            else:
+                opt.step(functools.partial(_closure, opt, model, xb, yb))
+    assert opt.hypersteps >= 3
