@@ -1,29 +1,34 @@
 """Cost of one full training step (zero_grad, forward, backward, opt.step) with HyperOptimizer
-against the torch.optim optimizer it wraps: MLP 784-256-10, batch 128, float32.
+against the torch.optim optimizer it wraps: MLP 784-256-10, batch 128, and CNN 1-8-16, batch 64,
+float32.
 
-Each base optimizer and width is one benchmark group, so pytest-benchmark's relative column
-(the number in brackets) reads directly as the ratio to the fastest case, vanilla.  For
+Each base optimizer and network is one benchmark group, so pytest-benchmark's relative column
+(the number in brackets) reads as the ratio to the fastest case, vanilla (the closure variants'
+reference is "vanilla closure", in the same group).  Iterations per round are rounded up to
+whole windows, since a second-order method's cost lands at the end of each window.  For
 interleaved measurements, memory and a markdown report run ``python benchmarks/summary.py``.
 """
 from __future__ import annotations
 
 import pytest
 
-from conftest import ITERATIONS, ROUNDS, THREADS, WIDTHS
-from summary import all_cases, build_case, optimizer_state_bytes
+from conftest import CNN_WIDTHS, ITERATIONS, ROUNDS, THREADS, WIDTHS
+from summary import all_cases, build_case, make_nets, optimizer_state_bytes
 
-CASES = all_cases(WIDTHS)
+CASES = all_cases(make_nets(WIDTHS, CNN_WIDTHS))
 
 
+@pytest.mark.filterwarnings("ignore:Using backward\\(\\) with create_graph=True")
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 def test_step(benchmark, case):
     built = build_case(case)
     for _ in range(10):           # lazily created state, allocator caches, first hyper-steps
         built.step()
     benchmark.group = case.group
-    benchmark.extra_info.update({"base": case.base, "variant": case.variant, "width": case.width,
-                                 "threads": THREADS,
+    benchmark.extra_info.update({"base": case.base, "variant": case.variant,
+                                 "net": case.net.label, "threads": THREADS,
                                  "state_bytes": optimizer_state_bytes(built.opt)})
-    benchmark.pedantic(built.step, rounds=ROUNDS, iterations=ITERATIONS, warmup_rounds=1)
+    benchmark.pedantic(built.step, rounds=ROUNDS, iterations=built.whole_windows(ITERATIONS),
+                       warmup_rounds=1)
     loss = built.step().detach()
     assert loss.isfinite(), f"{case.id}: training diverged during the benchmark (loss {loss})"

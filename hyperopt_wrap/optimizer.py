@@ -175,6 +175,7 @@ class HyperOptimizer(torch.optim.Optimizer):
         self._workspace: dict[Tensor, dict[str, Tensor]] = {}   # per-parameter scratch buffers
         self._window = 0          # base steps since the last hyper-step
         self._tape: list[TapedStep] = []   # steps recorded for a second-order method
+        self._tape_buffers: list[dict] = []  # per tape position and parameter: snapshot buffers
         self._step_calls = 0
         self._replay_checked = False   # an old step's closure was checked to bind its batch
         self._unversioned = False      # params written through .data while a graph is kept
@@ -527,11 +528,8 @@ class HyperOptimizer(torch.optim.Optimizer):
                 state.update(rule.init_state(p, options[gi]))
             hyper = self._hyper_values(gi, pi, self.param_groups[gi], scales[gi], values)
             if taped is not None:
-                taped.append(TapedParam(
-                    gi, pi, p, p.detach().clone(),
-                    {k: (v.detach().clone() if isinstance(v, Tensor) else v)
-                     for k, v in state.items() if k != _BUFFERS},
-                    grad.clone(), hyper, options[gi], scales[gi]))
+                taped.append(self._snapshot(gi, pi, p, grad, state, hyper, options[gi],
+                                            scales[gi]))
             target = p.data if self._unversioned else p
             tangents = rule.step_(target, grad, state, hyper, options[gi], kinds, ok, work)
             if tangents is None:
@@ -541,6 +539,18 @@ class HyperOptimizer(torch.optim.Optimizer):
         if taped is not None:
             self._tape.append(TapedStep(taped, source, finite))
         return StepRecord(observed, scales, finite)
+
+    def _snapshot(self, gi, pi, p, grad, state, hyper, options, scale) -> TapedParam:
+        """Copies of what step ``len(tape)`` of the window reads, in buffers reused from window
+        to window (a released tape's buffers are free again): no allocation per step."""
+        pos = len(self._tape)
+        while len(self._tape_buffers) <= pos:
+            self._tape_buffers.append({})
+        bufs = self._tape_buffers[pos].setdefault(p, {})
+        copies = {k: (scratch(bufs, "state." + k, v).copy_(v) if isinstance(v, Tensor) else v)
+                  for k, v in state.items() if k != _BUFFERS}
+        return TapedParam(gi, pi, p, scratch(bufs, "weights", p).copy_(p), copies,
+                          scratch(bufs, "grad", p).copy_(grad), hyper, options, scale)
 
     def _step_out_of_place(self, p, grad, state, hyper, options, kinds, ok) -> dict[str, Tensor]:
         """For rules without ``step_``: run ``update_with_tangents`` and write the results back
@@ -700,6 +710,7 @@ class HyperOptimizer(torch.optim.Optimizer):
             # restarts the current window
             # (a second-order method's accumulators are empty between steps)
             state.update(_tape=[], _window=0, _contributions=0)
+        state["_tape_buffers"] = []     # scratch, recreated on demand
         return state
 
     def _records_steps(self) -> bool:

@@ -65,33 +65,51 @@ def test_demo_rejects_bad_arguments():
 
 def test_summary_measures_and_writes_markdown(tmp_path, capsys):
     summary = _load_summary()
-    results = summary.measure(widths=(8,), rounds=1, steps=2, warmup=1, memory=True)
-    cases = {(r["base"], r["variant"]) for r in results}
-    assert cases == {(b, v) for b in summary.BASES for v in summary.VARIANTS}
+    mlp = summary.Net("mlp", 8)
+    results = summary.measure([mlp], rounds=1, steps=2, warmup=1, bases=["SGD"], memory=True)
+    by_key = {(r["base"], r["variant"]): r for r in results}
+    assert set(by_key) == {("SGD", v) for v in summary.VARIANTS}
+    assert len(results) == len(by_key) and {r["net"] for r in results} == {mlp.label}
     for r in results:
         assert r["median_s"] > 0 and math.isfinite(r["ratio"]) and r["ratio"] > 0, r
         assert math.isfinite(r["final_loss"]), r
-        assert r["state_bytes"] > 0, r
-        if r["variant"] == "vanilla":
+        assert r["state_bytes"] > 0 and r["step_peak_bytes"] > 0, r
+        reference = by_key[(r["base"], r["reference"])]
+        if r["variant"] == r["reference"]:
             assert r["ratio"] == 1.0
-        elif r["variant"].startswith("greedy"):
-            vanilla = next(v for v in results if v["base"] == r["base"] and v["variant"] == "vanilla")
-            assert r["state_bytes"] > vanilla["state_bytes"], r   # tuned values, tangents ...
+        elif r["variant"].startswith(("greedy", "implicit", "unroll")):
+            assert r["state_bytes"] > reference["state_bytes"], r   # tuned values, tangents ...
+        if r["variant"].startswith(("implicit", "unroll")):
+            # closure steps are compared with closure steps; a window's recorded steps (and
+            # kept graphs) show in its peak
+            closure = r["variant"].endswith("closure")
+            assert r["reference"] == ("vanilla closure" if closure else "vanilla"), r
+            assert r["step_peak_bytes"] > reference["step_peak_bytes"], r
     out = tmp_path / "RESULTS.md"
-    summary.main(["--widths", "8", "--rounds", "1", "--steps", "2", "--warmup", "1",
-                  "--no-memory", "--bases", "SGD", "--out", str(out)])
+    variants = ["implicit graph", "unroll closure"]
+    summary.main(["--widths", "8", "--cnn-widths", "2", "--rounds", "1", "--steps", "2",
+                  "--warmup", "1", "--no-memory", "--variants", *variants, "--out", str(out)])
     text = out.read_text()
     assert text == capsys.readouterr().out.split("written to")[0].rstrip("\n") + "\n"
-    rows = [r for r in _table_rows(text) if r[0] == "8"]
-    assert [r[2] for r in rows] == list(summary.VARIANTS)
-    for row in rows:
-        assert float(row[3]) > 0 and math.isfinite(float(row[3])), row
-        assert re.fullmatch(r"\d+\.\d\dx", row[4]) and re.fullmatch(r"\d+\.\d\dx", row[5]), row
-    assert "torch" in text and "CPU:" in text and "Ratio to vanilla by width" in text
+    for net in (mlp, summary.Net("cnn", 2)):
+        rows = [r for r in _table_rows(text) if r[0] == net.label]
+        # every base, and the references of the ratios are measured too
+        assert [r[1:3] for r in rows] == [[b, v] for b in summary.BASES
+                                          for v in ("vanilla", "vanilla closure", *variants)]
+        for row in rows:
+            assert float(row[4]) > 0 and math.isfinite(float(row[4])), row
+            assert re.fullmatch(r"\d+\.\d\dx", row[5]) and re.fullmatch(r"\d+\.\d\dx", row[6]), row
+    assert "torch" in text and "CPU:" in text and "Ratio to the reference by network" in text
+    assert all(f"Target {v} <= " in text for v in variants)
 
 
 def test_summary_profile_attributes_step_time_to_library_functions():
     summary = _load_summary()
-    text = summary.profile_step(summary.Case("SGD", "greedy global lr", 8), steps=2)
+    mlp = summary.Net("mlp", 8)
+    text = summary.profile_step(summary.Case("SGD", "greedy global lr", mlp), steps=2)
     assert "opt.step total" in text
     assert "hyperopt_wrap/optimizer.py" in text, text
+    # a closure step: the closure's forward/backward is the model's, not the optimizer's
+    text = summary.profile_step(summary.Case("SGD", "vanilla closure", mlp), steps=2)
+    closure_us = re.search(r"step's closure ops: +(\d+) us", text)
+    assert closure_us and int(closure_us.group(1)) > 0, text

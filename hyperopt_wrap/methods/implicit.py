@@ -30,6 +30,8 @@ from __future__ import annotations
 
 import math
 
+import torch
+
 from ..tape import Replay, StepGraph, add_hypergradient, meta_cotangents
 from .base import HypergradientMethod, MetaGradient, StepRecord
 
@@ -65,26 +67,46 @@ class Implicit(HypergradientMethod):
         v = meta_cotangents(meta_grads)
         ids = [id(item.param) for item in step.params]
         a_w = [v.get(i) for i in ids]
-        a_s = [{} for _ in ids] if self.include_state else None
         acc_w = [None if a is None else a.clone() for a in a_w]
         acc_s = [{} for _ in ids] if self.include_state else None
         graph = StepGraph(opt, step, with_state=self.include_state)
         if self.neumann_terms > 1:
             with Replay(opt, [step]) as replay:
-                for _ in range(self.neumann_terms - 1):
-                    res = graph.vjp(a_w, a_s, inputs=True, hyper=False)
-                    hv = replay.hvp(step, [r[1] for r in res])
-                    # not in place: autograd may hand back a cotangent itself
-                    a_w = [r[0] + h for r, h in zip(res, hv)]
-                    for i, a in enumerate(a_w):
-                        acc_w[i] = a.clone() if acc_w[i] is None else acc_w[i].add_(a)
-                    if self.include_state:
-                        a_s = [r[2] for r in res]
-                        for acc, new in zip(acc_s, a_s):
-                            for name, a in new.items():
-                                acc[name] = a.clone() if name not in acc else acc[name].add_(a)
+                if self.include_state:
+                    self._series_with_state(graph, replay, step, a_w, acc_w, acc_s)
+                else:
+                    self._series(graph, replay, step, a_w, acc_w)
         res = graph.vjp(acc_w, acc_s, inputs=False, hyper=True)
         add_hypergradient(opt, step, [r[3] for r in res])
         opt.mark_window(step.finite)
         opt.release_tape()
         return 1
+
+    def _series(self, graph, replay, step, a_w, acc_w) -> None:
+        """State held constant: ``a A = a D_w + H (a D_g)`` with ``D_w = dPhi/dw`` and
+        ``D_g = dPhi/dg`` diagonal (rules are elementwise), read off once by a product with
+        ones; each further term is two multiplies and one Hessian-vector product."""
+        ones = [torch.ones_like(item.weights) for item in step.params]
+        diag = graph.vjp(ones, None, inputs=True, hyper=False)
+        d_w, d_g = [r[0] for r in diag], [r[1] for r in diag]
+        a_w = [torch.zeros_like(o) if a is None else a for a, o in zip(a_w, ones)]
+        for _ in range(self.neumann_terms - 1):
+            hv = replay.hvp(step, [a * d for a, d in zip(a_w, d_g)])
+            a_w = [torch.addcmul(h, a, d) for a, d, h in zip(a_w, d_w, hv)]
+            for i, a in enumerate(a_w):
+                acc_w[i] = a.clone() if acc_w[i] is None else acc_w[i].add_(a)
+
+    def _series_with_state(self, graph, replay, step, a_w, acc_w, acc_s) -> None:
+        """State in the fixed point: ``(a_w, a_s) A`` by reverse products through the rule."""
+        a_s = [{} for _ in a_w]
+        for _ in range(self.neumann_terms - 1):
+            res = graph.vjp(a_w, a_s, inputs=True, hyper=False)
+            hv = replay.hvp(step, [r[1] for r in res])
+            # not in place: autograd may hand back a cotangent itself
+            a_w = [r[0] + h for r, h in zip(res, hv)]
+            a_s = [r[2] for r in res]
+            for i, a in enumerate(a_w):
+                acc_w[i] = a.clone() if acc_w[i] is None else acc_w[i].add_(a)
+            for acc, new in zip(acc_s, a_s):
+                for name, a in new.items():
+                    acc[name] = a.clone() if name not in acc else acc[name].add_(a)
