@@ -58,6 +58,16 @@ def test_demo_quick_prints_a_table_of_finite_numbers(capsys):
     assert "wall time" in out
 
 
+@pytest.mark.parametrize("method", ["implicit", "unroll"])
+def test_demo_runs_the_second_order_methods(method, capsys):
+    """The demo's loop asks for the graph with opt.needs_graph; 30 steps are 3 windows."""
+    runs = demo.main(["--quick", "--no-context", "--steps", "30", "--eval-every", "10",
+                      "--method", method])
+    assert f"method={method!r}" in capsys.readouterr().out
+    tuned = next(run for run in runs if run.tuned)
+    assert tuned.final["lr"] != tuned.lr0 and math.isfinite(tuned.final["test_loss"])
+
+
 def test_demo_rejects_bad_arguments():
     with pytest.raises(SystemExit):
         demo.main(["--steps", "0"])
