@@ -18,7 +18,7 @@ so ``A`` and ``B`` are derived from the rule itself (Adam's included), never han
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -48,7 +48,6 @@ class TapedStep:
     params: list[TapedParam]
     source: GraphSource | ClosureSource
     finite: Tensor
-    extra: dict = field(default_factory=dict)
 
 
 def _differentiable_state(name: str, value: Any, like: Tensor) -> bool:
@@ -60,8 +59,6 @@ class StepGraph:
     """``Phi`` of one recorded step as an autograd graph; products reuse it."""
 
     def __init__(self, opt: "HyperOptimizer", step: TapedStep, with_state: bool):
-        self.step = step
-        self.opt = opt
         self.w, self.g, self.s, self.lam = [], [], [], []
         self.w_new, self.s_new = [], []
         rule = opt.rule

@@ -34,7 +34,7 @@ import torch
 
 from cases import CASES, GRANULARITIES, OptimizerCase
 from problems import DTYPE, PROBLEMS, flat, mlp, objective, rel_err
-from training import (KEY_CASES, OTHER_CASES, Training, _assert_close, _case, _groups,
+from training import (CASE_GRID, KEY_CASES, Training, _assert_close, _case, _groups,
                       _in_raw_units, _mean)
 
 from hyperopt_wrap.reference import unrolled_hypergradient
@@ -47,18 +47,8 @@ FD_STEP = 1e-3                 # relative step of the five-point stencil (error 
 MIN_HORIZON_GAP = 1e-6         # horizon-K reference vs greedy / first-order values
 
 
-# Key cases: every problem x granularity.  The other cases: the MLP, one granularity each,
-# rotating so that every rule meets every granularity somewhere.
-GREEDY_PARAMS = (
-    [pytest.param(c.id, p, g, id=f"{c.id}-{p}-{g}")
-     for c in KEY_CASES for p in PROBLEMS for g in GRANULARITIES]
-    + [pytest.param(c.id, "mlp", GRANULARITIES[i % 4], id=f"{c.id}-mlp-{GRANULARITIES[i % 4]}")
-       for i, c in enumerate(OTHER_CASES)])
-
-
-
 # ---------------------------------------------------------------------------- greedy = reference
-@pytest.mark.parametrize("case_id,problem,granularity", GREEDY_PARAMS)
+@pytest.mark.parametrize("case_id,problem,granularity", CASE_GRID)
 def test_greedy_equals_reference_next_batch_objective(case_id, problem, granularity):
     """(a) E = training objective on the next batch; compared after the next step."""
     run = Training(_case(case_id), PROBLEMS[problem](), granularity)
@@ -73,7 +63,7 @@ def test_greedy_equals_reference_next_batch_objective(case_id, problem, granular
                   f"greedy vs horizon-1 reference, next-batch E, step {t}")
 
 
-@pytest.mark.parametrize("case_id,problem,granularity", GREEDY_PARAMS)
+@pytest.mark.parametrize("case_id,problem,granularity", CASE_GRID)
 def test_greedy_equals_reference_validation_objective(case_id, problem, granularity):
     """(b) E = fixed validation objective; the hyper-step runs at the end of step t."""
     run = Training(_case(case_id), PROBLEMS[problem](), granularity,

@@ -25,9 +25,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cases import GRANULARITIES
 from problems import DTYPE, PROBLEMS, flat, mlp, rel_err
-from training import KEY_CASES, OTHER_CASES, Training, _assert_close, _case, _errors
+from training import CASE_GRID, Training, _assert_close, _case, _errors
 
 from hyperopt_wrap import FiniteDifferences, Greedy, HyperOptimizer, Implicit, Unroll
 from hyperopt_wrap.rules import get_rule
@@ -97,14 +96,7 @@ def _unroll_run(case, problem, granularity, mode, source="graph", horizon=K, **k
     return run
 
 
-UNROLL_PARAMS = (
-    [pytest.param(c.id, p, g, id=f"{c.id}-{p}-{g}")
-     for c in KEY_CASES for p in PROBLEMS for g in GRANULARITIES]
-    + [pytest.param(c.id, "mlp", GRANULARITIES[i % 4], id=f"{c.id}-mlp-{GRANULARITIES[i % 4]}")
-       for i, c in enumerate(OTHER_CASES)])
-
-
-@pytest.mark.parametrize("case_id,problem,granularity", UNROLL_PARAMS)
+@pytest.mark.parametrize("case_id,problem,granularity", CASE_GRID)
 @pytest.mark.parametrize("mode", ["next", "val"])
 def test_unroll_equals_reference(case_id, problem, granularity, mode):
     run = _unroll_run(_case(case_id), PROBLEMS[problem](), granularity, mode)

@@ -2,11 +2,12 @@
 with the snapshots and the reference call each comparison needs, and the comparison helpers."""
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import Tensor
 
-from cases import CASE_IDS, CASES, OptimizerCase
-from problems import DTYPE, Problem, flat, objective, rel_err
+from cases import CASE_IDS, CASES, GRANULARITIES, OptimizerCase
+from problems import DTYPE, PROBLEMS, Problem, flat, objective, rel_err
 
 from hyperopt_wrap import HyperOptimizer
 from hyperopt_wrap.reference import unrolled_hypergradient
@@ -24,6 +25,14 @@ KEY_CASES = [_case(i) for i in (
     "SGD(momentum=0.9,nesterov,weight_decay=0.01,maximize)", "Adam()",
     "Adam(weight_decay=0.01)", "AdamW()", "AdamW(weight_decay=0.1,amsgrad,maximize)")]
 OTHER_CASES = [c for c in CASES if c not in KEY_CASES]
+
+# Key cases: every problem x granularity.  The other cases: the MLP, one granularity each,
+# rotating so that every rule meets every granularity somewhere.
+CASE_GRID = (
+    [pytest.param(c.id, p, g, id=f"{c.id}-{p}-{g}")
+     for c in KEY_CASES for p in PROBLEMS for g in GRANULARITIES]
+    + [pytest.param(c.id, "mlp", GRANULARITIES[i % 4], id=f"{c.id}-mlp-{GRANULARITIES[i % 4]}")
+       for i, c in enumerate(OTHER_CASES)])
 
 # ---------------------------------------------------------------------------- helpers
 def _groups(case: OptimizerCase, problem: Problem, weights: list[Tensor]) -> list[dict]:

@@ -1,7 +1,7 @@
 """Hypergradient methods, one file each.  Pass a name or an instance as ``method=``."""
 from __future__ import annotations
 
-from .base import HypergradientMethod, MetaGradient, ObservedParam, StepRecord
+from .base import HypergradientMethod, MetaGradient, ObservedParam, RecordingMethod, StepRecord
 from .greedy import Greedy
 from .implicit import Implicit
 from .unroll import Unroll
@@ -22,4 +22,4 @@ def resolve_method(method) -> HypergradientMethod:
 
 
 __all__ = ["HypergradientMethod", "Greedy", "Implicit", "Unroll", "METHODS", "resolve_method", "MetaGradient",
-           "ObservedParam", "StepRecord"]
+           "ObservedParam", "RecordingMethod", "StepRecord"]

@@ -95,3 +95,20 @@ class HypergradientMethod:
     def __repr__(self) -> str:
         opts = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
         return f"{type(self).__name__}({opts})"
+
+
+class RecordingMethod(HypergradientMethod):
+    """A method that differentiates through recorded steps (implicit, unroll): no tangents in
+    the base step, nothing to observe; :meth:`hypergradient` reads ``opt.tape`` once the
+    window is complete (see :meth:`window_ready`) and releases it."""
+    needs_curvature = True
+
+    def tangent_kinds(self, opt, ends_window):
+        return ()
+
+    def observe(self, opt, record: StepRecord) -> None:
+        pass
+
+    @staticmethod
+    def window_ready(opt: "HyperOptimizer") -> bool:
+        return opt.window_complete and bool(opt.tape)

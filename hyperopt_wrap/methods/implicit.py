@@ -33,15 +33,14 @@ import math
 import torch
 
 from ..tape import Replay, StepGraph, add_hypergradient, meta_cotangents
-from .base import HypergradientMethod, MetaGradient, StepRecord
+from .base import MetaGradient, RecordingMethod
 
 
-class Implicit(HypergradientMethod):
+class Implicit(RecordingMethod):
     name = "implicit"
     default_update_every = 10
     default_hyper_lr = {"lr": 0.05 * math.log(10), "weight_decay": 0.05 * math.log(10),
                         "momentum": 0.05}
-    needs_curvature = True
 
     def __init__(self, neumann_terms: int = 5, include_state: bool = False):
         if not (isinstance(neumann_terms, int) and not isinstance(neumann_terms, bool)
@@ -54,14 +53,8 @@ class Implicit(HypergradientMethod):
     def records_step(self, opt, position: int) -> bool:
         return position == opt.update_every - 1
 
-    def tangent_kinds(self, opt, ends_window):
-        return ()
-
-    def observe(self, opt, record: StepRecord) -> None:
-        pass
-
     def hypergradient(self, opt, meta_grads: list[MetaGradient]) -> int:
-        if not opt.window_complete or not opt.tape:
+        if not self.window_ready(opt):
             return 0
         step = opt.tape[-1]
         v = meta_cotangents(meta_grads)

@@ -22,13 +22,12 @@ an old closure checks this and raises if the closure reproduces a different loss
 from __future__ import annotations
 
 from ..tape import Replay, StepGraph, add_hypergradient, meta_cotangents
-from .base import HypergradientMethod, MetaGradient, StepRecord
+from .base import MetaGradient, RecordingMethod
 
 
-class Unroll(HypergradientMethod):
+class Unroll(RecordingMethod):
     name = "unroll"
     default_hyper_lr = {"lr": 0.05, "weight_decay": 0.05, "momentum": 0.05}
-    needs_curvature = True
 
     def __init__(self, horizon: int = 5):
         if not (isinstance(horizon, int) and not isinstance(horizon, bool) and horizon >= 1):
@@ -50,14 +49,8 @@ class Unroll(HypergradientMethod):
     def records_step(self, opt, position: int) -> bool:
         return position >= opt.update_every - self.horizon
 
-    def tangent_kinds(self, opt, ends_window):
-        return ()
-
-    def observe(self, opt, record: StepRecord) -> None:
-        pass
-
     def hypergradient(self, opt, meta_grads: list[MetaGradient]) -> int:
-        if not opt.window_complete or not opt.tape:
+        if not self.window_ready(opt):
             return 0
         steps = list(opt.tape)
         a_w = meta_cotangents(meta_grads)
