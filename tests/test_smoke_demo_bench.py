@@ -18,6 +18,8 @@ SUMMARY = Path(__file__).resolve().parents[1] / "benchmarks" / "summary.py"
 
 
 def _load_summary():
+    if str(SUMMARY.parent) not in sys.path:     # summary.py imports its sibling report.py
+        sys.path.insert(0, str(SUMMARY.parent))
     spec = importlib.util.spec_from_file_location("hyperopt_wrap_benchmark_summary", SUMMARY)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module          # dataclasses look their module up there
@@ -99,7 +101,8 @@ def test_summary_measures_and_writes_markdown(tmp_path, capsys):
     variants = ["implicit graph", "unroll closure"]
     summary.main(["--widths", "8", "--cnn-widths", "2", "--rounds", "1", "--steps", "2",
                   "--warmup", "1", "--no-memory", "--variants", *variants, "--out", str(out)])
-    text = out.read_text()
+    report = sys.modules["report"]
+    text = report.read_section("overhead", out)
     assert text == capsys.readouterr().out.split("written to")[0].rstrip("\n") + "\n"
     for net in (mlp, summary.Net("cnn", 2)):
         rows = [r for r in _table_rows(text) if r[0] == net.label]
@@ -123,3 +126,22 @@ def test_summary_profile_attributes_step_time_to_library_functions():
     text = summary.profile_step(summary.Case("SGD", "vanilla closure", mlp), steps=2)
     closure_us = re.search(r"step's closure ops: +(\d+) us", text)
     assert closure_us and int(closure_us.group(1)) > 0, text
+
+
+def test_report_sections_are_replaced_independently(tmp_path):
+    _load_summary()
+    report = sys.modules["report"]
+    path = tmp_path / "RESULTS.md"
+    report.write_section("study", "study v1", path)
+    report.write_section("overhead", "overhead v1\n", path)      # goes before the study
+    report.write_section("custom", "mine", path)                  # unknown keys go last
+    report.write_section("study", "study v2 | with $1 \\1 text", path)
+    text = path.read_text()
+    assert text.startswith(report.TITLE)
+    assert text.index("overhead v1") < text.index("study v2") < text.index("mine")
+    assert "study v1" not in text and text.count("<!-- begin study -->") == 1
+    assert report.read_section("study", path) == "study v2 | with $1 \\1 text\n"
+    assert report.read_section("overhead", path) == "overhead v1\n"
+    assert report.read_section("peers", path) is None
+    with pytest.raises(ValueError, match="section key"):
+        report.write_section("Bad Key", "x", path)
