@@ -7,7 +7,9 @@ Not collected by ``python -m pytest tests`` (it lives outside ``tests/``).  Envi
   (defaults 30 and 10);
 * ``HYPEROPT_BENCH_WIDTHS``: comma-separated MLP hidden widths (default ``256``);
 * ``HYPEROPT_BENCH_CNN_WIDTHS``: comma-separated channel counts of the CNN's second convolution
-  (default ``16``; empty for none).
+  (default ``16``; empty for none);
+* ``HYPEROPT_BENCH_LSTM_WIDTHS``: comma-separated hidden sizes of the character LSTM (default
+  ``64``; empty for none).
 
 A case's iterations per round are rounded up to whole windows of its ``update_every``.
 """
@@ -38,6 +40,7 @@ ROUNDS = _env_int("HYPEROPT_BENCH_ROUNDS", 30)
 ITERATIONS = _env_int("HYPEROPT_BENCH_ITERATIONS", 10)
 WIDTHS = _env_ints("HYPEROPT_BENCH_WIDTHS", "256")
 CNN_WIDTHS = _env_ints("HYPEROPT_BENCH_CNN_WIDTHS", "16")
+LSTM_WIDTHS = _env_ints("HYPEROPT_BENCH_LSTM_WIDTHS", "64")
 
 
 @pytest.fixture(scope="session", autouse=True)

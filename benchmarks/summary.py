@@ -2,16 +2,18 @@
 
     python benchmarks/summary.py                       # writes benchmarks/RESULTS.md
     python benchmarks/summary.py --quick               # a look in under a minute, printed only
-    python benchmarks/summary.py --widths 256 --cnn-widths 16 --rounds 11 --out /tmp/r.md
+    python benchmarks/summary.py --widths 256 --cnn-widths 16 --lstm-widths 64 --out /tmp/r.md
     python benchmarks/summary.py --profile SGD "implicit graph" 256     # where the time goes
 
 A step is ``zero_grad(); loss = CE(net(x), y); loss.backward(); opt.step()`` on a few fixed
-random minibatches taken in turn, for an MLP 784-H-10 (ReLU, batch 128) and a small CNN (1x28x28
+random minibatches taken in turn, for an MLP 784-H-10 (ReLU, batch 128), a small CNN (1x28x28
 inputs, 3x3 convolutions 1 -> C/2 -> C channels without padding, ReLU, linear to 10 classes;
-batch 64), float32: torch's optimizer as it runs by default on CPU ("vanilla", the reference
+batch 64) and a character-level LSTM language model (embedding 64x16, one LSTM layer of H
+units, linear to 64 classes, sequences of 32, batch 32), float32: torch's optimizer as it runs by default on CPU ("vanilla", the reference
 of most ratios), torch's fused kernel ("vanilla fused", for context), and HyperOptimizer
-around it: greedy, and the second-order methods implicit (T=10, i=5) and unroll (K=5, T=10)
-with either curvature source.  Those take their step in one of two styles:
+around it: greedy (global, per-tensor and per-element lr; lr, momentum and weight decay), and
+the second-order methods implicit (T=10, i=5) and unroll (K=5, T=10) with either curvature
+source, at per-tensor and per-element lr.  Those take their step in one of two styles:
 
 * ``graph``: ``loss.backward(create_graph=opt.needs_graph); opt.step()``, measured against
   vanilla's plain step;
@@ -67,7 +69,8 @@ from report import RESULTS as DEFAULT_OUT, machine_info, machine_lines, write_se
 HERE = Path(__file__).resolve().parent
 IN_FEATURES, CLASSES = 784, 10
 IMAGE = (1, 28, 28)
-BATCHES = {"mlp": 128, "cnn": 64}
+VOCAB, EMBED, SEQ = 64, 16, 32           # the LSTM: characters in, next character out
+BATCHES = {"mlp": 128, "cnn": 64, "lstm": 32}
 # weight_decay > 0 everywhere: tuning it (log space) needs a positive start, and vanilla
 # must do the same arithmetic as the wrapped optimizer to be a fair reference.
 BASES: dict[str, tuple[type, dict]] = {
@@ -91,30 +94,59 @@ class Variant:
 
 
 GLOBAL_LR = {"tune": ("lr",), "granularity": "global"}
-GREEDY = {"method": "greedy", **GLOBAL_LR}
-IMPLICIT = {"method": Implicit(neumann_terms=5), "update_every": 10, **GLOBAL_LR}
-UNROLL = {"method": Unroll(horizon=5), "update_every": 10, **GLOBAL_LR}
+TENSOR_LR = {"tune": ("lr",), "granularity": "tensor"}
+ELEMENT_LR = {"tune": ("lr",), "granularity": "element"}
+GREEDY = {"method": "greedy"}
+IMPLICIT = {"method": Implicit(neumann_terms=5), "update_every": 10}
+UNROLL = {"method": Unroll(horizon=5), "update_every": 10}
+
+
+def _second_order(name: str, options: dict, target: float) -> dict[str, "Variant"]:
+    """``name`` with both curvature sources at per-tensor and per-element lr."""
+    variants = {}
+    for gran, tuned in (("tensor", TENSOR_LR), ("element", ELEMENT_LR)):
+        variants[f"{name} graph {gran} lr"] = Variant(
+            {**options, **tuned, "curvature": "graph"}, step="graph", target=target)
+        variants[f"{name} closure {gran} lr"] = Variant(
+            {**options, **tuned, "curvature": "closure"}, step="closure",
+            reference="vanilla closure", target=target)
+    return variants
+
+
 VARIANTS: dict[str, Variant] = {
     "vanilla": Variant(),
     "vanilla fused": Variant(torch_kwargs={"fused": True}),
-    "greedy global lr": Variant(GREEDY, target=1.10),
-    "greedy element lr": Variant({**GREEDY, "granularity": "element"}),
-    "greedy global lr+mom+wd": Variant({**GREEDY, "tune": ("lr", "momentum", "weight_decay")}),
+    "greedy global lr": Variant({**GREEDY, **GLOBAL_LR}, target=1.10),
+    "greedy tensor lr": Variant({**GREEDY, **TENSOR_LR}, target=1.10),
+    "greedy element lr": Variant({**GREEDY, **ELEMENT_LR}, target=1.10),
+    "greedy global lr+mom+wd": Variant({**GREEDY, **GLOBAL_LR,
+                                        "tune": ("lr", "momentum", "weight_decay")}),
     "vanilla closure": Variant(step="closure"),
-    "implicit graph": Variant({**IMPLICIT, "curvature": "graph"}, step="graph", target=1.5),
-    "implicit closure": Variant({**IMPLICIT, "curvature": "closure"}, step="closure",
-                                reference="vanilla closure", target=1.5),
-    "unroll graph": Variant({**UNROLL, "curvature": "graph"}, step="graph", target=2.0),
-    "unroll closure": Variant({**UNROLL, "curvature": "closure"}, step="closure",
-                              reference="vanilla closure", target=2.0),
+    **_second_order("implicit", IMPLICIT, 1.5),
+    **_second_order("unroll", UNROLL, 2.0),
 }
+
+
+class CharLSTM(nn.Module):
+    """Embedding -> one LSTM layer -> linear: next-token logits, flattened over the sequence."""
+
+    def __init__(self, hidden: int):
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, EMBED)
+        self.lstm = nn.LSTM(EMBED, hidden, batch_first=True)
+        self.out = nn.Linear(hidden, VOCAB)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        hidden, _ = self.lstm(self.embed(tokens))
+        return self.out(hidden).reshape(-1, VOCAB)
 
 
 @dataclass(frozen=True)
 class Net:
     """A network and its minibatches."""
-    kind: str       # "mlp" or "cnn"
-    width: int      # MLP: hidden units; CNN: channels of the second convolution (first: half)
+    kind: str       # "mlp", "cnn" or "lstm"
+    width: int      # MLP: hidden units; CNN: channels of the second convolution (first: half);
+    #                 LSTM: hidden units
 
     def __post_init__(self):
         if self.kind not in BATCHES or self.width < (2 if self.kind == "cnn" else 1):
@@ -128,42 +160,56 @@ class Net:
     def label(self) -> str:
         if self.kind == "mlp":
             return f"MLP {IN_FEATURES}-{self.width}-{CLASSES}"
+        if self.kind == "lstm":
+            return f"LSTM {VOCAB}-{EMBED}-{self.width}-{VOCAB}"
         return f"CNN {IMAGE[0]}-{self.width // 2}-{self.width}"
 
     @property
     def id(self) -> str:
-        return f"h{self.width}" if self.kind == "mlp" else f"cnn{self.width}"
+        return f"h{self.width}" if self.kind == "mlp" else f"{self.kind}{self.width}"
 
     @classmethod
     def parse(cls, text: str) -> "Net":
-        """``"256"``, ``"h256"`` or ``"mlp256"``: the MLP of that width; ``"cnn16"``: the CNN."""
-        for prefix, kind in (("cnn", "cnn"), ("mlp", "mlp"), ("h", "mlp"), ("", "mlp")):
+        """``"256"``, ``"h256"`` or ``"mlp256"``: the MLP of that width; ``"cnn16"``: the CNN;
+        ``"lstm64"``: the LSTM."""
+        for prefix, kind in (("cnn", "cnn"), ("lstm", "lstm"), ("mlp", "mlp"), ("h", "mlp"),
+                             ("", "mlp")):
             if text.startswith(prefix) and text[len(prefix):].isdigit():
                 return cls(kind, int(text[len(prefix):]))
-        raise ValueError(f"unknown network {text!r}: e.g. 256 (MLP 784-256-10) or cnn16")
+        raise ValueError(f"unknown network {text!r}: e.g. 256 (MLP 784-256-10), cnn16 or lstm64")
 
     def model(self, seed: int = 0) -> nn.Module:
         torch.manual_seed(seed)
         if self.kind == "mlp":
             return nn.Sequential(nn.Linear(IN_FEATURES, self.width), nn.ReLU(),
                                  nn.Linear(self.width, CLASSES))
+        if self.kind == "lstm":
+            return CharLSTM(self.width)
         c, (_, h, w) = self.width, IMAGE
         return nn.Sequential(nn.Conv2d(IMAGE[0], c // 2, 3), nn.ReLU(), nn.Conv2d(c // 2, c, 3),
                              nn.ReLU(), nn.Flatten(), nn.Linear(c * (h - 4) * (w - 4), CLASSES))
 
     def batches(self, n: int = 4, seed: int = 0) -> list[tuple[Tensor, Tensor]]:
-        shape = (IN_FEATURES,) if self.kind == "mlp" else IMAGE
+        """``n`` minibatches (inputs, targets); the LSTM's are random token sequences and the
+        same sequences shifted by one (flattened, as the model's logits are)."""
         gen = torch.Generator().manual_seed(seed)
+        if self.kind == "lstm":
+            tokens = [torch.randint(0, VOCAB, (self.batch, SEQ + 1), generator=gen)
+                      for _ in range(n)]
+            return [(t[:, :-1], t[:, 1:].reshape(-1)) for t in tokens]
+        shape = (IN_FEATURES,) if self.kind == "mlp" else IMAGE
         return [(torch.randn(self.batch, *shape, generator=gen),
                  torch.randint(0, CLASSES, (self.batch,), generator=gen)) for _ in range(n)]
 
 
-def make_nets(widths: Sequence[int] = (), cnn_widths: Sequence[int] = ()) -> list[Net]:
-    return [Net("mlp", w) for w in widths] + [Net("cnn", c) for c in cnn_widths]
+def make_nets(widths: Sequence[int] = (), cnn_widths: Sequence[int] = (),
+              lstm_widths: Sequence[int] = ()) -> list[Net]:
+    return ([Net("mlp", w) for w in widths] + [Net("cnn", c) for c in cnn_widths]
+            + [Net("lstm", h) for h in lstm_widths])
 
 
-DEFAULT_WIDTHS, DEFAULT_CNN_WIDTHS = (64, 256, 1024), (16,)
-DEFAULT_NETS = make_nets(DEFAULT_WIDTHS, DEFAULT_CNN_WIDTHS)
+DEFAULT_WIDTHS, DEFAULT_CNN_WIDTHS, DEFAULT_LSTM_WIDTHS = (64, 256, 1024), (16,), (64,)
+DEFAULT_NETS = make_nets(DEFAULT_WIDTHS, DEFAULT_CNN_WIDTHS, DEFAULT_LSTM_WIDTHS)
 
 
 @dataclass(frozen=True)
@@ -511,7 +557,10 @@ def format_markdown(results: list[dict], info: dict[str, str], settings: dict) -
              "- step: zero_grad, forward, backward, opt.step on float32 networks: MLP 784-H-10 "
              f"(ReLU), batch {BATCHES['mlp']}; CNN 1-C/2-C on 1x28x28 inputs (two 3x3 "
              "convolutions without padding, ReLU, linear to 10 classes), batch "
-             f"{BATCHES['cnn']}; {settings['rounds']} interleaved rounds x "
+             f"{BATCHES['cnn']}; LSTM V-E-H-V, a character-level language model (embedding "
+             f"{VOCAB}x{EMBED}, one LSTM layer of H units, linear to {VOCAB} classes, next-token "
+             f"cross-entropy over sequences of {SEQ}), batch {BATCHES['lstm']}; "
+             f"{settings['rounds']} interleaved rounds x "
              f"{settings['steps']} steps (rounded up to whole windows of the case's update_every) "
              f"after {settings['warmup']} warm-up steps; denormals "
              f"{'flushed to zero' if settings.get('flush_denormal', True) else 'kept'}",
@@ -584,9 +633,11 @@ def format_markdown(results: list[dict], info: dict[str, str], settings: dict) -
 
 
 # Settings of a full run and of --quick (a look in under a minute, printed only).
-FULL = {"widths": list(DEFAULT_WIDTHS), "cnn_widths": list(DEFAULT_CNN_WIDTHS), "rounds": 11,
+FULL = {"widths": list(DEFAULT_WIDTHS), "cnn_widths": list(DEFAULT_CNN_WIDTHS),
+        "lstm_widths": list(DEFAULT_LSTM_WIDTHS), "rounds": 11,
         "steps": 20, "bases": list(BASES), "out": DEFAULT_OUT}
-QUICK = {"widths": [256], "cnn_widths": list(DEFAULT_CNN_WIDTHS), "rounds": 3, "steps": 10,
+QUICK = {"widths": [256], "cnn_widths": list(DEFAULT_CNN_WIDTHS), "lstm_widths": [],
+         "rounds": 3, "steps": 10,
          "bases": ["SGD"], "out": None}
 
 
@@ -597,6 +648,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     p.add_argument("--widths", type=int, nargs="*", help=f"MLP hidden widths {FULL['widths']}")
     p.add_argument("--cnn-widths", type=int, nargs="*",
                    help=f"channels of the CNN's second convolution {FULL['cnn_widths']}")
+    p.add_argument("--lstm-widths", type=int, nargs="*",
+                   help=f"hidden units of the LSTM {FULL['lstm_widths']}")
     p.add_argument("--rounds", type=int, help=f"default {FULL['rounds']}")
     p.add_argument("--steps", type=int, help=f"steps per case per round, rounded up to whole "
                    f"windows (default {FULL['steps']})")
@@ -611,7 +664,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     p.add_argument("--out", type=Path, help=f"markdown file to write (default {DEFAULT_OUT})")
     p.add_argument("--profile", nargs=3, metavar=("BASE", "VARIANT", "NET"),
                    help="instead of the table, profile one case, e.g. SGD 'implicit graph' 256 "
-                   "(NET: an MLP width, or cnnC for the CNN)")
+                   "(NET: an MLP width, cnnC for the CNN or lstmH for the LSTM)")
     args = p.parse_args(argv)
     for key, value in (QUICK if args.quick else FULL).items():
         if getattr(args, key) is None:
@@ -631,7 +684,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     settings = {"rounds": args.rounds, "steps": args.steps, "warmup": args.warmup,
                 "flush_denormal": not args.keep_denormals}
     info = machine_info(args.threads)       # before measuring: the commit that was imported
-    results = measure(make_nets(args.widths, args.cnn_widths), **settings, threads=args.threads,
+    results = measure(make_nets(args.widths, args.cnn_widths, args.lstm_widths), **settings, threads=args.threads,
                       bases=args.bases, variants=args.variants, memory=not args.no_memory)
     text = format_markdown(results, info, settings)
     print(text)

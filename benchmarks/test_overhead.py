@@ -1,6 +1,7 @@
 """Cost of one full training step (zero_grad, forward, backward, opt.step) with HyperOptimizer
-against the torch.optim optimizer it wraps: MLP 784-256-10, batch 128, and CNN 1-8-16, batch 64,
-float32.
+against the torch.optim optimizer it wraps: MLP 784-256-10, batch 128, CNN 1-8-16, batch 64, and
+a character LSTM 64-16-64-64 (sequences of 32, batch 32), float32; every method at per-tensor and
+per-element lr (greedy also global).
 
 Each base optimizer and network is one benchmark group, so pytest-benchmark's relative column
 (the number in brackets) reads as the ratio to the fastest case, vanilla (the closure variants'
@@ -12,10 +13,10 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import CNN_WIDTHS, ITERATIONS, ROUNDS, THREADS, WIDTHS
+from conftest import CNN_WIDTHS, ITERATIONS, LSTM_WIDTHS, ROUNDS, THREADS, WIDTHS
 from summary import all_cases, build_case, make_nets, optimizer_state_bytes
 
-CASES = all_cases(make_nets(WIDTHS, CNN_WIDTHS))
+CASES = all_cases(make_nets(WIDTHS, CNN_WIDTHS, LSTM_WIDTHS))
 
 
 @pytest.mark.filterwarnings("ignore:Using backward\\(\\) with create_graph=True")

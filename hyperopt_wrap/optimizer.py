@@ -511,7 +511,8 @@ class HyperOptimizer(torch.optim.Optimizer):
         norms = torch._foreach_norm(grads)
         finite = torch.stack([n.to(first, non_blocking=True) for n in norms]).isfinite().all()
         self._skipped_steps.add_((~finite).to(self._skipped_steps.device))
-        ok_as: dict[tuple, Tensor] = {}
+        # (device, dtype) -> 0/1 in that dtype, and a 0 of it; device -> the bool
+        ok_as: dict = {}
         values: dict[tuple, Tensor] = {}
         options = [rule.options(g) for g in self.param_groups]
         observed = []
@@ -521,8 +522,13 @@ class HyperOptimizer(torch.optim.Optimizer):
             ok = ok_as.get(key)
             if ok is None:
                 ok = ok_as[key] = finite.to(device=p.device, dtype=p.dtype, non_blocking=True)
+                ok_as[key, "zero"] = torch.zeros((), dtype=p.dtype, device=p.device)
+            where = ok_as.get(p.device)
+            if where is None:
+                where = ok_as[p.device] = finite.to(p.device, non_blocking=True)
             work = self._workspace.setdefault(p, {})
-            grad = torch.mul(p.grad, ok, out=scratch(work, "grad", p)).nan_to_num_(0.0, 0.0, 0.0)
+            # one pass: g where the step is taken, zeros (never NaN) where it is skipped
+            grad = torch.where(where, p.grad, ok_as[key, "zero"], out=scratch(work, "grad", p))
             state = self.state[p]
             if not any(k != _BUFFERS for k in state):
                 state.update(rule.init_state(p, options[gi]))

@@ -94,17 +94,18 @@ def test_summary_measures_and_writes_markdown(tmp_path, capsys):
         if r["variant"].startswith(("implicit", "unroll")):
             # closure steps are compared with closure steps; a window's recorded steps (and
             # kept graphs) show in its peak
-            closure = r["variant"].endswith("closure")
+            closure = " closure " in r["variant"]
             assert r["reference"] == ("vanilla closure" if closure else "vanilla"), r
             assert r["step_peak_bytes"] > reference["step_peak_bytes"], r
     out = tmp_path / "RESULTS.md"
-    variants = ["implicit graph", "unroll closure"]
-    summary.main(["--widths", "8", "--cnn-widths", "2", "--rounds", "1", "--steps", "2",
+    variants = ["implicit graph element lr", "unroll closure tensor lr"]
+    summary.main(["--widths", "8", "--cnn-widths", "2", "--lstm-widths", "3", "--rounds", "1",
+                  "--steps", "2",
                   "--warmup", "1", "--no-memory", "--variants", *variants, "--out", str(out)])
     report = sys.modules["report"]
     text = report.read_section("overhead", out)
     assert text == capsys.readouterr().out.split("written to")[0].rstrip("\n") + "\n"
-    for net in (mlp, summary.Net("cnn", 2)):
+    for net in (mlp, summary.Net("cnn", 2), summary.Net("lstm", 3)):
         rows = [r for r in _table_rows(text) if r[0] == net.label]
         # every base, and the references of the ratios are measured too
         assert [r[1:3] for r in rows] == [[b, v] for b in summary.BASES
