@@ -438,6 +438,8 @@ def measure(nets: Sequence[Net] = DEFAULT_NETS, rounds: int = 11, steps: int = 2
                        "minor_faults": statistics.median(faults[b.case]) if faults[b.case]
                        else None,
                        "state_bytes": optimizer_state_bytes(b.opt),
+                       "param_bytes": sum(p.numel() * p.element_size()
+                                          for p in b.model.parameters()),
                        "step_peak_bytes": step_peak_bytes(b.step, b.window) if memory else None,
                        "final_loss": loss,
                        "skipped_steps": b.opt.skipped_steps if isinstance(b.opt, HyperOptimizer)
@@ -544,6 +546,18 @@ def _faults(r: dict) -> str:
     return "n/a" if r["minor_faults"] is None else format(r["minor_faults"], ".0f")
 
 
+def peak_total_bytes(r: dict) -> int | None:
+    """Weights + gradients + optimizer state + the step's peak (None without memory events)."""
+    if r["step_peak_bytes"] is None:
+        return None
+    return 2 * r["param_bytes"] + r["state_bytes"] + r["step_peak_bytes"]
+
+
+def _peak_ratio(r: dict, reference: dict) -> str:
+    a, b = peak_total_bytes(r), peak_total_bytes(reference)
+    return "n/a" if a is None or not b else f"{a / b:.2f}x"
+
+
 def format_markdown(results: list[dict], info: dict[str, str], settings: dict) -> str:
     by_key = {(r["base"], r["variant"], r["net"]): r for r in results}
 
@@ -581,7 +595,9 @@ def format_markdown(results: list[dict], info: dict[str, str], settings: dict) -
              "scratch buffers); extra state: state minus the reference's; step peak: highest "
              "bytes allocated during a step (for HyperOptimizer during a whole window of "
              "update_every steps, recorded steps and kept graphs included) above those held "
-             "before it (torch.profiler memory events)",
+             "before it (torch.profiler memory events); peak ratio: the training run's peak, "
+             "estimated as weights + gradients + state + step peak (activations are inside the "
+             "step peak), over the reference's",
              "- base settings: " + "; ".join(f"{k} {v[1]}" for k, v in BASES.items()),
              "- faults/step: median minor page faults per step (fresh memory the allocator got "
              "from the OS and the kernel had to zero; torch's default CPU Adam allocates "
@@ -589,14 +605,15 @@ def format_markdown(results: list[dict], info: dict[str, str], settings: dict) -
              "heap's state, so its step time, and every ratio to it, varies between runs)",
              "",
              "| network | base | variant | against | median ms/step | ratio | ratio of medians | "
-             "state | extra state | step peak | faults/step |",
-             "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "state | extra state | step peak | peak ratio | faults/step |",
+             "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in results:
         lines.append(f"| {r['net']} | {r['base']} | {r['variant']} | {r['reference']} | "
                      f"{1e3 * r['median_s']:.3f} | {r['ratio']:.2f}x | "
                      f"{r['ratio_of_medians']:.2f}x | {_bytes(r['state_bytes'])} | "
                      f"{_bytes(r['state_bytes'] - ref(r)['state_bytes'])} | "
-                     f"{_bytes(r['step_peak_bytes'])} | {_faults(r)} |")
+                     f"{_bytes(r['step_peak_bytes'])} | {_peak_ratio(r, ref(r))} | "
+                     f"{_faults(r)} |")
     nets = list(dict.fromkeys(r["net"] for r in results))
     bases = [b for b in BASES if any(r["base"] == b for r in results)]
     lines += ["", "### Ratio to the reference by network", "",
@@ -609,6 +626,17 @@ def format_markdown(results: list[dict], info: dict[str, str], settings: dict) -
             if var != VARIANTS[var].reference and any(cells):
                 lines.append(f"| {b} | {var} | {VARIANTS[var].reference} | "
                              + " | ".join(cells) + " |")
+    if any(r["step_peak_bytes"] is not None for r in results):
+        lines += ["", "### Peak memory ratio to the reference by network", "",
+                  "| base | variant | against | " + " | ".join(nets) + " |",
+                  "|---|---|---|" + "---:|" * len(nets)]
+        for b in bases:
+            for var in variants:
+                cells = [_peak_ratio(by_key[k], ref(by_key[k])) if (k := (b, var, n)) in by_key
+                         else "" for n in nets]
+                if var != VARIANTS[var].reference and any(cells):
+                    lines.append(f"| {b} | {var} | {VARIANTS[var].reference} | "
+                                 + " | ".join(cells) + " |")
     lines.append("")
     for var in variants:
         target, rows = VARIANTS[var].target, [r for r in results if r["variant"] == var]

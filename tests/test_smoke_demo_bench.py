@@ -97,6 +97,7 @@ def test_summary_measures_and_writes_markdown(tmp_path, capsys):
             closure = " closure " in r["variant"]
             assert r["reference"] == ("vanilla closure" if closure else "vanilla"), r
             assert r["step_peak_bytes"] > reference["step_peak_bytes"], r
+            assert summary.peak_total_bytes(r) > summary.peak_total_bytes(reference), r
     out = tmp_path / "RESULTS.md"
     variants = ["implicit graph element lr", "unroll closure tensor lr"]
     summary.main(["--widths", "8", "--cnn-widths", "2", "--lstm-widths", "3", "--rounds", "1",
@@ -113,6 +114,7 @@ def test_summary_measures_and_writes_markdown(tmp_path, capsys):
         for row in rows:
             assert float(row[4]) > 0 and math.isfinite(float(row[4])), row
             assert re.fullmatch(r"\d+\.\d\dx", row[5]) and re.fullmatch(r"\d+\.\d\dx", row[6]), row
+            assert row[9] == row[10] == "n/a", row        # --no-memory: no step peak, no ratio
     assert "torch" in text and "CPU:" in text and "Ratio to the reference by network" in text
     assert all(f"Target {v} <= " in text for v in variants)
 
