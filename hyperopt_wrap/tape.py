@@ -56,70 +56,133 @@ def _differentiable_state(name: str, value: Any, like: Tensor) -> bool:
 
 
 class StepGraph:
-    """``Phi`` of one recorded step as an autograd graph; products reuse it."""
+    """Reverse products through ``Phi`` of one recorded step.
+
+    Per parameter, the rule's closed form (:meth:`UpdateRule.vjp`) where it has one; otherwise
+    ``Phi`` is rebuilt as an autograd graph through ``rule.update`` (once, on first use) and
+    products reuse it.  Both give the same numbers (tested in float64)."""
 
     def __init__(self, opt: "HyperOptimizer", step: TapedStep, with_state: bool):
-        self.w, self.g, self.s, self.lam = [], [], [], []
-        self.w_new, self.s_new = [], []
-        rule = opt.rule
-        with torch.enable_grad():
-            for item in step.params:
+        self.rule = opt.rule
+        self.with_state = with_state
+        self.items = step.params
+        # per parameter: the rule's hyper dict with tuned entries as the step used them, and
+        # the tuned kinds (their values) the hypergradient is taken for
+        self.hyper: list[dict[str, Any]] = []
+        self.lam: list[dict[str, Tensor]] = []
+        for item in step.params:
+            hyper, lam = dict(item.hyper), {}
+            for kind, tk in opt.tuned.items():
+                if not tk.is_tuned(item.group_index):
+                    continue
+                value = lam[kind] = tk.value(item.group_index, item.param_index).detach()
+                v = value.to(item.weights.dtype)
+                hyper[kind] = v * item.lr_scale if kind == "lr" and item.lr_scale != 1 else v
+            self.hyper.append(hyper)
+            self.lam.append(lam)
+        self._graphs: dict[int, tuple] = {}
+
+    def _closed_form(self, i: int, cot_w, cot_s, inputs: bool, hyper: bool):
+        item, lam = self.items[i], self.lam[i]
+        state = {k: v for k, v in item.state.items()}
+        res = self.rule.vjp(item.weights, item.grad, state, self.hyper[i], item.options, cot_w,
+                            cot_s if (self.with_state and cot_s) else {}, inputs,
+                            tuple(lam) if hyper else ())
+        if res is None:
+            return None
+        dw, dg, ds, dh = res
+        if inputs and self.with_state:
+            ds = {name: ds[name] if name in ds else torch.zeros_like(value)
+                  for name, value in item.state.items()
+                  if _differentiable_state(name, value, item.weights)}
+        else:
+            ds = {}
+        dlam = {}
+        for kind, value in lam.items():
+            if not hyper:
+                break
+            d = dh[kind]
+            if kind == "lr" and item.lr_scale != 1:
+                d = d * item.lr_scale
+            dlam[kind] = d.to(value.dtype)
+        return [dw, dg, ds, dlam]
+
+    def _graph(self, i: int):
+        """``Phi`` of parameter ``i`` as an autograd graph: leaves and outputs."""
+        if i not in self._graphs:
+            item = self.items[i]
+            with torch.enable_grad():
                 w = item.weights.detach().requires_grad_()
                 g = item.grad.detach().requires_grad_()
                 state, leaves = {}, {}
                 for name, value in item.state.items():
-                    if with_state and _differentiable_state(name, value, w):
+                    if self.with_state and _differentiable_state(name, value, w):
                         value = leaves[name] = value.detach().requires_grad_()
                     state[name] = value
-                hyper, lam = dict(item.hyper), {}
-                for kind, tk in opt.tuned.items():
-                    if not tk.is_tuned(item.group_index):
-                        continue
-                    leaf = lam[kind] = tk.value(item.group_index, item.param_index) \
-                        .detach().clone().requires_grad_()
+                hyper, lam = dict(self.hyper[i]), {}
+                for kind, value in self.lam[i].items():
+                    leaf = lam[kind] = value.clone().requires_grad_()
                     v = leaf.to(w.dtype)
                     hyper[kind] = v * item.lr_scale if kind == "lr" and item.lr_scale != 1 else v
-                w_new, s_new = rule.update(w, g, state, hyper, item.options)
-                self.w.append(w)
-                self.g.append(g)
-                self.s.append(leaves)
-                self.lam.append(lam)
-                self.w_new.append(w_new)
-                self.s_new.append({k: v for k, v in s_new.items()
-                                   if isinstance(v, Tensor) and v.requires_grad
-                                   and _differentiable_state(k, v, w)})
+                w_new, s_new = self.rule.update(w, g, state, hyper, item.options)
+                s_new = {k: v for k, v in s_new.items()
+                         if isinstance(v, Tensor) and v.requires_grad
+                         and _differentiable_state(k, v, w)}
+            self._graphs[i] = (w, g, leaves, lam, w_new, s_new)
+        return self._graphs[i]
 
     def vjp(self, cot_w: list[Tensor | None], cot_s: list[dict[str, Tensor]] | None,
             inputs: bool = True, hyper: bool = True):
         """Cotangents of the step's inputs for output cotangents ``cot_w`` (weights) and
         ``cot_s`` (state). Returns per parameter ``(dw, dg, ds: dict, dlam: dict)``."""
-        outs, cots = [], []
-        for i, cw in enumerate(cot_w):
-            if cw is not None:
-                outs.append(self.w_new[i])
-                cots.append(cw)
+        n = len(self.items)
+        result: list = [None] * n
+        fallback = []
+        with torch.no_grad():
+            for i in range(n):
+                if cot_w[i] is None and not (cot_s and cot_s[i]):
+                    result[i] = self._zeros(i, inputs, hyper)
+                    continue
+                result[i] = self._closed_form(i, cot_w[i], cot_s[i] if cot_s else None,
+                                              inputs, hyper)
+                if result[i] is None:
+                    fallback.append(i)
+        if fallback:
+            self._autograd(fallback, cot_w, cot_s, inputs, hyper, result)
+        return result
+
+    def _zeros(self, i: int, inputs: bool, hyper: bool):
+        """The products for zero cotangents."""
+        item = self.items[i]
+        ds = {name: torch.zeros_like(value) for name, value in item.state.items()
+              if self.with_state and _differentiable_state(name, value, item.weights)}
+        return [torch.zeros_like(item.weights) if inputs else None,
+                torch.zeros_like(item.grad) if inputs else None, ds if inputs else {},
+                {k: torch.zeros_like(v) for k, v in self.lam[i].items()} if hyper else {}]
+
+    def _autograd(self, indices, cot_w, cot_s, inputs, hyper, result) -> None:
+        outs, cots, wanted, slots = [], [], [], []
+        for i in indices:
+            w, g, leaves, lam, w_new, s_new = self._graph(i)
+            if cot_w[i] is not None:
+                outs.append(w_new)
+                cots.append(cot_w[i])
             if cot_s is not None:
                 for name, c in cot_s[i].items():
-                    if c is not None and name in self.s_new[i]:
-                        outs.append(self.s_new[i][name])
+                    if c is not None and name in s_new:
+                        outs.append(s_new[name])
                         cots.append(c)
-        wanted: list[Tensor] = []
-        slots = []
-        for i in range(len(self.w)):
+            result[i] = [None, None, {}, {}]
             if inputs:
-                slots.append((i, "w", None))
-                wanted.append(self.w[i])
-                slots.append((i, "g", None))
-                wanted.append(self.g[i])
-                for name, leaf in self.s[i].items():
+                slots += [(i, "w", None), (i, "g", None)]
+                wanted += [w, g]
+                for name, leaf in leaves.items():
                     slots.append((i, "s", name))
                     wanted.append(leaf)
             if hyper:
-                for kind, leaf in self.lam[i].items():
+                for kind, leaf in lam.items():
                     slots.append((i, "lam", kind))
                     wanted.append(leaf)
-        n = len(self.w)
-        result = [[None, None, {}, {}] for _ in range(n)]
         if not outs or not wanted:
             grads = [None] * len(wanted)
         else:
@@ -136,7 +199,6 @@ class StepGraph:
                 result[i][2][name] = gr
             else:
                 result[i][3][name] = gr
-        return result
 
 
 def add_hypergradient(opt: "HyperOptimizer", step: TapedStep, dlam: list[dict[str, Tensor]]):

@@ -142,3 +142,81 @@ def test_in_place_step_matches_reference_and_is_a_no_op_when_skipped(case):
                 for k in state:
                     assert torch.equal(s[k], state[k]), k
     assert handled > 0, f"{type(rule).__name__} must have an in-place fast path"
+
+
+CLOSED_FORM_VJP = (SGDRule,)    # rules with a closed-form UpdateRule.vjp; the rest decline
+
+
+def _reverse_mode(rule, param, grad, state, hyper, options, cot_p, cot_s, tuned):
+    """Reverse-mode autograd through ``update``: the reference of the closed forms."""
+    with torch.enable_grad():
+        w = param.clone().requires_grad_()
+        g = grad.clone().requires_grad_()
+        s = {k: v.clone().requires_grad_() if k != "step" else v.clone() for k, v in state.items()}
+        h = {k: v.clone().requires_grad_() if k in tuned else v for k, v in hyper.items()}
+        new_p, new_s = rule.update(w, g, s, h, options)
+        outs, cots = [new_p], [cot_p]
+        for k, c in cot_s.items():
+            if k in new_s and new_s[k].requires_grad:
+                outs.append(new_s[k])
+                cots.append(c)
+        leaves = [w, g] + [s[k] for k in state if k != "step"] + [h[k] for k in tuned]
+        grads = torch.autograd.grad(outs, leaves, cots, allow_unused=True)
+    grads = [torch.zeros_like(x) if d is None else d for x, d in zip(leaves, grads)]
+    names = [k for k in state if k != "step"]
+    return (grads[0], grads[1], dict(zip(names, grads[2:2 + len(names)])),
+            dict(zip(tuned, grads[2 + len(names):])))
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_closed_form_vjp_matches_reverse_mode(case):
+    """``rule.vjp`` (closed-form reverse products, used by implicit and unroll instead of
+    autograd through ``update``) equals reverse-mode autograd in float64: every subset of tuned
+    kinds, scalar and per-element hyperparameters, with and without state cotangents, and with
+    only the hyperparameter products asked for.  Rules without a closed form return None."""
+    _, rule, state, options, consts = case
+    gen = torch.Generator().manual_seed(3)
+    param = torch.randn(N, generator=gen, dtype=DT)
+    grad = torch.randn(N, generator=gen, dtype=DT)
+    cot_p = torch.randn(N, generator=gen, dtype=DT)
+    values = {"lr": 0.05, "momentum": consts.get("momentum", 0.8), "weight_decay": 0.03}
+    with torch.no_grad():
+        new_state = rule.update(param, grad, state, {k: values[k] for k in rule.kinds},
+                                options)[1]
+    cot_s_full = {k: torch.randn(N, generator=gen, dtype=DT) for k in new_state if k != "step"}
+    if not isinstance(rule, CLOSED_FORM_VJP):
+        hyper = {k: values[k] for k in rule.kinds}
+        assert rule.vjp(param, grad, state, hyper, options, cot_p, {}, True, ()) is None
+        return
+    checked = 0
+    for tuned in _subsets(rule, consts):
+        mu_consts = (values["momentum"], 0.0) if "momentum" not in tuned else (None,)
+        for wd_const, mu_const, elementwise, with_cot_s, inputs in itertools.product(
+                (0.0, 0.03), mu_consts, (False, True), (False, True), (True, False)):
+            spread = lambda v: (_t(v) * (1 + 0.1 * torch.rand(N, generator=gen, dtype=DT))
+                                if elementwise else _t(v))
+            consts_now = {**values, "weight_decay": wd_const, "momentum": mu_const}
+            hyper = {k: spread(values[k]) if k in tuned else consts_now[k] for k in rule.kinds}
+            cot_s = cot_s_full if with_cot_s else {}
+            with torch.no_grad():
+                got = rule.vjp(param, grad, state, hyper, options, cot_p, cot_s, inputs, tuned)
+            ref = _reverse_mode(rule, param, grad, state, hyper, options, cot_p, cot_s, tuned)
+            where = (f"tuned={tuned}, wd={wd_const}, momentum={mu_const}, "
+                     f"elementwise={elementwise}, cot_s={with_cot_s}")
+            assert set(got[3]) == set(tuned), where
+            for k in tuned:
+                assert got[3][k].shape == hyper[k].shape, (k, where)
+                torch.testing.assert_close(got[3][k], ref[3][k], rtol=1e-12, atol=1e-14,
+                                           msg=lambda m: f"d {k}, {where}: {m}")
+            if inputs:
+                torch.testing.assert_close(got[0], ref[0], rtol=1e-12, atol=1e-14)
+                torch.testing.assert_close(got[1], ref[1], rtol=1e-12, atol=1e-14)
+                assert set(got[2]) <= set(ref[2]), where
+                for k, v in ref[2].items():
+                    torch.testing.assert_close(got[2].get(k, torch.zeros_like(v)), v,
+                                               rtol=1e-12, atol=1e-14,
+                                               msg=lambda m: f"d state {k}, {where}: {m}")
+            else:
+                assert got[0] is None and got[1] is None and got[2] == {}, where
+            checked += 1
+    assert checked > 0

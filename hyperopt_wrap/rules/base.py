@@ -126,6 +126,26 @@ class UpdateRule:
         """
         return None
 
+    def vjp(self, param: Tensor, grad: Tensor, state: State, hyper: Hyper,
+            options: dict[str, Any], cot_param: Tensor | None, cot_state: State,
+            inputs: bool, kinds: tuple[str, ...]):
+        """Optional closed-form reverse products of :meth:`update` (second-order methods).
+
+        For output cotangents ``cot_param`` (of the new parameter; None for zero) and
+        ``cot_state`` (of new state entries; missing ones are zero), return
+        ``(d_param, d_grad, d_state, d_hyper)``: the cotangents of the inputs
+        (``d_param``/``d_grad`` None and ``d_state`` empty when ``inputs`` is False;
+        ``d_state`` has an entry for each floating-point state tensor shaped like ``param``
+        that the step reads, ``step`` counters excepted) and ``d_hyper[kind]`` for each kind in
+        ``kinds``, shaped like ``hyper[kind]`` (summed over the parameter for a 0-dim value).
+        Called with gradients disabled; all inputs are constants.
+
+        Return None where a configuration is not handled: the methods then run reverse-mode
+        autograd through :meth:`update`, which is always correct.  The default returns None;
+        the tests check every closed form against autograd in float64.
+        """
+        return None
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
 
@@ -160,6 +180,14 @@ def kept(ok: Tensor, value: float | Tensor, frozen: float) -> Tensor:
     skipped (ok=0); exact in both cases, in ``ok``'s dtype (memoised like :func:`gated`)."""
     key = ("kept", id(value) if isinstance(value, Tensor) else value, frozen)
     return _memo(ok, key, value, lambda: ok * value + (1 - ok) * frozen)
+
+
+def reduce_like(x: Tensor, y: Tensor, like: float | Tensor) -> Tensor:
+    """``x * y`` reduced to the shape of the hyperparameter ``like``: summed to a 0-dim tensor
+    for a scalar, elementwise for a value shaped like the parameter."""
+    if isinstance(like, Tensor) and like.dim() > 0:
+        return x * y
+    return torch.vdot(x.reshape(-1), y.reshape(-1))
 
 
 def add_scaled_(x: Tensor, y: Tensor, scale: float | Tensor) -> Tensor:

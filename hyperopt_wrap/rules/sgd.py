@@ -16,7 +16,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .base import Hyper, State, UpdateRule, add_scaled_, gated, is_zero, kept, scratch
+from .base import (Hyper, State, UpdateRule, add_scaled_, gated, is_zero, kept, reduce_like,
+                   scratch)
 
 
 class SGDRule(UpdateRule):
@@ -89,3 +90,67 @@ class SGDRule(UpdateRule):
                 tangents[kind] = (t_mu if kind == "momentum" else t_wd).mul_(-lr)
         param.addcmul_(direction, gated(ok, lr), value=-1)
         return tangents
+
+    def vjp(self, param, grad, state, hyper, options, cot_param, cot_state, inputs, kinds):
+        """Reverse products of :meth:`update` in closed form (see the module docstring)::
+
+            d0 = s g + wd w                                (s = -1 if maximize else 1)
+            b' = mu b + tau d0   (b' = d0 on the first step)
+            u  = d0 + mu b' (Nesterov) or b'              w' = w - lr u
+
+        with cotangents ``a`` of w' and ``c`` of b'.  Fused ops where they exist: these run on
+        parameter-sized tensors, several per recorded step.
+        """
+        lr, mu, wd = hyper["lr"], hyper["momentum"], hyper["weight_decay"]
+        a = torch.zeros_like(param) if cot_param is None else cot_param
+        maximize, tau = options["maximize"], 1 - options["dampening"]
+        d0 = grad.neg() if maximize else grad
+        if not is_zero(wd):
+            d0 = _axpy(d0, param, wd)
+        a_u = a * -lr                                    # cotangent of the direction u
+        out: dict[str, Tensor] = {}
+        d_state: State = {}
+        if is_zero(mu):
+            a_d0, u = a_u, d0
+        else:
+            nesterov = options["nesterov"]
+            c = cot_state.get("momentum_buffer")
+            buf = state.get("momentum_buffer")
+            if buf is None:
+                new_buf = d0
+            else:
+                new_buf = _axpy(d0 * tau if tau != 1 else d0, buf, mu)
+            u = _axpy(d0, new_buf, mu) if nesterov and "lr" in kinds else new_buf
+            a_b = a_u * mu if nesterov else a_u          # cotangent of b', through u ...
+            if c is not None:
+                a_b = a_b + c                            # ... and as the new state
+            if "momentum" in kinds:
+                dmu = reduce_like(a_u, new_buf, mu) if nesterov else None
+                if buf is not None:
+                    term = reduce_like(a_b, buf, mu)
+                    dmu = term if dmu is None else dmu + term
+                out["momentum"] = torch.zeros_like(mu) if dmu is None else dmu
+            if buf is None:
+                a_d0 = a_b + a_u if nesterov else a_b
+            else:
+                a_d0 = a_b * tau if tau != 1 else a_b
+                if nesterov:
+                    a_d0 = a_d0 + a_u
+                if inputs:
+                    d_state["momentum_buffer"] = a_b * mu
+        if "lr" in kinds:
+            out["lr"] = reduce_like(a, u, lr).neg_()
+        if "weight_decay" in kinds:
+            out["weight_decay"] = reduce_like(a_d0, param, wd)
+        if not inputs:
+            return None, None, {}, out
+        d_param = a if is_zero(wd) else _axpy(a, a_d0, wd)
+        d_grad = a_d0.neg() if maximize else a_d0
+        return d_param, d_grad, d_state, out
+
+
+def _axpy(x: Tensor, y: Tensor, alpha: float | Tensor) -> Tensor:
+    """``x + alpha * y`` (new tensor) in one op."""
+    if isinstance(alpha, Tensor):
+        return torch.addcmul(x, y, alpha)
+    return torch.add(x, y, alpha=alpha)
