@@ -144,7 +144,9 @@ def test_in_place_step_matches_reference_and_is_a_no_op_when_skipped(case):
     assert handled > 0, f"{type(rule).__name__} must have an in-place fast path"
 
 
-CLOSED_FORM_VJP = (SGDRule,)    # rules with a closed-form UpdateRule.vjp; the rest decline
+def _has_closed_form_vjp(rule, options) -> bool:
+    """Written out by hand: SGD always; Adam/AdamW except amsgrad (torch.maximum's kink)."""
+    return isinstance(rule, SGDRule) or (isinstance(rule, AdamRule) and not options["amsgrad"])
 
 
 def _reverse_mode(rule, param, grad, state, hyper, options, cot_p, cot_s, tuned):
@@ -184,7 +186,7 @@ def test_closed_form_vjp_matches_reverse_mode(case):
         new_state = rule.update(param, grad, state, {k: values[k] for k in rule.kinds},
                                 options)[1]
     cot_s_full = {k: torch.randn(N, generator=gen, dtype=DT) for k in new_state if k != "step"}
-    if not isinstance(rule, CLOSED_FORM_VJP):
+    if not _has_closed_form_vjp(rule, options):
         hyper = {k: values[k] for k in rule.kinds}
         assert rule.vjp(param, grad, state, hyper, options, cot_p, {}, True, ()) is None
         return
@@ -220,3 +222,39 @@ def test_closed_form_vjp_matches_reverse_mode(case):
                 assert got[0] is None and got[1] is None and got[2] == {}, where
             checked += 1
     assert checked > 0
+
+
+@pytest.mark.parametrize("decoupled", [False, True])
+def test_adam_closed_form_vjp_is_finite_where_gradient_and_moments_are_zero(decoupled):
+    """Entries whose gradient and moments are all 0 (a dead unit, an unused embedding row):
+    autograd through ``sqrt(v')`` gives NaN there; the closed form takes the limit, and its
+    gradient cotangent equals central differences of ``update`` (the derivative exists: r is
+    (1-b1) g / (c|g| + eps) near g = 0)."""
+    rule = AdamRule(decoupled)
+    options = {"beta2": 0.99, "eps": 1e-8, "amsgrad": False, "maximize": False,
+               "decoupled": decoupled}
+    gen = torch.Generator().manual_seed(4)
+    param, cot = torch.randn(N, generator=gen, dtype=DT), torch.randn(N, generator=gen, dtype=DT)
+    grad = torch.randn(N, generator=gen, dtype=DT)
+    m, v = torch.randn(N, generator=gen, dtype=DT), torch.rand(N, generator=gen, dtype=DT) + 0.1
+    dead = torch.arange(N) < N // 2
+    grad[dead], m[dead], v[dead] = 0.0, 0.0, 0.0
+    state = {"step": _t(3.0), "exp_avg": m, "exp_avg_sq": v}
+    # coupled weight decay would make those gradients nonzero (g + wd w): none there
+    tuned = ("lr", "momentum", "weight_decay") if decoupled else ("lr", "momentum")
+    hyper = {"lr": _t(0.05), "momentum": _t(0.9),
+             "weight_decay": _t(0.03) if decoupled else 0.0}
+    with torch.no_grad():
+        d_param, d_grad, d_state, d_hyper = rule.vjp(param, grad, state, hyper, options, cot,
+                                                     {}, True, tuned)
+    for x in (d_param, d_grad, *d_state.values(), *d_hyper.values()):
+        assert torch.isfinite(x).all()
+    ref = _reverse_mode(rule, param, grad, state, hyper, options, cot, {}, ())
+    assert torch.isnan(ref[1][dead]).all()          # autograd's 0 * inf
+    torch.testing.assert_close(d_grad[~dead], ref[1][~dead], rtol=1e-12, atol=1e-14)
+    h = 1e-13
+    with torch.no_grad():
+        up = rule.update(param, grad + h * dead, state, hyper, options)[0]
+        down = rule.update(param, grad - h * dead, state, hyper, options)[0]
+    fd = cot * (up - down) / (2 * h)
+    torch.testing.assert_close(d_grad[dead], fd[dead], rtol=1e-4, atol=0)

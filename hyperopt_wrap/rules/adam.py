@@ -15,8 +15,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .base import (Hyper, State, UpdateRule, add_scaled_, gated, is_zero, kept, new_step_count,
-                   scratch)
+from .base import (Hyper, State, UpdateRule, add_scaled_, axpy, gated, is_zero, kept,
+                   new_step_count, reduce_like, scratch)
 
 
 class AdamRule(UpdateRule):
@@ -126,3 +126,70 @@ class AdamRule(UpdateRule):
             param.mul_(1 - lr * wd * ok)
         param.addcmul_(ratio, step_size * ok, value=-1)
         return tangents
+
+    def vjp(self, param, grad, state, hyper, options, cot_param, cot_state, inputs, kinds):
+        """Reverse products of :meth:`update` in closed form, with cotangents ``a`` of the new
+        weights and ``c_m``, ``c_v`` of the new moments::
+
+            w' = w1 - k r,   k = lr / bc1,   r = m' / (sqrt(v') / bc2s + eps)
+            m' = b1 m + (1 - b1) g,   v' = b2 v + (1 - b2) g^2,   bc1 = 1 - b1^t'
+
+        Where ``v' = 0`` (the gradient and both moments zero) the derivative through
+        ``sqrt(v')`` is taken as its limit 0 (``r`` is 0 there), not autograd's NaN.
+        amsgrad (``torch.maximum``'s kink) declines: autograd through ``update`` serves it.
+        """
+        if options["amsgrad"]:
+            return None
+        lr, beta1, wd = hyper["lr"], hyper["momentum"], hyper["weight_decay"]
+        beta2, eps, maximize = options["beta2"], options["eps"], options["maximize"]
+        coupled = not is_zero(wd) and not options["decoupled"]
+        decoupled = not is_zero(wd) and options["decoupled"]
+        a = torch.zeros_like(param) if cot_param is None else cot_param
+        g = grad.neg() if maximize else grad
+        if coupled:
+            g = axpy(g, param, wd)
+        m, v = state["exp_avg"], state["exp_avg_sq"]
+        t = state["step"] + 1
+        m_new = torch.lerp(m, g, 1 - beta1)
+        v_new = torch.addcmul(v * beta2, g, g, value=1 - beta2)
+        bc1 = 1 - beta1 ** t
+        bc2s = (1 - beta2 ** t).sqrt()
+        root = v_new.sqrt()
+        denom = root / bc2s + eps
+        r = m_new / denom
+        out: dict[str, Tensor] = {}
+        a_r = a * (-lr / bc1)                            # cotangent of r
+        a_m = a_r / denom                                # of m', through r ...
+        c_m = cot_state.get("exp_avg")
+        if c_m is not None:
+            a_m = a_m + c_m                              # ... and as the new state
+        # of v', through denom = sqrt(v') / bc2s + eps (limit 0 where v' = 0) ...
+        a_v = torch.where(root > 0, -a_r * r / (denom * root * (2 * bc2s)), 0.0)
+        c_v = cot_state.get("exp_avg_sq")
+        if c_v is not None:
+            a_v = a_v + c_v                              # ... and as the new state
+        if "lr" in kinds:
+            d_lr = reduce_like(a, r / bc1, lr).neg_()
+            if decoupled:
+                d_lr = d_lr - reduce_like(a, param * wd, lr)
+            out["lr"] = d_lr
+        if "momentum" in kinds:
+            # m' = m + (1 - b1)(g - m): d m'/d b1 = m - g;  k = lr / (1 - b1^t):
+            # d k / d b1 = lr t b1^(t-1) / bc1^2
+            dk_db1 = lr * t * beta1 ** (t - 1) / (bc1 * bc1)
+            out["momentum"] = (reduce_like(a_m, m - g, beta1)
+                               - reduce_like(a * r, dk_db1, beta1))
+        a_g = torch.addcmul(a_m * (1 - beta1), g, a_v, value=2 * (1 - beta2))
+        if "weight_decay" in kinds:
+            out["weight_decay"] = (reduce_like(a_g, param, wd) if coupled
+                                   else reduce_like(a, param * lr, wd).neg_())
+        if not inputs:
+            return None, None, {}, out
+        if coupled:
+            d_param = axpy(a, a_g, wd)
+        elif decoupled:
+            d_param = a * (1 - lr * wd)
+        else:
+            d_param = a
+        d_grad = a_g.neg() if maximize else a_g
+        return d_param, d_grad, {"exp_avg": a_m * beta1, "exp_avg_sq": a_v * beta2}, out

@@ -182,12 +182,23 @@ def kept(ok: Tensor, value: float | Tensor, frozen: float) -> Tensor:
     return _memo(ok, key, value, lambda: ok * value + (1 - ok) * frozen)
 
 
-def reduce_like(x: Tensor, y: Tensor, like: float | Tensor) -> Tensor:
-    """``x * y`` reduced to the shape of the hyperparameter ``like``: summed to a 0-dim tensor
-    for a scalar, elementwise for a value shaped like the parameter."""
+def reduce_like(x: Tensor, y: Tensor | float, like: float | Tensor) -> Tensor:
+    """``x * y`` (broadcast) reduced to the shape of the hyperparameter ``like``: summed to a
+    0-dim tensor for a scalar, elementwise for a value shaped like the parameter."""
     if isinstance(like, Tensor) and like.dim() > 0:
         return x * y
+    if not isinstance(y, Tensor) or y.dim() == 0:
+        return x.sum() * y
+    if x.shape != y.shape:
+        return (x * y).sum()
     return torch.vdot(x.reshape(-1), y.reshape(-1))
+
+
+def axpy(x: Tensor, y: Tensor, alpha: float | Tensor) -> Tensor:
+    """``x + alpha * y`` as a new tensor, in one op."""
+    if isinstance(alpha, Tensor):
+        return torch.addcmul(x, y, alpha)
+    return torch.add(x, y, alpha=alpha)
 
 
 def add_scaled_(x: Tensor, y: Tensor, scale: float | Tensor) -> Tensor:

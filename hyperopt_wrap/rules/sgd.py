@@ -16,8 +16,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .base import (Hyper, State, UpdateRule, add_scaled_, gated, is_zero, kept, reduce_like,
-                   scratch)
+from .base import (Hyper, State, UpdateRule, add_scaled_, axpy, gated, is_zero, kept,
+                   reduce_like, scratch)
 
 
 class SGDRule(UpdateRule):
@@ -106,7 +106,7 @@ class SGDRule(UpdateRule):
         maximize, tau = options["maximize"], 1 - options["dampening"]
         d0 = grad.neg() if maximize else grad
         if not is_zero(wd):
-            d0 = _axpy(d0, param, wd)
+            d0 = axpy(d0, param, wd)
         a_u = a * -lr                                    # cotangent of the direction u
         out: dict[str, Tensor] = {}
         d_state: State = {}
@@ -119,8 +119,8 @@ class SGDRule(UpdateRule):
             if buf is None:
                 new_buf = d0
             else:
-                new_buf = _axpy(d0 * tau if tau != 1 else d0, buf, mu)
-            u = _axpy(d0, new_buf, mu) if nesterov and "lr" in kinds else new_buf
+                new_buf = axpy(d0 * tau if tau != 1 else d0, buf, mu)
+            u = axpy(d0, new_buf, mu) if nesterov and "lr" in kinds else new_buf
             a_b = a_u * mu if nesterov else a_u          # cotangent of b', through u ...
             if c is not None:
                 a_b = a_b + c                            # ... and as the new state
@@ -144,13 +144,6 @@ class SGDRule(UpdateRule):
             out["weight_decay"] = reduce_like(a_d0, param, wd)
         if not inputs:
             return None, None, {}, out
-        d_param = a if is_zero(wd) else _axpy(a, a_d0, wd)
+        d_param = a if is_zero(wd) else axpy(a, a_d0, wd)
         d_grad = a_d0.neg() if maximize else a_d0
         return d_param, d_grad, d_state, out
-
-
-def _axpy(x: Tensor, y: Tensor, alpha: float | Tensor) -> Tensor:
-    """``x + alpha * y`` (new tensor) in one op."""
-    if isinstance(alpha, Tensor):
-        return torch.addcmul(x, y, alpha)
-    return torch.add(x, y, alpha=alpha)
