@@ -193,12 +193,15 @@ def test_closed_form_vjp_matches_reverse_mode(case):
     checked = 0
     for tuned in _subsets(rule, consts):
         mu_consts = (values["momentum"], 0.0) if "momentum" not in tuned else (None,)
+        # which tuned kinds are per element (the rest 0-dim), e.g. per-element lr with a
+        # global momentum and weight decay
+        shapes = [set(c) for r in range(len(tuned) + 1) for c in itertools.combinations(tuned, r)]
         for wd_const, mu_const, elementwise, with_cot_s, inputs in itertools.product(
-                (0.0, 0.03), mu_consts, (False, True), (False, True), (True, False)):
-            spread = lambda v: (_t(v) * (1 + 0.1 * torch.rand(N, generator=gen, dtype=DT))
-                                if elementwise else _t(v))
+                (0.0, 0.03), mu_consts, shapes, (False, True), (True, False)):
+            spread = lambda k: (_t(values[k]) * (1 + 0.1 * torch.rand(N, generator=gen, dtype=DT))
+                                if k in elementwise else _t(values[k]))
             consts_now = {**values, "weight_decay": wd_const, "momentum": mu_const}
-            hyper = {k: spread(values[k]) if k in tuned else consts_now[k] for k in rule.kinds}
+            hyper = {k: spread(k) if k in tuned else consts_now[k] for k in rule.kinds}
             cot_s = cot_s_full if with_cot_s else {}
             with torch.no_grad():
                 got = rule.vjp(param, grad, state, hyper, options, cot_p, cot_s, inputs, tuned)

@@ -140,6 +140,8 @@ class AdamRule(UpdateRule):
         """
         if options["amsgrad"]:
             return None
+        # Temporaries are updated in place where this function owns them: on CPU a fresh
+        # parameter-sized allocation costs about as much as the arithmetic.
         lr, beta1, wd = hyper["lr"], hyper["momentum"], hyper["weight_decay"]
         beta2, eps, maximize = options["beta2"], options["eps"], options["maximize"]
         coupled = not is_zero(wd) and not options["decoupled"]
@@ -150,39 +152,44 @@ class AdamRule(UpdateRule):
             g = axpy(g, param, wd)
         m, v = state["exp_avg"], state["exp_avg_sq"]
         t = state["step"] + 1
-        m_new = torch.lerp(m, g, 1 - beta1)
-        v_new = torch.addcmul(v * beta2, g, g, value=1 - beta2)
         bc1 = 1 - beta1 ** t
         bc2s = (1 - beta2 ** t).sqrt()
-        root = v_new.sqrt()
-        denom = root / bc2s + eps
-        r = m_new / denom
-        out: dict[str, Tensor] = {}
+        m_new = torch.lerp(m, g, 1 - beta1)
+        root = torch.mul(v, beta2).addcmul_(g, g, value=1 - beta2).sqrt_()     # sqrt(v')
+        denom = torch.div(root, bc2s).add_(eps)
+        r = torch.div(m_new, denom)
         a_r = a * (-lr / bc1)                            # cotangent of r
-        a_m = a_r / denom                                # of m', through r ...
+        a_m = torch.div(a_r, denom)                      # of m', through r ...
         c_m = cot_state.get("exp_avg")
         if c_m is not None:
-            a_m = a_m + c_m                              # ... and as the new state
-        # of v', through denom = sqrt(v') / bc2s + eps (limit 0 where v' = 0) ...
-        a_v = torch.where(root > 0, -a_r * r / (denom * root * (2 * bc2s)), 0.0)
+            a_m.add_(c_m)                                # ... and as the new state
+        # of v', through denom (limit 0 where v' = 0, where r = 0) ...
+        a_v = torch.mul(a_r, r).div_(denom).div_(root).mul_(-0.5 / bc2s)
+        a_v.masked_fill_(root == 0, 0.0)
         c_v = cot_state.get("exp_avg_sq")
         if c_v is not None:
-            a_v = a_v + c_v                              # ... and as the new state
+            a_v.add_(c_v)                                # ... and as the new state
+        out: dict[str, Tensor] = {}
         if "lr" in kinds:
-            d_lr = reduce_like(a, r / bc1, lr).neg_()
+            d_lr = _dot(a, r, lr, 1 / bc1).neg()
             if decoupled:
-                d_lr = d_lr - reduce_like(a, param * wd, lr)
+                d_lr = d_lr - _dot(a, param, lr, wd)
             out["lr"] = d_lr
         if "momentum" in kinds:
             # m' = m + (1 - b1)(g - m): d m'/d b1 = m - g;  k = lr / (1 - b1^t):
             # d k / d b1 = lr t b1^(t-1) / bc1^2
             dk_db1 = lr * t * beta1 ** (t - 1) / (bc1 * bc1)
-            out["momentum"] = (reduce_like(a_m, m - g, beta1)
-                               - reduce_like(a * r, dk_db1, beta1))
-        a_g = torch.addcmul(a_m * (1 - beta1), g, a_v, value=2 * (1 - beta2))
+            through_m = (reduce_like(a_m, m - g, beta1) if beta1.dim() > 0
+                         else reduce_like(a_m, m, beta1) - reduce_like(a_m, g, beta1))
+            out["momentum"] = through_m - _dot(a, r, beta1, dk_db1)
+        if not inputs and not (coupled and "weight_decay" in kinds):
+            if "weight_decay" in kinds:
+                out["weight_decay"] = _dot(a, param, wd, lr).neg()
+            return None, None, {}, out
+        a_g = torch.mul(a_m, 1 - beta1).addcmul_(g, a_v, value=2 * (1 - beta2))
         if "weight_decay" in kinds:
             out["weight_decay"] = (reduce_like(a_g, param, wd) if coupled
-                                   else reduce_like(a, param * lr, wd).neg_())
+                                   else _dot(a, param, wd, lr).neg())
         if not inputs:
             return None, None, {}, out
         if coupled:
@@ -191,5 +198,13 @@ class AdamRule(UpdateRule):
             d_param = a * (1 - lr * wd)
         else:
             d_param = a
-        d_grad = a_g.neg() if maximize else a_g
-        return d_param, d_grad, {"exp_avg": a_m * beta1, "exp_avg_sq": a_v * beta2}, out
+        d_grad = a_g.neg_() if maximize else a_g
+        return d_param, d_grad, {"exp_avg": a_m.mul_(beta1), "exp_avg_sq": a_v.mul_(beta2)}, out
+
+
+def _dot(x: Tensor, y: Tensor, like: float | Tensor, coef: float | Tensor) -> Tensor:
+    """``x * y * coef`` reduced to the shape of ``like``; a scalar ``coef`` is factored out of
+    the sum, a per-element one (another hyperparameter's shape) multiplied in first."""
+    if isinstance(coef, Tensor) and coef.dim() > 0:
+        return reduce_like(x, y * coef, like)
+    return reduce_like(x, y, like) * coef
