@@ -532,7 +532,7 @@ def profile_step(case: Case, steps: int = 50, threads: int = 1, top: int = 25) -
 
 
 # ---------------------------------------------------------------------------- report
-def _bytes(n: int | None) -> str:
+def format_bytes(n: int | None) -> str:
     if n is None:
         return "n/a"
     for unit in ("B", "KiB", "MiB", "GiB"):
@@ -610,9 +610,9 @@ def format_markdown(results: list[dict], info: dict[str, str], settings: dict) -
     for r in results:
         lines.append(f"| {r['net']} | {r['base']} | {r['variant']} | {r['reference']} | "
                      f"{1e3 * r['median_s']:.3f} | {r['ratio']:.2f}x | "
-                     f"{r['ratio_of_medians']:.2f}x | {_bytes(r['state_bytes'])} | "
-                     f"{_bytes(r['state_bytes'] - ref(r)['state_bytes'])} | "
-                     f"{_bytes(r['step_peak_bytes'])} | {_peak_ratio(r, ref(r))} | "
+                     f"{r['ratio_of_medians']:.2f}x | {format_bytes(r['state_bytes'])} | "
+                     f"{format_bytes(r['state_bytes'] - ref(r)['state_bytes'])} | "
+                     f"{format_bytes(r['step_peak_bytes'])} | {_peak_ratio(r, ref(r))} | "
                      f"{_faults(r)} |")
     nets = list(dict.fromkeys(r["net"] for r in results))
     bases = [b for b in BASES if any(r["base"] == b for r in results)]
