@@ -1,0 +1,1086 @@
+"""Tuning-quality study: one run from a random initialisation against random search and the
+learning-rate-free optimizers (protocol after Clarke, Oldewage & Hernandez-Lobato, ICLR 2022).
+
+    python benchmarks/study.py                    # the full study (about 20 minutes, --jobs 2)
+    python benchmarks/study.py --quick            # tiny sizes, seconds
+    python benchmarks/study.py --tasks digits --methods fixed,greedy --inits 5 --no-plots
+
+For each task, N random initialisations are drawn (log10 lr ~ U(-6, -1), log10 weight decay ~
+U(-7, -2), momentum ~ U(0, 1); the i-th also fixes the initial weights and the minibatch order)
+and every method trains once from each of them with the same step budget:
+
+* ``fixed``: plain ``torch.optim.SGD`` at the initial hyperparameters.  The N fixed runs are also
+  the N trials of random search: best-of-N picks the run with the lowest final validation loss.
+* our methods (``HyperOptimizer`` tuning lr, momentum and weight decay on a validation loss):
+  greedy, implicit, unroll (their defaults) and greedy with per-element learning rates.
+* learning-rate-free optimizers at their documented defaults (Prodigy, Schedule-Free AdamW,
+  D-Adaptation Adam), once per initialisation seed (same weights and batches; they take no
+  initial hyperparameters); skipped with a message when the package is missing.
+
+The section "study" of ``benchmarks/RESULTS.md`` is rewritten (``report.write_section``), the
+same text is printed, and plots go to ``benchmarks/plots/`` (box plots of the final test loss,
+hyperparameter trajectories).  Progress goes to stderr.  A run that diverges (non-finite loss or
+weights) counts as NaN; it is reported, never dropped.  ``main(argv)`` returns the results.
+"""
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import math
+import multiprocessing
+import os
+import sys
+import time
+import traceback
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+HERE = Path(__file__).resolve().parent
+if str(HERE) not in sys.path:              # report.py is a sibling, not a package module
+    sys.path.insert(0, str(HERE))
+if str(HERE.parent) not in sys.path:       # run from a checkout without installing
+    sys.path.insert(0, str(HERE.parent))
+
+import report  # noqa: E402
+from hyperopt_wrap import HyperOptimizer  # noqa: E402
+from hyperopt_wrap.demo import load_digits_split, make_model, minibatches  # noqa: E402
+
+SEED = 0                 # the data splits and the draw of the initialisations
+INITS = 20
+TOLERANCE = 0.02         # "no worse than best-of-N": median test loss <= best-of-N * (1 + this)
+BEST_OF_K = (5,)         # expected best-of-k random search, exact over all k-subsets of the N
+LOG10_LR = (-6.0, -1.0)
+LOG10_WD = (-7.0, -2.0)
+KINDS = ("lr", "momentum", "weight_decay")
+BUDGET_NOTE = (
+    "chosen so that the whole default study (3 tasks x 8 methods x 20 initialisations) runs in "
+    "about 25 minutes on this 2-core machine with 2 workers when it is otherwise idle. "
+    "Measured alone (1 process), one step of all 8 methods together costs about 12 ms "
+    "(digits), 11.5 ms (diabetes) and 100 ms (LSTM, with implicit and unroll taking their "
+    "Hessian-vector products from the closure: a double backward through the LSTM made them "
+    "about 25 ms a step each, the closure about 13; greedy about 20 ms, a validation forward "
+    "and backward every step). Diabetes keeps the authors' 4000 full-batch steps; digits gets "
+    "1500 steps (about 70 epochs of 1078 images); the LSTM 800 steps (about 2.2 epochs of the "
+    "training text), short of convergence: its numbers compare progress within a fixed "
+    "budget. Implicit and unroll (a hyper-step every 10 steps) get 10x fewer hyper-steps than "
+    "greedy in the same budget")
+
+
+# ============================================================================ tasks
+@dataclass
+class Task:
+    """A training problem: data, model, minibatches, losses.  ``build(settings)`` returns the
+    data object every other hook receives."""
+    name: str
+    title: str
+    steps: int                       # default step budget
+    quick_steps: int
+    describe: Callable[[dict], str]
+    build: Callable[[dict], object]
+    model: Callable[[object, int], nn.Module]
+    batches: Callable[[object, int, int], list]          # (data, steps, seed) -> batches
+    train_loss: Callable[[nn.Module, object, object], Tensor]
+    val_loss: Callable[[nn.Module, object, int], Callable[[], Tensor]]   # meta-objective
+    evaluate: Callable[[nn.Module, object, str], float]  # full split loss, no grad
+    metric: str | None = None                            # "perplexity" for language models
+    # where implicit and unroll take Hessian-vector products: "graph" (double backward,
+    # exact) or "closure" (finite differences, one gradient each; far cheaper for an LSTM)
+    curvature: str = "graph"
+
+
+_CACHE: dict = {}
+
+
+def _built(task: Task, settings: dict):
+    key = (task.name, settings["quick"])
+    if key not in _CACHE:
+        _CACHE[key] = task.build(settings)
+    return _CACHE[key]
+
+
+# ---------------------------------------------------------------------------- digits
+def _digits_build(settings):
+    return load_digits_split(SEED)           # the demo's seeded 60/20/20 split, standardised
+
+
+def _digits_model(data, seed):
+    return make_model(seed, 50, "tanh")      # the demo's MLP 64-50-10
+
+
+def _digits_batches(data, steps, seed):
+    return list(minibatches(len(data.x_train), steps, 50, seed))
+
+
+_ce = nn.CrossEntropyLoss()
+_mse = nn.MSELoss()
+
+
+def _digits_train_loss(model, data, idx):
+    return _ce(model(data.x_train[idx]), data.y_train[idx])
+
+
+def _digits_val_loss(model, data, seed):
+    return lambda: _ce(model(data.x_val), data.y_val)       # the whole validation set (359)
+
+
+def _digits_evaluate(model, data, split):
+    x, y = {"val": (data.x_val, data.y_val), "test": (data.x_test, data.y_test)}[split]
+    return float(_ce(model(x), y))
+
+
+# ---------------------------------------------------------------------------- diabetes
+@dataclass
+class Regression:
+    x_train: Tensor
+    y_train: Tensor
+    x_val: Tensor
+    y_val: Tensor
+    x_test: Tensor
+    y_test: Tensor
+
+
+def _diabetes_build(settings):
+    """sklearn's diabetes, split 60/20/20 by a seeded permutation, inputs and target
+    standardised with the training statistics."""
+    from sklearn.datasets import load_diabetes
+
+    x, y = load_diabetes(return_X_y=True)
+    x = torch.as_tensor(x, dtype=torch.float32)
+    y = torch.as_tensor(y, dtype=torch.float32).unsqueeze(1)
+    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(SEED))
+    n_train, n_val = int(0.6 * len(x)), int(0.2 * len(x))
+    tr, va, te = order[:n_train], order[n_train:n_train + n_val], order[n_train + n_val:]
+    x = (x - x[tr].mean(0)) / x[tr].std(0)
+    y = (y - y[tr].mean(0)) / y[tr].std(0)
+    return Regression(x[tr], y[tr], x[va], y[va], x[te], y[te])
+
+
+def _diabetes_model(data, seed):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(data.x_train.shape[1], 50), nn.ReLU(), nn.Linear(50, 1))
+
+
+def _diabetes_batches(data, steps, seed):
+    return [None] * steps                    # full batch
+
+
+def _diabetes_train_loss(model, data, _):
+    return _mse(model(data.x_train), data.y_train)
+
+
+def _diabetes_val_loss(model, data, seed):
+    return lambda: _mse(model(data.x_val), data.y_val)
+
+
+def _diabetes_evaluate(model, data, split):
+    x, y = {"val": (data.x_val, data.y_val), "test": (data.x_test, data.y_test)}[split]
+    return float(_mse(model(x), y))
+
+
+# ---------------------------------------------------------------------------- char LSTM
+LSTM = {"embed": 16, "hidden": 64, "seq": 32, "batch": 32, "eval_chars": None}
+LSTM_QUICK = {"embed": 8, "hidden": 16, "seq": 16, "batch": 8, "eval_chars": 2048}
+
+
+@dataclass
+class Corpus:
+    train: Tensor
+    val: Tensor
+    test: Tensor
+    vocab: int
+    cfg: dict
+    val_starts: Tensor = field(default=None)
+
+
+class CharLSTM(nn.Module):
+    def __init__(self, vocab: int, embed: int, hidden: int):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, embed)
+        self.lstm = nn.LSTM(embed, hidden, batch_first=True)
+        self.out = nn.Linear(hidden, vocab)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h, _ = self.lstm(self.embed(x))
+        return self.out(h)
+
+
+def _lstm_build(settings):
+    """Python's own documentation (``pydoc_data.topics``, shipped with Python): the topics in
+    sorted order, concatenated and split by contiguous spans 80/10/10."""
+    from pydoc_data.topics import topics
+
+    text = "".join(topics[k] for k in sorted(topics))
+    chars = sorted(set(text))
+    index = {c: i for i, c in enumerate(chars)}
+    ids = torch.tensor([index[c] for c in text], dtype=torch.int64)
+    n = len(ids)
+    a, b = int(0.8 * n), int(0.9 * n)
+    cfg = dict(LSTM_QUICK if settings["quick"] else LSTM)
+    train, val, test = ids[:a], ids[a:b], ids[b:]
+    if cfg["eval_chars"]:
+        val, test = val[:cfg["eval_chars"]], test[:cfg["eval_chars"]]
+    return Corpus(train, val, test, len(chars), cfg)
+
+
+def _lstm_model(data, seed):
+    torch.manual_seed(seed)
+    c = data.cfg
+    return CharLSTM(data.vocab, c["embed"], c["hidden"])
+
+
+def _windows(ids: Tensor, starts: Tensor, seq: int) -> tuple[Tensor, Tensor]:
+    rows = starts.unsqueeze(1) + torch.arange(seq + 1)
+    w = ids[rows]
+    return w[:, :-1], w[:, 1:]
+
+
+def _lstm_batches(data, steps, seed):
+    """Seeded random windows of seq+1 characters from the training text, batch at a time."""
+    c = data.cfg
+    gen = torch.Generator().manual_seed(seed + 1)
+    starts = torch.randint(0, len(data.train) - c["seq"] - 1, (steps, c["batch"]), generator=gen)
+    return list(starts)
+
+
+def _lstm_train_loss(model, data, starts):
+    x, y = _windows(data.train, starts, data.cfg["seq"])
+    return _ce(model(x).flatten(0, 1), y.flatten())
+
+
+def _lstm_val_loss(model, data, seed):
+    """The meta-objective: a fresh seeded validation minibatch (same size as a training
+    batch) at every call."""
+    c = data.cfg
+    gen = torch.Generator().manual_seed(seed + 2)
+    high = len(data.val) - c["seq"] - 1
+
+    def val_loss():
+        starts = torch.randint(0, high, (c["batch"],), generator=gen)
+        x, y = _windows(data.val, starts, c["seq"])
+        return _ce(model(x).flatten(0, 1), y.flatten())
+    return val_loss
+
+
+def _lstm_evaluate(model, data, split):
+    """Mean per-character cross-entropy over the whole split, cut into non-overlapping
+    sequences of the training length (state reset at each)."""
+    ids = {"val": data.val, "test": data.test}[split]
+    seq = data.cfg["seq"]
+    n = (len(ids) - 1) // seq
+    x = ids[:n * seq].view(n, seq)
+    y = ids[1:n * seq + 1].view(n, seq)
+    total = 0.0
+    for i in range(0, n, 256):
+        total += float(nn.functional.cross_entropy(model(x[i:i + 256]).flatten(0, 1),
+                                                   y[i:i + 256].flatten(), reduction="sum"))
+    return total / (n * seq)
+
+
+TASKS: dict[str, Task] = {t.name: t for t in (
+    Task("digits", "sklearn digits, MLP 64-50-10 (tanh), minibatch 50, cross-entropy",
+         steps=1500, quick_steps=12,
+         describe=lambda s: ("1797 8x8 digits, the demo's seeded 60/20/20 split (1078 / 359 / "
+                             "360), standardised on train; meta-objective: the whole validation "
+                             "set"),
+         build=_digits_build, model=_digits_model, batches=_digits_batches,
+         train_loss=_digits_train_loss, val_loss=_digits_val_loss, evaluate=_digits_evaluate),
+    Task("diabetes", "sklearn diabetes, MLP 10-50-1 (ReLU), full batch, MSE",
+         steps=4000, quick_steps=12,
+         describe=lambda s: ("442 patients, seeded 60/20/20 split (265 / 88 / 89), inputs and "
+                             "target standardised on train (losses in units of the target's "
+                             "variance); meta-objective: the whole validation set"),
+         build=_diabetes_build, model=_diabetes_model, batches=_diabetes_batches,
+         train_loss=_diabetes_train_loss, val_loss=_diabetes_val_loss,
+         evaluate=_diabetes_evaluate),
+    Task("lstm", "character LSTM language model on pydoc_data.topics",
+         steps=800, quick_steps=12, metric="perplexity", curvature="closure",
+         describe=lambda s: (
+             "Python's bundled documentation topics (79 strings, 464,970 characters, 103 "
+             "symbols), concatenated in sorted order and split 80/10/10 by contiguous spans; "
+             "embedding {embed}, LSTM {hidden}, linear to the vocabulary; batches of {batch} "
+             "random windows of {seq} characters; evaluation on the whole validation / test "
+             "span in non-overlapping {seq}-character sequences; meta-objective: a fresh "
+             "validation batch of the training batch's size at every call".format(
+                 **(LSTM_QUICK if s["quick"] else LSTM))),
+         build=_lstm_build, model=_lstm_model, batches=_lstm_batches,
+         train_loss=_lstm_train_loss, val_loss=_lstm_val_loss, evaluate=_lstm_evaluate),
+)}
+
+
+# ============================================================================ methods
+@dataclass
+class Method:
+    """One row of the study.  ``make(params, hyper, val_loss)`` returns the optimizer;
+    ``family``: "fixed" (plain SGD at the initial values), "ours" (HyperOptimizer; its
+    hyperparameter trajectories are recorded) or "lrfree" (no initial hyperparameters)."""
+    name: str
+    family: str
+    describe: str
+    make: Callable
+    requires: str | None = None          # importable package it needs
+    cost: float = 1.0                    # relative cost, only to order the job queue
+    train_mode: bool = False             # optimizer.train() / .eval() (Schedule-Free)
+
+
+def _sgd(params, h, val_loss):
+    return torch.optim.SGD(params, lr=h["lr"], momentum=h["momentum"],
+                           weight_decay=h["weight_decay"])
+
+
+def _ours(method, **extra):
+    def make(params, h, val_loss):
+        return HyperOptimizer(torch.optim.SGD, params, method=method, tune=KINDS,
+                              val_loss=val_loss, lr=h["lr"], momentum=h["momentum"],
+                              weight_decay=h["weight_decay"], **extra)
+    return make
+
+
+def _prodigy(params, h, val_loss):
+    from prodigyopt import Prodigy
+    return Prodigy(params)
+
+
+def _schedulefree(params, h, val_loss):
+    from schedulefree import AdamWScheduleFree
+    return AdamWScheduleFree(params)
+
+
+def _dadapt(params, h, val_loss):
+    from dadaptation import DAdaptAdam
+    return DAdaptAdam(params)
+
+
+ELEMENT_LR = {"lr": "element", "momentum": "global", "weight_decay": "global"}
+
+# A future method (rtrl, forward_gradient, sgld, distill) is one more entry here.
+METHODS: dict[str, Method] = {m.name: m for m in (
+    Method("fixed", "fixed", "torch.optim.SGD at the initial lr / momentum / weight decay",
+           _sgd, cost=0.5),
+    Method("greedy", "ours", "HyperOptimizer(method='greedy'), lr + momentum + weight decay "
+           "global, val_loss", _ours("greedy"), cost=1.5),
+    Method("implicit", "ours", "HyperOptimizer(method='implicit') at its defaults (Neumann "
+           "terms 5, update_every 10), global, val_loss; curvature from the graph (closure on the "
+           "LSTM)",
+           _ours("implicit"), cost=1.5),
+    Method("unroll", "ours", "HyperOptimizer(method='unroll') at its defaults (horizon 5, "
+           "update_every 10), global, val_loss; curvature from the graph (closure on the LSTM)",
+           _ours("unroll"), cost=2.0),
+    Method("greedy element-lr", "ours", "greedy with granularity " + str(ELEMENT_LR),
+           _ours("greedy", granularity=ELEMENT_LR), cost=1.7),
+    Method("prodigy", "lrfree", "prodigyopt.Prodigy(params), documented defaults (lr=1)",
+           _prodigy, requires="prodigyopt"),
+    Method("schedulefree", "lrfree", "schedulefree.AdamWScheduleFree(params), documented "
+           "defaults (lr=0.0025, no warm-up); .train() / .eval() around evaluation",
+           _schedulefree, requires="schedulefree", train_mode=True),
+    Method("dadaptation", "lrfree", "dadaptation.DAdaptAdam(params), documented defaults "
+           "(lr=1)", _dadapt, requires="dadaptation"),
+)}
+
+
+def available(method: Method) -> bool:
+    if method.requires is None:
+        return True
+    import importlib.util
+    return importlib.util.find_spec(method.requires) is not None
+
+
+# ============================================================================ one run
+def draw_inits(n: int, seed: int = SEED) -> list[dict[str, float]]:
+    """The i-th initial hyperparameters (the first k are the same for every n >= k)."""
+    gen = torch.Generator().manual_seed(seed + 12345)
+    out = []
+    for _ in range(n):
+        u = torch.rand(3, generator=gen, dtype=torch.float64).tolist()
+        out.append({"lr": 10 ** (LOG10_LR[0] + u[0] * (LOG10_LR[1] - LOG10_LR[0])),
+                    "momentum": u[1],
+                    "weight_decay": 10 ** (LOG10_WD[0] + u[2] * (LOG10_WD[1] - LOG10_WD[0]))})
+    return out
+
+
+def _hyper_snapshot(opt) -> dict[str, float]:
+    """Current lr / momentum / weight decay (element lr: geometric mean over elements)."""
+    out = {}
+    for kind, entries in opt.hyperparameters().items():
+        v = entries[0]
+        if isinstance(v, list):
+            flat = torch.cat([t.detach().reshape(-1).double() for t in v])
+            out[kind] = float(flat.clamp_min(1e-300).log().mean().exp())
+        else:
+            out[kind] = float(v)
+    return out
+
+
+def _all_finite(model: nn.Module) -> bool:
+    return all(bool(torch.isfinite(p).all()) for p in model.parameters())
+
+
+def _quiet() -> None:
+    # the documented graph source (README): backward(create_graph=opt.needs_graph)
+    warnings.filterwarnings("ignore", message="Using backward\\(\\) with create_graph=True")
+
+
+def _empty_result(task_name: str, method_name: str, index: int, settings: dict) -> dict:
+    inits = settings.get("inits", [])
+    return {"task": task_name, "method": method_name, "index": index,
+            "init": inits[index] if 0 <= index < len(inits) else None,
+            "test_loss": math.nan, "val_loss": math.nan, "seconds": 0.0, "steps_done": 0,
+            "diverged": False, "error": None, "traj": None, "skipped_steps": 0}
+
+
+def run_one(task_name: str, method_name: str, index: int, settings: dict) -> dict:
+    """Train once; return the final losses, wall time and (ours) the hyperparameter
+    trajectory.  Never raises: an exception becomes a NaN result with its message."""
+    torch.set_num_threads(1)
+    _quiet()
+    result = _empty_result(task_name, method_name, index, settings)
+    try:
+        task, method = TASKS[task_name], METHODS[method_name]
+        h = settings["inits"][index]
+        steps = settings["steps"][task_name]
+        seed = settings["seed"] * 1000 + index
+        data = _built(task, settings)
+        model = task.model(data, seed)
+        batches = task.batches(data, steps, seed)
+        opt = method.make(model.parameters(), h, task.val_loss(model, data, seed))
+        ours = isinstance(opt, HyperOptimizer)
+        closure_steps = ours and opt.method.needs_curvature and task.curvature == "closure"
+        record_every = max(1, steps // settings["points"])
+        traj = {"step": [], "train_loss": [], **{k: [] for k in KINDS}} if ours else None
+        if method.train_mode:
+            opt.train()
+        last = math.nan
+        done = 0
+        seconds = 0.0
+        while done < steps:
+            n = min(record_every, steps - done)
+            start = time.perf_counter()
+            for i in range(done, done + n):
+                if closure_steps:
+                    def closure(batch=batches[i]):       # binds its batch: may be replayed
+                        opt.zero_grad()
+                        loss = task.train_loss(model, data, batch)
+                        loss.backward()
+                        return loss
+                    loss = opt.step(closure)
+                    continue
+                opt.zero_grad()
+                loss = task.train_loss(model, data, batches[i])
+                # the graph is built only on the steps a second-order method records
+                loss.backward(create_graph=getattr(opt, "needs_graph", False))
+                opt.step()
+            seconds += time.perf_counter() - start
+            done += n
+            last = float(loss.detach())
+            if ours:
+                traj["step"].append(done)
+                traj["train_loss"].append(last)
+                for k, v in _hyper_snapshot(opt).items():
+                    traj[k].append(v)
+            if not _all_finite(model):     # diverged for good (HyperOptimizer skips NaN steps)
+                result["diverged"] = True
+                break
+        result["seconds"] = seconds
+        result["steps_done"] = done
+        result["traj"] = traj
+        if ours:
+            result["skipped_steps"] = int(opt.skipped_steps)
+            result["final_hyper"] = _hyper_snapshot(opt)
+        if method.train_mode:
+            opt.eval()
+        model.eval()
+        with torch.no_grad():
+            if not result["diverged"]:
+                for split in ("val", "test"):
+                    v = task.evaluate(model, data, split)
+                    result[f"{split}_loss"] = v if math.isfinite(v) else math.nan
+        if not math.isfinite(result["test_loss"]):
+            result["diverged"] = True
+            result["test_loss"] = math.nan
+    except Exception as exc:             # noqa: BLE001 - a crash is a result, not the end
+        result["error"] = f"{type(exc).__name__}: {exc}"
+        result["traceback"] = traceback.format_exc()
+        result["test_loss"] = result["val_loss"] = math.nan
+    return result
+
+
+def _worker_init() -> None:
+    torch.set_num_threads(1)
+    _quiet()
+
+
+# ============================================================================ statistics
+def _quantile(sorted_values: list[float], q: float) -> float:
+    """Linear-interpolation quantile (numpy's default) of a sorted list; inf allowed."""
+    if not sorted_values:
+        return math.nan
+    pos = q * (len(sorted_values) - 1)
+    lo, hi = math.floor(pos), math.ceil(pos)
+    a, b = sorted_values[lo], sorted_values[hi]
+    if lo == hi or a == b:
+        return a
+    if math.isinf(b):
+        return b if pos > lo else a
+    return a + (b - a) * (pos - lo)
+
+
+def summary(values: Sequence[float]) -> dict[str, float]:
+    """Median and quartiles with diverged runs ranked last (as +inf), mean of the finite ones,
+    NaN count."""
+    ranked = sorted(v if math.isfinite(v) else math.inf for v in values)
+    finite = [v for v in values if math.isfinite(v)]
+    return {"n": len(values), "nan": len(values) - len(finite),
+            "median": _quantile(ranked, 0.5), "q25": _quantile(ranked, 0.25),
+            "q75": _quantile(ranked, 0.75),
+            "mean": sum(finite) / len(finite) if finite else math.nan}
+
+
+def best_of(fixed: list[dict]) -> dict:
+    """Random search from the N fixed runs: best-of-N (lowest final validation loss; diverged
+    runs never win unless all diverged) and the exact expectation of best-of-k over all
+    k-subsets of the N runs, for k in BEST_OF_K."""
+    key = [(r["val_loss"] if math.isfinite(r["val_loss"]) else math.inf, r["index"])
+           for r in fixed]
+    order = [fixed[i] for i in sorted(range(len(fixed)), key=lambda i: key[i])]
+    out = {"n": len(fixed), "best": order[0] if order else None, "k": {}}
+    n = len(order)
+    for k in BEST_OF_K:
+        if k >= n:
+            continue
+        total = math.comb(n, k)
+        expect, p_nan = 0.0, 0.0
+        for rank, r in enumerate(order):        # P(rank is the best of a random k-subset)
+            p = math.comb(n - 1 - rank, k - 1) / total
+            if math.isfinite(r["test_loss"]):
+                expect += p * r["test_loss"]
+            else:
+                p_nan += p
+        out["k"][k] = {"expected": expect / (1 - p_nan) if p_nan < 1 else math.nan,
+                       "p_nan": p_nan}
+    return out
+
+
+def spearman(a: Sequence[float], b: Sequence[float]) -> float:
+    """Rank correlation (diverged = +inf ranks last; ties by order)."""
+    def ranks(v):
+        v = [x if math.isfinite(x) else math.inf for x in v]
+        order = sorted(range(len(v)), key=lambda i: v[i])
+        r = [0.0] * len(v)
+        for pos, i in enumerate(order):
+            r[i] = float(pos)
+        return r
+    if len(a) < 3:
+        return math.nan
+    ra, rb = ranks(a), ranks(b)
+    ma, mb = sum(ra) / len(ra), sum(rb) / len(rb)
+    cov = sum((x - ma) * (y - mb) for x, y in zip(ra, rb))
+    va = math.sqrt(sum((x - ma) ** 2 for x in ra))
+    vb = math.sqrt(sum((y - mb) ** 2 for y in rb))
+    return cov / (va * vb) if va > 0 and vb > 0 else math.nan
+
+
+# ============================================================================ report
+def _f(x: float, digits: int = 4) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "NaN"
+    if math.isinf(x):
+        return "inf"
+    return f"{x:.{digits}g}"
+
+
+def _ppl(loss: float) -> float:
+    if not math.isfinite(loss):
+        return loss
+    return math.exp(loss) if loss < 700 else math.inf
+
+
+def task_table(task: Task, methods: list[Method], results: dict, settings: dict) -> list[str]:
+    lm = task.metric == "perplexity"
+    head = ["method", "runs", "median test loss", "mean (finite)", "IQR (q25 - q75)", "NaN"]
+    if lm:
+        head += ["median test ppl", "mean test ppl (finite)"]
+    head += ["median wall s/run", "total wall s"]
+    lines = ["| " + " | ".join(head) + " |",
+             "|" + "|".join(["---"] + ["--:"] * (len(head) - 1)) + "|"]
+    for m in methods:
+        runs = results.get((task.name, m.name), [])
+        if not runs:
+            continue
+        s = summary([r["test_loss"] for r in runs])
+        secs = sorted(r["seconds"] for r in runs)
+        row = [m.name, str(s["n"]), _f(s["median"]), _f(s["mean"]),
+               f"{_f(s['q25'])} - {_f(s['q75'])}", str(s["nan"])]
+        if lm:
+            ppls = [_ppl(r["test_loss"]) for r in runs]
+            ps = summary(ppls)
+            row += [_f(ps["median"]), _f(ps["mean"])]
+        row += [f"{_quantile(secs, 0.5):.2f}", f"{sum(secs):.1f}"]
+        lines.append("| " + " | ".join(row) + " |")
+    fixed = results.get((task.name, "fixed"))
+    if fixed:
+        bo = best_of(fixed)
+        best = bo["best"]
+        n = bo["n"]
+        cost = sum(r["seconds"] for r in fixed)
+        row = [f"random search best-of-{n} (cost: {n} runs)", "1", _f(best["test_loss"]), "",
+               "", "1" if not math.isfinite(best["test_loss"]) else "0"]
+        if lm:
+            row += [_f(_ppl(best["test_loss"])), ""]
+        row += ["", f"{cost:.1f}"]
+        lines.append("| " + " | ".join(row) + " |")
+        for k, v in bo["k"].items():
+            row = [f"random search best-of-{k}, expected (cost: {k} runs)", "", _f(v["expected"]),
+                   "", "", f"P(all {k} diverged) = {v['p_nan']:.2g}"]
+            if lm:
+                row += [_f(_ppl(v["expected"])), ""]
+            row += ["", ""]
+            lines.append("| " + " | ".join(row) + " |")
+    return lines
+
+
+def verdicts(task: Task, methods: list[Method], results: dict) -> tuple[list[str], dict]:
+    """Plain sentences: is one run of each of our methods no worse than best-of-N random
+    search and better than every learning-rate-free optimizer (medians)?"""
+    out, met = [], {}
+    fixed = results.get((task.name, "fixed"))
+    rs = best_of(fixed)["best"]["test_loss"] if fixed else math.nan
+    rs = rs if math.isfinite(rs) else math.inf
+    lrfree = {m.name: summary([r["test_loss"] for r in results[(task.name, m.name)]])["median"]
+              for m in methods if m.family == "lrfree" and (task.name, m.name) in results}
+    best_free = min(lrfree.values()) if lrfree else math.nan
+    for m in methods:
+        if m.family != "ours" or (task.name, m.name) not in results:
+            continue
+        med = summary([r["test_loss"] for r in results[(task.name, m.name)]])["median"]
+        parts = []
+        ok_rs = med <= rs * (1 + TOLERANCE) if fixed else None
+        if fixed:
+            parts.append(f"median {_f(med)} vs random-search best-of-{len(fixed)} {_f(rs)} "
+                         f"({'no worse' if ok_rs else 'WORSE'}, ratio {_f(med / rs, 3)})")
+        ok_free = None
+        if lrfree:
+            ok_free = all(med < v for v in lrfree.values())
+            beaten = [k for k, v in lrfree.items() if med < v]
+            parts.append(f"best learning-rate-free median {_f(best_free)} "
+                         f"({'better than all' if ok_free else 'better than ' + (', '.join(beaten) or 'none')})")
+        checked = [c for c in (ok_rs, ok_free) if c is not None]
+        goal = bool(checked) and all(checked)
+        met[m.name] = goal
+        partial = "" if len(checked) == 2 else " (only partly checked: a comparison is missing)"
+        out.append(f"  - {m.name}: {'MET' if goal else 'NOT met'}{partial}: "
+                   + "; ".join(parts) + ".")
+    return out, met
+
+
+def diagnostics(task: Task, methods: list[Method], results: dict) -> list[str]:
+    """Why a method falls short, read off the runs: where the hyperparameters end up, whether
+    the final loss still depends on the initial lr, diverged / crashed runs."""
+    out = []
+    for m in methods:
+        runs = results.get((task.name, m.name))
+        if not runs:
+            continue
+        errors = [r for r in runs if r["error"]]
+        if errors:
+            out.append(f"  - {m.name}: {len(errors)} run(s) raised, e.g. {errors[0]['error']}")
+        if m.family not in ("ours", "fixed"):
+            continue
+        init_lr = [r["init"]["lr"] for r in runs]
+        rho = spearman([-math.log10(x) for x in init_lr], [r["test_loss"] for r in runs])
+        line = (f"  - {m.name}: Spearman correlation of final test loss with -log10(initial lr) "
+                f"{_f(rho, 2)}")
+        if m.family == "ours":
+            finals = [r.get("final_hyper") for r in runs if r.get("final_hyper")]
+            if finals:
+                def rng(kind, log=True):
+                    vals = sorted(f[kind] for f in finals)
+                    med = _quantile(vals, 0.5)
+                    if log:
+                        return (f"{kind} median {_f(med, 3)} (range {_f(vals[0], 2)} .. "
+                                f"{_f(vals[-1], 2)}; initial {_f(min(r['init'][kind] for r in runs), 2)}"
+                                f" .. {_f(max(r['init'][kind] for r in runs), 2)})")
+                    return f"{kind} median {_f(med, 3)} (range {vals[0]:.3f} .. {vals[-1]:.3f})"
+                line += "; final " + "; ".join([rng("lr"), rng("momentum", log=False),
+                                                rng("weight_decay")])
+            moved = []
+            for r in runs:
+                if r["traj"] and r["traj"]["lr"]:
+                    moved.append(abs(math.log10(r["traj"]["lr"][-1] / r["init"]["lr"])))
+            if moved:
+                line += (f"; median |log10(final lr / initial lr)| "
+                         f"{_f(_quantile(sorted(moved), 0.5), 2)}")
+            tail = []
+            wd_top = sum(f["weight_decay"] >= 0.5 for f in finals)
+            mom_top = sum(f["momentum"] >= 0.99 for f in finals)
+            if wd_top:
+                tail.append(f"{wd_top}/{len(finals)} ended with weight decay >= 0.5 (bound 1)")
+            if mom_top:
+                tail.append(f"{mom_top}/{len(finals)} with momentum >= 0.99")
+            rising = 0
+            for r in runs:
+                lr = r["traj"]["lr"] if r["traj"] else []
+                if len(lr) >= 5 and lr[-1] > 2 * lr[int(0.8 * (len(lr) - 1))]:
+                    rising += 1
+            if rising:
+                tail.append(f"{rising}/{len(runs)} with the lr still rising at the end (more "
+                            "than 2x over the last 20% of the steps: the budget ran out first)")
+            if tail:
+                line += "; " + "; ".join(tail)
+            skipped = sum(r["skipped_steps"] for r in runs)
+            if skipped:
+                line += f"; {skipped} base steps skipped as non-finite"
+        div = sum(1 for r in runs if r["diverged"])
+        if div:
+            line += f"; {div} diverged"
+        out.append(line + ".")
+    return out
+
+
+def render(settings: dict, methods: list[Method], skipped: list[str], results: dict,
+           wall: float, jobs: int) -> str:
+    info = report.machine_info(threads=1)
+    n = settings["n_inits"]
+    lines = ["## Tuning quality: one run from a random initialisation", "",
+             f"Generated by `python benchmarks/study.py{settings['argv']}` on {info['date']} "
+             f"in {wall / 60:.1f} min wall time ({jobs} worker process(es), 1 torch thread "
+             "each).", ""]
+    lines += report.machine_lines(info)
+    lines += [
+        f"- protocol (after Clarke et al. 2022): {n} initialisations, log10 lr ~ U{LOG10_LR}, "
+        f"log10 weight decay ~ U{LOG10_WD}, momentum ~ U(0, 1), drawn with seed {settings['seed']}; "
+        "initialisation i also fixes the initial weights and the minibatch order, the same for "
+        "every method; base optimizer SGD with momentum and weight decay (on every parameter)",
+        "- each cell: final test loss over the runs; median and quartiles rank diverged runs "
+        "(non-finite loss or weights) last, as +inf; the mean is over the finite runs; NaN counts "
+        "them; wall time is the training loop's (validation-loss calls of the meta-objective "
+        "included, evaluation excluded)",
+        "- random search = the N `fixed` runs as N trials: the one with the lowest final "
+        "validation loss, its test loss; best-of-k expected: exact average over all k-subsets "
+        "of those N runs",
+        f"- goal: one run from a random initialisation is no worse than best-of-N random search "
+        f"(median test loss <= best-of-N x {1 + TOLERANCE:g}) and better than the "
+        "learning-rate-free optimizers (median below each of their medians)",
+        f"- step budgets: {BUDGET_NOTE}" if not settings["quick"] else
+        "- step budgets: --quick (tiny; the numbers mean nothing)",
+        "- methods:"]
+    lines += [f"  - `{m.name}`: {m.describe}" for m in methods]
+    for s in skipped:
+        lines.append(f"  - skipped: {s}")
+    verdict_lines = []
+    for name in settings["tasks"]:
+        task = TASKS[name]
+        steps = settings["steps"][name]
+        lines += ["", f"### {name}: {task.title}", "",
+                  f"{task.describe(settings)}; {steps} steps per run.", ""]
+        lines += task_table(task, methods, results, settings)
+        v, met = verdicts(task, methods, results)
+        lines += ["", "Goal:"] + v
+        d = diagnostics(task, methods, results)
+        if d:
+            lines += ["", "Diagnostics (initial lr against the outcome; where the "
+                      "hyperparameters end up):"] + d
+        good = [k for k, ok in met.items() if ok]
+        verdict_lines.append(f"- {name}: " + (f"met by {', '.join(good)}" if good else
+                                             "not met by any of our methods") + ".")
+    lines += ["", "Reading the diagnostics: the hyper-optimizer (Adam) moves a raw value (log lr, "
+              "log weight decay, logit momentum) by about its step size per hyper-step whatever "
+              "the hypergradient's magnitude, as long as its sign holds: greedy 0.05 every step, "
+              "implicit 0.115 and unroll 0.05 every 10 steps (their defaults). Going from lr = "
+              "1e-6 to 1e-1 is 11.5 in log units: about 230 steps for greedy, 1000 for implicit "
+              "and 2300 for unroll, so within these budgets implicit and unroll cannot rescue the "
+              "smallest initial learning rates (a high Spearman correlation between the initial "
+              "lr and the final loss shows it). Greedy gets there fast, but its one-step "
+              "validation objective can also push weight decay or momentum to their bounds "
+              "early (short-horizon bias), where the run stays."]
+    if settings.get("plots_written"):
+        lines += ["", "Plots: " + ", ".join(f"`{p}`" for p in settings["plots_written"]) + "."]
+    elif settings.get("plots_note"):
+        lines += ["", settings["plots_note"]]
+    lines += ["", "### Verdict", ""] + verdict_lines
+    return "\n".join(lines) + "\n"
+
+
+# ============================================================================ plots
+COLORS = {"greedy": "tab:blue", "implicit": "tab:orange", "unroll": "tab:green",
+          "greedy element-lr": "tab:purple"}
+
+
+def _log_axis(ax) -> None:
+    """Log y axis with plain labels at 10^k, or 1, 2, 5 x 10^k on narrow ranges (matplotlib's
+    default labels minor ticks in mathtext there, which costs seconds over many panels)."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter, NullLocator
+
+    ax.set_yscale("log")
+    lo, hi = ax.get_ylim()                    # call after plotting: decades only on wide ranges
+    wide = lo > 0 and hi / lo > 100
+    ax.yaxis.set_major_locator(LogLocator(subs=(1.0,) if wide else (1.0, 2.0, 5.0), numticks=8))
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:.3g}"))
+    ax.yaxis.set_minor_locator(NullLocator())
+    ax.yaxis.set_minor_formatter(NullFormatter())
+
+
+def make_plots(settings: dict, methods: list[Method], results: dict, out_dir: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    tasks = settings["tasks"]
+    # box plots of the final test loss, one panel per task; diverged runs drawn as a count
+    fig, axes = plt.subplots(1, len(tasks), figsize=(6 * len(tasks), 5), squeeze=False)
+    for ax, name in zip(axes[0], tasks):
+        data, labels = [], []
+        for m in methods:
+            runs = results.get((name, m.name))
+            if not runs:
+                continue
+            vals = [r["test_loss"] for r in runs if math.isfinite(r["test_loss"])]
+            nan = len(runs) - len(vals)
+            data.append(vals if vals else [math.nan])
+            labels.append(m.name + (f"\n({nan} NaN)" if nan else ""))
+        ax.boxplot(data, showfliers=True)
+        ax.set_xticks(range(1, len(labels) + 1), labels, rotation=45, ha="right", fontsize=8)
+        fixed = results.get((name, "fixed"))
+        if fixed:
+            best = best_of(fixed)["best"]["test_loss"]
+            if math.isfinite(best):
+                ax.axhline(best, color="red", ls="--", lw=1,
+                           label=f"random search best-of-{len(fixed)}")
+                ax.legend(fontsize=8)
+        _log_axis(ax)
+        ax.set_title(f"{name}: final test loss ({settings['steps'][name]} steps)")
+        ax.set_ylabel("test loss" + (" (per character)" if TASKS[name].metric else ""))
+    fig.subplots_adjust(left=0.06, right=0.99, bottom=0.3, top=0.93, wspace=0.25)
+    path = out_dir / "study_test_loss.png"
+    fig.savefig(path, dpi=60 if settings["quick"] else 110)
+    plt.close(fig)
+    written.append(path)
+    # hyperparameter trajectories: rows = our methods, columns = lr / momentum / weight decay
+    ours = [m for m in methods if m.family == "ours"]
+    for name in tasks:
+        rows = [m for m in ours if (name, m.name) in results]
+        if not rows:
+            continue
+        fig, axes = plt.subplots(len(rows), 4, figsize=(18, 3.2 * len(rows)), squeeze=False)
+        for ax_row, m in zip(axes, rows):
+            for r in results[(name, m.name)]:
+                t = r["traj"]
+                if not t or not t["step"]:
+                    continue
+                color = plt.cm.viridis((math.log10(r["init"]["lr"]) - LOG10_LR[0])
+                                       / (LOG10_LR[1] - LOG10_LR[0]))
+                for ax, kind in zip(ax_row, KINDS + ("train_loss",)):
+                    x = [0] + t["step"] if kind != "train_loss" else t["step"]
+                    y = ([r["init"][kind]] + t[kind]) if kind != "train_loss" else t[kind]
+                    ax.plot(x, y, color=color, lw=0.8, alpha=0.8)
+            for ax, kind in zip(ax_row, KINDS + ("train_loss",)):
+                label = {"lr": "lr" + (" (geo. mean)" if "element" in m.name else ""),
+                         "momentum": "momentum", "weight_decay": "weight decay",
+                         "train_loss": "minibatch train loss"}[kind]
+                ax.set_title(f"{name} / {m.name}: {label}", fontsize=9)
+                if kind != "momentum":
+                    _log_axis(ax)
+                ax.set_xlabel("step", fontsize=8)
+        fig.suptitle(f"{name}: hyperparameter trajectories, one line per initialisation "
+                     "(colour: initial log10 lr, dark = 1e-6, yellow = 1e-1)", fontsize=10)
+        # fixed margins: tight_layout over many log axes costs seconds
+        fig.subplots_adjust(left=0.05, right=0.98, bottom=0.06, top=0.93, wspace=0.25,
+                            hspace=0.45)
+        path = out_dir / f"study_{name}_trajectories.png"
+        fig.savefig(path, dpi=50 if settings["quick"] else 100)
+        plt.close(fig)
+        written.append(path)
+    return [str(p) for p in written]
+
+
+# ============================================================================ driver
+class Progress:
+    """One status line on stderr: rewritten in place on a terminal, a line every few seconds
+    (and at the end) otherwise."""
+
+    def __init__(self, total: int, stream=sys.stderr):
+        self.total, self.done, self.stream = total, 0, stream
+        self.start = time.perf_counter()
+        self.last_print = 0.0
+        self.tty = hasattr(stream, "isatty") and stream.isatty()
+        self.nan = 0
+
+    def update(self, result: dict) -> None:
+        self.done += 1
+        self.nan += not math.isfinite(result["test_loss"])
+        now = time.perf_counter()
+        if not self.tty and now - self.last_print < 5 and self.done < self.total:
+            return
+        self.last_print = now
+        el = now - self.start
+        eta = el / self.done * (self.total - self.done)
+        msg = (f"[study] {self.done}/{self.total} runs, {self.nan} NaN, last "
+               f"{result['task']}/{result['method']}#{result['index']}; elapsed "
+               f"{el / 60:.1f} min, ETA {eta / 60:.1f} min")
+        if result["error"]:
+            msg += f" (error: {result['error'][:80]})"
+        if self.tty:
+            self.stream.write("\r" + msg.ljust(110)[:150])
+            if self.done == self.total:
+                self.stream.write("\n")
+        else:
+            self.stream.write(msg + "\n")
+        self.stream.flush()
+
+
+def run_all(jobs_list: list[tuple[str, str, int]], settings: dict, jobs: int) -> dict:
+    progress = Progress(len(jobs_list))
+    results: dict = {}
+
+    def collect(r):
+        results.setdefault((r["task"], r["method"]), []).append(r)
+        progress.update(r)
+
+    if jobs <= 1:
+        for job in jobs_list:
+            collect(run_one(*job, settings))
+    else:
+        ctx = multiprocessing.get_context("spawn")      # no fork of a torch process
+        with cf.ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_worker_init) as pool:
+            futures = {pool.submit(run_one, *job, settings): job for job in jobs_list}
+            for fut in cf.as_completed(futures):
+                try:
+                    r = fut.result()
+                except Exception as exc:      # noqa: BLE001 - a dead worker is a NaN run
+                    r = _empty_result(*futures[fut], settings)
+                    r["error"] = f"{type(exc).__name__}: {exc}"
+                collect(r)
+    for runs in results.values():
+        runs.sort(key=lambda r: r["index"])
+    return results
+
+
+def _parse_steps(text: str | None, tasks: list[str], quick: bool) -> dict[str, int]:
+    steps = {t: (TASKS[t].quick_steps if quick else TASKS[t].steps) for t in tasks}
+    if not text:
+        return steps
+    for part in text.split(","):
+        name, _, value = part.rpartition("=")
+        n = int(value)
+        if n < 1:
+            raise ValueError("steps must be >= 1")
+        if name:
+            if name not in TASKS:
+                raise ValueError(f"unknown task {name!r}")
+            if name in steps:
+                steps[name] = n
+        else:
+            steps = {t: n for t in steps}
+    return steps
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python benchmarks/study.py",
+                                description=__doc__.split("\n")[0])
+    p.add_argument("--tasks", default=",".join(TASKS),
+                   help=f"comma-separated, of {', '.join(TASKS)} (default: all)")
+    p.add_argument("--methods", default=",".join(METHODS),
+                   help=f"comma-separated, of {', '.join(METHODS)} (default: all)")
+    p.add_argument("--inits", type=int, default=None,
+                   help=f"random initialisations N (default {INITS}; --quick: 2)")
+    p.add_argument("--steps", default=None,
+                   help="step budget: N for every task, or task=N[,task=N] (defaults: "
+                        + ", ".join(f"{t.name} {t.steps}" for t in TASKS.values()) + ")")
+    p.add_argument("--quick", action="store_true",
+                   help="tiny sizes (a few steps, 2 inits, a small LSTM), seconds")
+    p.add_argument("--jobs", type=int, default=2,
+                   help="worker processes (default 2; each uses 1 torch thread; 1 = in-process)")
+    p.add_argument("--seed", type=int, default=SEED,
+                   help="seed of the initialisations, weights and batch orders")
+    p.add_argument("--points", type=int, default=None,
+                   help="trajectory points per run (default 100; --quick: 4)")
+    p.add_argument("--out", default=str(report.RESULTS),
+                   help="markdown file whose section 'study' is rewritten (default "
+                        "benchmarks/RESULTS.md)")
+    p.add_argument("--plots", metavar="DIR", default=str(HERE / "plots"),
+                   help="folder for the PNG plots (default benchmarks/plots)")
+    p.add_argument("--no-plots", action="store_true", help="draw no plots")
+    args = p.parse_args(argv)
+    args.tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    for t in args.tasks:
+        if t not in TASKS:
+            p.error(f"unknown task {t!r}; choose from {', '.join(TASKS)}")
+    for m in args.methods:
+        if m not in METHODS:
+            p.error(f"unknown method {m!r}; choose from {', '.join(METHODS)}")
+    if args.inits is None:
+        args.inits = 2 if args.quick else INITS
+    if args.points is None:
+        args.points = 4 if args.quick else 100
+    for name in ("inits", "jobs", "points"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name} must be >= 1")
+    try:
+        args.steps = _parse_steps(args.steps, args.tasks, args.quick)
+    except ValueError as exc:
+        p.error(f"--steps: {exc}")
+    return args
+
+
+def _shown(path: str) -> str:
+    """A path relative to the repository when it lies inside it."""
+    rel = os.path.relpath(path, HERE.parent)
+    return path if rel.startswith("..") else rel
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    raw = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(raw)
+    torch.set_num_threads(1)
+    methods, skipped = [], []
+    for name in args.methods:
+        m = METHODS[name]
+        if available(m):
+            methods.append(m)
+        else:
+            msg = f"{name} (package {m.requires!r} is not installed: pip install '.[lrfree]')"
+            print(f"study: skipping {msg}", file=sys.stderr)
+            skipped.append(msg)
+    settings = {"quick": args.quick, "seed": args.seed, "steps": args.steps,
+                "inits": draw_inits(args.inits, args.seed), "n_inits": args.inits,
+                "points": args.points, "tasks": args.tasks,
+                "argv": (" " + " ".join(raw)) if raw else ""}
+    # longest first, so that the pool's two workers finish together
+    jobs_list = [(t, m.name, i) for t in args.tasks for m in methods for i in range(args.inits)]
+    weight = {"lstm": 10.0, "diabetes": 2.0, "digits": 1.0}
+    jobs_list.sort(key=lambda j: -weight.get(j[0], 1.0) * METHODS[j[1]].cost)
+    print(f"study: {len(jobs_list)} runs ({len(args.tasks)} task(s) x {len(methods)} method(s) x "
+          f"{args.inits} initialisation(s)), steps {args.steps}, {args.jobs} job(s)",
+          file=sys.stderr)
+    start = time.perf_counter()
+    results = run_all(jobs_list, settings, args.jobs)
+    wall = time.perf_counter() - start
+    for runs in results.values():
+        for r in runs:
+            if r["error"]:
+                print(f"study: {r['task']}/{r['method']}#{r['index']} raised:\n"
+                      f"{r.get('traceback', r['error'])}", file=sys.stderr)
+    if not args.no_plots:
+        try:
+            written = make_plots(settings, methods, results, Path(args.plots))
+            settings["plots_written"] = [_shown(p) for p in written]
+            print("study: plots written: " + ", ".join(written), file=sys.stderr)
+        except ImportError:
+            settings["plots_note"] = "Plots skipped: matplotlib is not installed."
+            print("study: matplotlib is not installed; no plots", file=sys.stderr)
+    text = render(settings, methods, skipped, results, wall, args.jobs)
+    report.write_section("study", text, Path(args.out))
+    print(text)
+    return {"results": results, "settings": settings, "text": text, "methods": methods,
+            "skipped": skipped}
+
+
+if __name__ == "__main__":
+    main()
