@@ -48,7 +48,7 @@ if str(HERE.parent) not in sys.path:       # run from a checkout without install
 
 import report  # noqa: E402
 from hyperopt_wrap import HyperOptimizer  # noqa: E402
-from hyperopt_wrap.demo import load_digits_split, make_model, minibatches  # noqa: E402
+from hyperopt_wrap.demo import Split, load_digits_split, make_model, minibatches  # noqa: E402
 
 SEED = 0                 # the data splits and the draw of the initialisations
 INITS = 20
@@ -134,16 +134,6 @@ def _digits_evaluate(model, data, split):
 
 
 # ---------------------------------------------------------------------------- diabetes
-@dataclass
-class Regression:
-    x_train: Tensor
-    y_train: Tensor
-    x_val: Tensor
-    y_val: Tensor
-    x_test: Tensor
-    y_test: Tensor
-
-
 def _diabetes_build(settings):
     """sklearn's diabetes, split 60/20/20 by a seeded permutation, inputs and target
     standardised with the training statistics."""
@@ -157,7 +147,7 @@ def _diabetes_build(settings):
     tr, va, te = order[:n_train], order[n_train:n_train + n_val], order[n_train + n_val:]
     x = (x - x[tr].mean(0)) / x[tr].std(0)
     y = (y - y[tr].mean(0)) / y[tr].std(0)
-    return Regression(x[tr], y[tr], x[va], y[va], x[te], y[te])
+    return Split(x[tr], y[tr], x[va], y[va], x[te], y[te])
 
 
 def _diabetes_model(data, seed):

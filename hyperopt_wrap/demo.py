@@ -36,7 +36,8 @@ QUICK = {"steps": 60, "eval_every": 20}
 
 # ---------------------------------------------------------------------------- data and model
 @dataclass
-class Digits:
+class Split:
+    """Train / validation / test tensors of a supervised dataset."""
     x_train: Tensor
     y_train: Tensor
     x_val: Tensor
@@ -45,7 +46,7 @@ class Digits:
     y_test: Tensor
 
 
-def load_digits_split(seed: int) -> Digits:
+def load_digits_split(seed: int) -> Split:
     """sklearn's digits, split 60/20/20 by a seeded permutation, standardised on train."""
     from sklearn.datasets import load_digits
 
@@ -59,7 +60,7 @@ def load_digits_split(seed: int) -> Digits:
     std = x[train].std(0)
     std = torch.where(std > 0, std, torch.ones_like(std))   # constant border pixels
     x = (x - mean) / std
-    return Digits(x[train], y[train], x[val], y[val], x[test], y[test])
+    return Split(x[train], y[train], x[val], y[val], x[test], y[test])
 
 
 def make_model(seed: int, hidden: int, activation: str) -> nn.Module:
@@ -96,7 +97,7 @@ class Run:
 
 
 class _Trainer:
-    def __init__(self, run: Run, model: nn.Module, opt: torch.optim.Optimizer, data: Digits,
+    def __init__(self, run: Run, model: nn.Module, opt: torch.optim.Optimizer, data: Split,
                  batches: Tensor):
         self.run, self.model, self.opt, self.data, self.batches = run, model, opt, data, batches
         self.loss_fn = nn.CrossEntropyLoss()
@@ -156,7 +157,7 @@ def build_runs(args) -> list[tuple[Run, dict]]:
     return runs
 
 
-def train_all(args, data: Digits) -> list[Run]:
+def train_all(args, data: Split) -> list[Run]:
     init = make_model(args.seed, args.hidden, args.activation).state_dict()
     batches = minibatches(len(data.x_train), args.steps, args.batch_size, args.seed)
     trainers = []
