@@ -499,8 +499,8 @@ class HyperOptimizer(torch.optim.Optimizer):
         """Run the rule on every parameter with a gradient; write results back in place.
 
         A NaN or inf anywhere in the gradients skips the whole step without a host sync:
-        ``ok`` is a device scalar (1 or 0), the rule sees the gradient times ``ok`` (exactly
-        ``g`` when finite, exactly 0 otherwise) and leaves everything as it was for ok=0.
+        ``ok`` is a device scalar (1 or 0), the rule sees ``g`` where ok is 1 and zeros where
+        it is 0 (one ``torch.where``, never a NaN) and leaves everything as it was for ok=0.
         With a curvature ``source`` the step is recorded on the tape first.  While a recorded
         gradient graph is kept, parameters are written through ``p.data`` (see
         :mod:`hyperopt_wrap.curvature`).
