@@ -53,7 +53,8 @@ if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
 from report import RESULTS as DEFAULT_OUT, machine_info, machine_lines, write_section  # noqa: E402
-from summary import Net, format_bytes, make_nets, measuring, step_peak_bytes  # noqa: E402
+from summary import (Net, format_bytes, make_nets, measuring, step_peak_bytes,  # noqa: E402
+                     training_step)
 
 from hyperopt_wrap import HyperOptimizer, Unroll  # noqa: E402
 
@@ -134,28 +135,12 @@ def build(base: str, case: str, net: Net, seed: int = 0) -> Built:
 
     if case == "vanilla":
         opt = cls(model.parameters(), **kwargs)
-
-        def step():
-            x, y = next(batches)
-            opt.zero_grad()
-            loss = loss_fn(model(x), y)
-            loss.backward()
-            opt.step()
-            return loss
-        return Built(base, case, net, step, 1)
+        return Built(base, case, net, training_step(opt, model, batches), 1)
 
     if case == "ours greedy":
         tune = ("lr", "momentum") if base == "SGD" else ("lr",)
         opt = HyperOptimizer(cls, model.parameters(), method="greedy", tune=tune, **kwargs)
-
-        def step():
-            x, y = next(batches)
-            opt.zero_grad()
-            loss = loss_fn(model(x), y)
-            loss.backward()
-            opt.step()
-            return loss
-        return Built(base, case, net, step, 1)
+        return Built(base, case, net, training_step(opt, model, batches), 1)
 
     if case == "gdtuo":
         lr = kwargs["lr"]
@@ -183,24 +168,7 @@ def build(base: str, case: str, net: Net, seed: int = 0) -> Built:
                              tune=("lr",), hyper_lr=HYPER_LR,
                              curvature="closure" if closure_style else "graph",
                              val_loss=lambda: loss_fn(model(xv), yv), **kwargs)
-        if closure_style:
-            def step():
-                x, y = next(batches)
-
-                def closure(x=x, y=y):
-                    opt.zero_grad()
-                    loss = loss_fn(model(x), y)
-                    loss.backward()
-                    return loss
-                return opt.step(closure)
-        else:
-            def step():
-                x, y = next(batches)
-                opt.zero_grad()
-                loss = loss_fn(model(x), y)
-                loss.backward(create_graph=opt.needs_graph)
-                opt.step()
-                return loss
+        step = training_step(opt, model, batches, "closure" if closure_style else "graph")
         return Built(base, case, net, step, K)
 
     if case == "higher K=5":

@@ -253,20 +253,12 @@ class Built:
             self.step()
 
 
-def build_case(case: Case, seed: int = 0) -> Built:
-    """Model, optimizer and a function doing one full training step on the next minibatch."""
-    model = case.net.model(seed)
-    optimizer_cls, kwargs = BASES[case.base]
-    variant = VARIANTS[case.variant]
-    if variant.hyper is None:
-        opt = optimizer_cls(model.parameters(), **kwargs, **variant.torch_kwargs)
-    else:           # a copy: a method instance may keep state between steps
-        opt = HyperOptimizer(optimizer_cls, model.parameters(), **copy.deepcopy(variant.hyper),
-                             **kwargs)
-    batches = itertools.cycle(case.net.batches(seed=seed))
+def training_step(opt: torch.optim.Optimizer, model: nn.Module, batches,
+                  style: str = "plain") -> Callable[[], Tensor]:
+    """A function doing one full training step (cross-entropy) on the next of ``batches`` in
+    one of the styles of the module docstring: "plain", "graph" or "closure"."""
     loss_fn = nn.CrossEntropyLoss()
-
-    if variant.step == "closure":
+    if style == "closure":
         def step() -> Tensor:
             x, y = next(batches)
 
@@ -277,17 +269,30 @@ def build_case(case: Case, seed: int = 0) -> Built:
                 return loss
 
             return opt.step(closure)
-    else:
-        graph = variant.step == "graph"
+        return step
+    graph = style == "graph"
 
-        def step() -> Tensor:
-            x, y = next(batches)
-            opt.zero_grad()
-            loss = loss_fn(model(x), y)
-            loss.backward(create_graph=graph and opt.needs_graph)
-            opt.step()
-            return loss
+    def step() -> Tensor:
+        x, y = next(batches)
+        opt.zero_grad()
+        loss = loss_fn(model(x), y)
+        loss.backward(create_graph=graph and opt.needs_graph)
+        opt.step()
+        return loss
+    return step
 
+
+def build_case(case: Case, seed: int = 0) -> Built:
+    """Model, optimizer and a function doing one full training step on the next minibatch."""
+    model = case.net.model(seed)
+    optimizer_cls, kwargs = BASES[case.base]
+    variant = VARIANTS[case.variant]
+    if variant.hyper is None:
+        opt = optimizer_cls(model.parameters(), **kwargs, **variant.torch_kwargs)
+    else:           # a copy: a method instance may keep state between steps
+        opt = HyperOptimizer(optimizer_cls, model.parameters(), **copy.deepcopy(variant.hyper),
+                             **kwargs)
+    step = training_step(opt, model, itertools.cycle(case.net.batches(seed=seed)), variant.step)
     return Built(case, model, opt, step)
 
 

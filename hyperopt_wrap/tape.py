@@ -55,6 +55,13 @@ def _differentiable_state(name: str, value: Any, like: Tensor) -> bool:
             and value.shape == like.shape and name != "step")
 
 
+def _as_rule_sees(item: TapedParam, kind: str, value: Tensor) -> Tensor:
+    """A tuned value as the recorded step's rule read it: in the weights' dtype, lr times the
+    group's scheduler scale."""
+    v = value.to(item.weights.dtype)
+    return v * item.lr_scale if kind == "lr" and item.lr_scale != 1 else v
+
+
 class StepGraph:
     """Reverse products through ``Phi`` of one recorded step.
 
@@ -76,17 +83,15 @@ class StepGraph:
                 if not tk.is_tuned(item.group_index):
                     continue
                 value = lam[kind] = tk.value(item.group_index, item.param_index).detach()
-                v = value.to(item.weights.dtype)
-                hyper[kind] = v * item.lr_scale if kind == "lr" and item.lr_scale != 1 else v
+                hyper[kind] = _as_rule_sees(item, kind, value)
             self.hyper.append(hyper)
             self.lam.append(lam)
         self._graphs: dict[int, tuple] = {}
 
     def _closed_form(self, i: int, cot_w, cot_s, inputs: bool, hyper: bool):
         item, lam = self.items[i], self.lam[i]
-        state = {k: v for k, v in item.state.items()}
-        res = self.rule.vjp(item.weights, item.grad, state, self.hyper[i], item.options, cot_w,
-                            cot_s if (self.with_state and cot_s) else {}, inputs,
+        res = self.rule.vjp(item.weights, item.grad, item.state, self.hyper[i], item.options,
+                            cot_w, cot_s if (self.with_state and cot_s) else {}, inputs,
                             tuple(lam) if hyper else ())
         if res is None:
             return None
@@ -97,14 +102,10 @@ class StepGraph:
                   if _differentiable_state(name, value, item.weights)}
         else:
             ds = {}
-        dlam = {}
-        for kind, value in lam.items():
-            if not hyper:
-                break
-            d = dh[kind]
-            if kind == "lr" and item.lr_scale != 1:
-                d = d * item.lr_scale
-            dlam[kind] = d.to(value.dtype)
+        # d(value) = d(hyper) * d(hyper)/d(value): the lr scale, and back to the value's dtype
+        dlam = {kind: (dh[kind] * item.lr_scale if kind == "lr" and item.lr_scale != 1
+                       else dh[kind]).to(value.dtype)
+                for kind, value in lam.items()} if hyper else {}
         return [dw, dg, ds, dlam]
 
     def _graph(self, i: int):
@@ -122,8 +123,7 @@ class StepGraph:
                 hyper, lam = dict(self.hyper[i]), {}
                 for kind, value in self.lam[i].items():
                     leaf = lam[kind] = value.clone().requires_grad_()
-                    v = leaf.to(w.dtype)
-                    hyper[kind] = v * item.lr_scale if kind == "lr" and item.lr_scale != 1 else v
+                    hyper[kind] = _as_rule_sees(item, kind, leaf)
                 w_new, s_new = self.rule.update(w, g, state, hyper, item.options)
                 s_new = {k: v for k, v in s_new.items()
                          if isinstance(v, Tensor) and v.requires_grad
