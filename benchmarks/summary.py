@@ -338,10 +338,7 @@ def optimizer_state_bytes(opt: torch.optim.Optimizer) -> int:
     """Bytes of the distinct tensors an optimizer keeps between steps (params and grads excluded)."""
     tensors = list(_tensors(list(opt.state.values())))
     if isinstance(opt, HyperOptimizer):
-        for tk in opt.tuned.values():
-            tensors += tk.values + tk.raws + tk.accums + tk.last
-        tensors += list(_tensors(list(opt.hyper_optimizer.state.values())))
-        tensors += list(_tensors(list(opt._workspace.values())))   # persistent scratch buffers
+        tensors += opt.scratch_tensors()   # tuned values, hyper-optimizer, method, scratch
     return _distinct_bytes(tensors)
 
 

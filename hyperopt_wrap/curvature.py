@@ -45,7 +45,7 @@ import torch
 from torch import Tensor
 
 __all__ = ["FiniteDifferences", "resolve_curvature", "GraphSource", "ClosureSource",
-           "CurvatureError"]
+           "CurvatureError", "step_hvp"]
 
 
 class CurvatureError(RuntimeError):
@@ -235,3 +235,26 @@ class BufferGuard:
                 for b, old in self.saved:
                     b.copy_(old)
         return False
+
+
+def step_hvp(source, params: list[Tensor], grads: list[Tensor]):
+    """``u -> H_t u`` at the *current* step, before its write: the weights are the parameters'
+    values now and the minibatch the step's own.  With the graph source one double backward
+    (the graph is kept until the step has used it); with the closure source one closure call at
+    ``w_t + eps u`` per product (forward differences against ``grads``, the step's gradient;
+    central differences make two), after which the weights, ``p.grad`` and the model's buffers
+    (``FiniteDifferences(model=...)``) are restored bit-exactly."""
+    if isinstance(source, GraphSource):
+        return lambda us: source.hvp(params, us)
+    weights = [p.detach().clone() for p in params]
+
+    def hvp(us: list[Tensor]) -> list[Tensor]:
+        saved = [p.grad for p in params]
+        with BufferGuard(source.config.model):
+            try:
+                return source.hvp(params, us, weights=weights, grads=grads)
+            finally:
+                for p, w, g in zip(params, weights, saved):
+                    p.data.copy_(w)
+                    p.grad = g
+    return hvp

@@ -214,6 +214,51 @@ class TunedKind:
             scalar.setdefault(block, []).append((index, dot * scale if scale != 1.0 else dot))
         self._add_scalar(scalar)
 
+    def slots_of(self, group_index: int, param_indices: list[int]):
+        """How a bucket of this group's parameters maps onto slots: None (the group is not
+        tuned), ``("scalar", block, index)`` (one slot for all of them: global, group),
+        ``("tensor", block, indices)`` or ``("element", blocks)``."""
+        slots = self.group_slots[group_index]
+        if slots is None:
+            return None
+        mine = [slots[pi] for pi in param_indices]
+        if self.granularity in ("global", "group"):
+            return ("scalar",) + mine[0]
+        if self.granularity == "tensor":
+            return ("tensor", mine[0][0], [i for _, i in mine])
+        return ("element", [b for b, _ in mine])
+
+    def accumulate_bucket(self, slots, bucket, meta: Tensor, tangent: Tensor,
+                          scale: float) -> None:
+        """accum += scale * <meta, tangent> per slot, for a bucket's flat ``meta`` and
+        ``tangent`` (a dot for a shared slot, segment sums per tensor, one foreach op per
+        element blocks)."""
+        how = slots[0]
+        if how == "scalar":
+            _, block, index = slots
+            acc = self.accums[block]
+            if meta.dtype != acc.dtype:
+                meta, tangent = meta.to(acc.dtype), tangent.to(acc.dtype)
+            acc[index].add_(torch.dot(meta, tangent), alpha=scale)
+        elif how == "tensor":
+            _, block, indices = slots
+            acc = self.accums[block]
+            prod = meta * tangent if meta.dtype == acc.dtype else \
+                meta.to(acc.dtype) * tangent.to(acc.dtype)
+            sums = bucket.segment_sums(prod)
+            if indices == list(range(acc.numel())):
+                acc.add_(sums, alpha=scale)
+            else:
+                acc.index_add_(0, torch.tensor(indices, device=acc.device), sums, alpha=scale)
+        else:
+            accs = [self.accums[b] for b in slots[1]]
+            metas, tangents = bucket.views(meta), bucket.views(tangent)
+            if accs[0].dtype == meta.dtype:
+                torch._foreach_addcmul_(accs, metas, tangents, value=scale)
+            else:
+                for a, m, t in zip(accs, metas, tangents):
+                    a.add_(m.to(a.dtype) * t.to(a.dtype), alpha=scale)
+
     def add_contributions(self, terms) -> None:
         """accum += value for ``terms`` = iterable of ``(group_index, param_index, value)``,
         ``value`` already reduced to the slot's shape (0-dim, or the parameter's shape for

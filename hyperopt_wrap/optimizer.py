@@ -1,23 +1,22 @@
 """HyperOptimizer: a torch.optim.Optimizer whose lr / momentum / weight decay tune themselves."""
 from __future__ import annotations
 
+import copy
 import math
 from typing import Any, Callable
 
 import torch
 from torch import Tensor
 
+from .controller import Controller
 from .curvature import (ClosureSource, CurvatureError, FiniteDifferences, GraphSource,
-                        capture_rng, missing_source_message, resolve_curvature)
+                        capture_rng, missing_source_message, resolve_curvature, step_hvp)
 from .hyperparams import TunedKind, resolve_bounds, resolve_granularity
-from .methods import (HypergradientMethod, MetaGradient, ObservedParam, StepRecord,
-                      resolve_method)
+from .methods import HypergradientMethod, resolve_method
+from .methods.base import MetaGradients, MethodContext, ReplayFlags
 from .rules import KINDS, get_rule
-from .rules.base import scratch
-from .tape import TapedParam, TapedStep
+from .stepper import Bucket, Stepper
 
-_BUFFERS = "hyper"   # key of a method's per-parameter buffers inside opt.state[p]
-_FUSED_DEVICES = ("cpu", "cuda", "xpu", "mps")   # where torch's fused Adam kernel runs
 
 
 def _check_value(kind: str, value: Any, where: str, tuned: bool = True) -> None:
@@ -113,7 +112,8 @@ class HyperOptimizer(torch.optim.Optimizer):
         self.val_loss = val_loss
         if update_every is None:
             update_every = self.method.default_update_every
-        if not (isinstance(update_every, int) and update_every >= 1):
+        if not (isinstance(update_every, int) and not isinstance(update_every, bool)
+                and update_every >= 1):
             raise ValueError(f"update_every must be an int >= 1, got {update_every!r}")
         self.update_every = update_every
         for kind in KINDS:
@@ -134,6 +134,7 @@ class HyperOptimizer(torch.optim.Optimizer):
             inner = optimizer_cls(params, **optimizer_kwargs)
         except TypeError as e:
             raise TypeError(f"{optimizer_cls.__name__} rejected its arguments: {e}") from e
+        _check_flags(optimizer_cls, inner.defaults)
         self._hyper_ready = False
         super().__init__(inner.param_groups, inner.defaults)
         del inner
@@ -142,57 +143,37 @@ class HyperOptimizer(torch.optim.Optimizer):
                 raise ValueError(f"param group {gi} has no parameters; give every group at least "
                                  "one, or leave it out")
 
-        self.tuned: dict[str, TunedKind] = {
-            k: TunedKind(k, self._granularity[k], self._bounds[k]) for k in tune}
-        hyper_kwargs = dict(hyper_optimizer_kwargs or {})
         first = self.param_groups[0]["params"][0]
-        if hyper_optimizer in (torch.optim.Adam, torch.optim.AdamW) and not (
-                {"fused", "foreach", "capturable", "differentiable"} & set(hyper_kwargs)) and \
-                first.device.type in _FUSED_DEVICES:
-            # One kernel per hyper-step, its step counter on the device, and a found_inf input
-            # that skips a non-finite hyper-step without a host sync.
-            hyper_kwargs["fused"] = True
+        self._device = first.device
+        tuned = {k: TunedKind(k, self._granularity[k], self._bounds[k]) for k in tune}
         if hyper_lr is None:
             hyper_lr = self.method.default_hyper_lr
             if isinstance(hyper_lr, dict):
                 hyper_lr = {k: hyper_lr[k] for k in tune}
-        self._hyper_lr = hyper_lr
-        raw_groups = [{"params": [], "lr": self._kind_hyper_lr(k), "kind": k} for k in tune]
+        self._controller = Controller(tuned, hyper_lr, hyper_optimizer, hyper_optimizer_kwargs,
+                                      first.device)
+        raw_groups = self._controller.raw_groups()
         for gi, group in enumerate(self.param_groups):
             self._init_group_hyper(gi, group, raw_groups)
-        for kind, tk in self.tuned.items():
+        for kind, tk in tuned.items():
             if not tk.values:    # every group starts at 0 (only possible for weight decay)
                 raise ValueError(f"cannot tune {kind}: every param group has {kind}=0, which "
                                  f"cannot be tuned in log space; start from a positive value, "
                                  f"e.g. {kind}=5e-4")
-        try:
-            self.hyper_optimizer = hyper_optimizer(raw_groups, **hyper_kwargs)
-        except (TypeError, ValueError) as e:
-            raise type(e)(f"could not build hyper_optimizer {hyper_optimizer!r}: {e}") from e
-        self._skipped_hypersteps = torch.zeros((), dtype=torch.int64, device=first.device)
-        self._skipped_steps = torch.zeros((), dtype=torch.int64, device=first.device)
-        self._window_finite = torch.ones((), dtype=torch.bool, device=first.device)
-        self._workspace: dict[Tensor, dict[str, Tensor]] = {}   # per-parameter scratch buffers
-        self._window = 0          # base steps since the last hyper-step
-        self._tape: list[TapedStep] = []   # steps recorded for a second-order method
-        self._tape_buffers: list[dict] = []  # per tape position and parameter: snapshot buffers
-        self._step_calls = 0
-        self._replay_checked = False   # an old step's closure was checked to bind its batch
+        self._controller.build(raw_groups)
+        self._stepper = Stepper(self.rule, self.state)
+        self._flags = ReplayFlags()
+        self._ctx = MethodContext(rule=self.rule, tuned=tuned, controller=self._controller,
+                                  param_groups=self.param_groups, update_every=update_every,
+                                  val_loss=val_loss is not None, flags=self._flags,
+                                  tuned_kinds=self.tuned_kinds)
         self._unversioned = False      # params written through .data while a graph is kept
-        self._replaying = False
-        self._contributions = 0   # hypergradient contributions in the accumulators
         self._steps = 0
-        self._hypersteps = 0
-        self.method.bind(self)
+        self.method.bind(self._ctx)
+        self._method_state = self.method.init_state(self._ctx)
         self._hyper_ready = True
 
     # ------------------------------------------------------------------ set-up
-    def _kind_hyper_lr(self, kind: str) -> float:
-        lr = self._hyper_lr[kind] if isinstance(self._hyper_lr, dict) else self._hyper_lr
-        if not (isinstance(lr, (int, float)) and lr >= 0 and math.isfinite(lr)):
-            raise ValueError(f"hyper_lr must be a finite number >= 0 (or a dict per kind), got {lr!r}")
-        return float(lr)
-
     def _init_group_hyper(self, gi: int, group: dict, raw_groups: list[dict]) -> None:
         """Validate a param group, then create its tuned slots (nothing is created when any
         check fails, so a rejected ``add_param_group`` leaves no trace)."""
@@ -247,18 +228,27 @@ class HyperOptimizer(torch.optim.Optimizer):
         if not getattr(self, "_hyper_ready", False):
             return
         gi = len(self.param_groups) - 1
-        raw_groups = [{"params": [], "lr": self._kind_hyper_lr(k), "kind": k}
-                      for k in self.tuned_kinds]
+        raw_groups = self._controller.raw_groups()
         try:
             self._init_group_hyper(gi, self.param_groups[gi], raw_groups)
         except Exception:
             self.param_groups.pop()
             raise
-        for rg in raw_groups:
-            if rg["params"]:
-                self.hyper_optimizer.add_param_group(rg)
+        self._controller.add_raw_groups(raw_groups)
+        self._ctx.lr_scales = self._ctx.lr_scales + [1.0]
+        self._stepper.invalidate()
 
     # ------------------------------------------------------------------ public reads
+    @property
+    def tuned(self) -> dict[str, TunedKind]:
+        """The tuned kinds (values, raw values, accumulators), by kind."""
+        return self._controller.tuned
+
+    @property
+    def hyper_optimizer(self) -> torch.optim.Optimizer:
+        """The torch optimizer that moves the raw hyperparameter values."""
+        return self._controller.hyper_optimizer
+
     def hyperparameters(self) -> dict[str, list]:
         """Current values in natural units: kind -> one entry per param group.
 
@@ -283,50 +273,67 @@ class HyperOptimizer(torch.optim.Optimizer):
         :meth:`hyperparameters`; zeros before the first)."""
         return {k: tk.per_group(tk.last) for k, tk in self.tuned.items()}
 
-    def mark_window(self, finite: Tensor) -> None:
-        """For methods: the current hypergradient used a step whose gradient was ``finite``
-        (a device bool); a non-finite one makes the coming hyper-step skip."""
-        self._window_finite &= finite.to(self._window_finite.device)
-
     @property
     def skipped_hypersteps(self) -> int:
         """Hyper-steps skipped because the hypergradient was NaN or infinite."""
-        return int(self._skipped_hypersteps)
+        return int(self._controller.skipped_hypersteps)
 
     @property
     def skipped_steps(self) -> int:
         """Base steps skipped because a gradient was NaN or infinite."""
-        return int(self._skipped_steps)
+        return int(self._controller.skipped_steps)
 
     @property
     def hypersteps(self) -> int:
-        return self._hypersteps
+        return self._controller.hypersteps
 
     @property
     def needs_graph(self) -> bool:
-        """True when the coming ``step()`` will be recorded by a second-order method that takes
-        its Hessian-vector products from the gradient graph.  Use it as
-        ``loss.backward(create_graph=opt.needs_graph)``: the (costlier) graph is built only on
-        the steps that need it."""
-        return (self.method.needs_curvature and not self._replaying
-                and not isinstance(self.curvature, FiniteDifferences)
-                and self.method.records_step(self, self._window % self.update_every))
+        """True when the coming ``step()`` takes Hessian-vector products from the gradient graph
+        (a second-order method records it, or a forward-mode method carries its tangents
+        through it).  Use it as ``loss.backward(create_graph=opt.needs_graph)``: the (costlier)
+        graph is built only on the steps that need it."""
+        if self._flags.replaying or isinstance(self.curvature, FiniteDifferences):
+            return False
+        return self._needs_source(self._position())
 
     @property
     def window_complete(self) -> bool:
-        """For methods: the current window's ``update_every`` base steps have all been taken."""
-        return self._window >= self.update_every
+        """The current window's ``update_every`` base steps have all been taken."""
+        return self._ctx.window_complete
 
     @property
-    def tape(self) -> list[TapedStep]:
-        """For methods: the steps recorded in the current window, oldest first."""
-        return self._tape
+    def tape(self) -> list:
+        """The steps recorded in the current window, oldest first (second-order methods)."""
+        return self._ctx.tape
 
-    def release_tape(self) -> None:
-        """For methods: drop the recorded steps (and the graphs they keep)."""
-        self._tape = []
+    def scratch_tensors(self) -> list[Tensor]:
+        """Every tensor the optimizer keeps besides the parameters, their gradients and the
+        base optimizer's state: tuned values and their bookkeeping, the hyper-optimizer's
+        state, the method's state and the step's persistent scratch (for memory accounting)."""
+        out = [t for tk in self.tuned.values()
+               for t in (*tk.values, *tk.raws, *tk.accums, *tk.last)]
+        out += [t for st in self.hyper_optimizer.state.values() for t in st.values()
+                if isinstance(t, Tensor)]
+        out += list(_tensors(self._method_state))
+        out += self._stepper.scratch_tensors()
+        seen, unique = set(), []
+        for t in out:
+            if id(t) not in seen:
+                seen.add(id(t))
+                unique.append(t)
+        return unique
 
     # ------------------------------------------------------------------ the step
+    def _position(self) -> int:
+        return self._ctx.position % self.update_every
+
+    def _needs_source(self, position: int) -> bool:
+        method, state = self.method, self._method_state
+        if method.needs_curvature and method.records_step(self._ctx, state, position):
+            return True
+        return method.carries(self._ctx, state) and method.carry_curvature(self._ctx, state)
+
     def _lr_scale(self, group: dict) -> float:
         if "lr" not in self.tuned:
             return 1.0
@@ -357,41 +364,32 @@ class HyperOptimizer(torch.optim.Optimizer):
             scales.append(self._lr_scale(group))
         return scales
 
-    def _hyper_values(self, gi: int, pi: int, group: dict, scale: float,
-                      cache: dict) -> dict[str, Any]:
-        """The rule's hyperparameters for one parameter. ``cache`` (one per step) hands every
-        parameter of a slot the same tensor object, so rules can memoise per step."""
-        hyper = {}
+    def _bucket_hyper(self, bucket: Bucket, scales: list[float]) -> dict[str, Any]:
+        """The rule's hyperparameters for a bucket: a float (untuned), one 0-dim tensor shared
+        by the bucket (global/group) or one tensor per parameter (tensor/element), in the
+        parameters' dtype and device, lr times the group's scheduler scale."""
+        gi = bucket.group_index
+        group = self.param_groups[gi]
+        hyper: dict[str, Any] = {}
         for kind in self.rule.kinds:
             tk = self.tuned.get(kind)
-            if tk is None or not tk.is_tuned(gi):
+            slots = tk.slots_of(gi, bucket.param_indices) if tk is not None else None
+            if slots is None:
                 hyper[kind] = self.rule.read(group, kind)
+                continue
+            if slots[0] == "scalar":
+                value: Any = tk.values[slots[1]][slots[2]]
+            elif slots[0] == "tensor":
+                block = tk.values[slots[1]]
+                value = [block[i] for i in slots[2]]
             else:
-                block, index = tk.group_slots[gi][pi]
-                p = group["params"][pi]
-                key = (kind, block, index, scale if kind == "lr" else 1.0, p.device, p.dtype)
-                v = cache.get(key)
-                if v is None:
-                    v = tk.value(gi, pi)
-                    if v.device != p.device or v.dtype != p.dtype:   # multi-device; bf16 models
-                        v = v.to(p.device, p.dtype, non_blocking=True)
-                    v = cache[key] = v * scale if (kind == "lr" and scale != 1.0) else v
-                hyper[kind] = v
+                value = [tk.values[b] for b in slots[1]]
+            scale = scales[gi] if kind == "lr" else 1.0
+            hyper[kind] = _as_rule_reads(value, bucket, scale)
         return hyper
 
-    def _trainable(self) -> list[tuple[int, int, Tensor]]:
-        out = []
-        for gi, group in enumerate(self.param_groups):
-            for pi, p in enumerate(group["params"]):
-                if p.grad is not None:
-                    if p.grad.is_sparse:
-                        raise RuntimeError("HyperOptimizer does not support sparse gradients; use "
-                                           "dense gradients (e.g. nn.Embedding(sparse=False))")
-                    out.append((gi, pi, p))
-        return out
-
-    def _meta_from_val(self, trainable) -> list[MetaGradient]:
-        params = [p for _, _, p in trainable]
+    def _meta_from_val(self, buckets: list[Bucket]) -> MetaGradients:
+        params = [p for b in buckets for p in b.params]
         with torch.enable_grad():
             loss = self.val_loss()
             if not isinstance(loss, Tensor) or loss.dim() != 0:
@@ -406,50 +404,83 @@ class HyperOptimizer(torch.optim.Optimizer):
                 raise RuntimeError(f"could not differentiate val_loss(): {e}. val_loss must build "
                                    "a fresh graph on each call and must not call backward() "
                                    "itself") from e
-        return [MetaGradient(gi, pi, p, g) for (gi, pi, p), g in zip(trainable, grads)]
+        flats, i = [], 0
+        for b in buckets:
+            gs = grads[i:i + len(b.params)]
+            i += len(b.params)
+            if all(g is None for g in gs):
+                flats.append(None)
+                continue
+            flat, _ = b.flat("meta")
+            torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1)
+                       for g, p in zip(gs, b.params)], out=flat)
+            flats.append(flat)
+        return MetaGradients(buckets, flats)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Tensor] | None = None):
         """One base step (and a hyper-step when a window completes). Returns the closure's loss."""
-        self._step_calls += 1
-        method = self.method
-        records = method.records_step(self, self._window % self.update_every)
-        curvature = records and method.needs_curvature
+        self._flags.step_calls += 1
+        method, state, ctx = self.method, self._method_state, self._ctx
+        position = self._position()
+        records = method.records_step(ctx, state, position)
+        carries = method.carries(ctx, state)
+        needs_source = self._needs_source(position)
         loss = rng = None
         if closure is not None:
-            if curvature:
+            if needs_source:
                 rng = capture_rng(sorted({p.device for g in self.param_groups
                                           for p in g["params"]}, key=str))
             with torch.enable_grad():
                 loss = closure()
-        scales = self._sync_group_writes()
-        trainable = self._trainable()
-        if not trainable:
+        scales = ctx.lr_scales = self._sync_group_writes()
+        buckets = self._stepper.buckets(self.param_groups)
+        if not buckets:
             return loss
         # decided before anything changes: a missing curvature source raises with nothing done
-        source = self._curvature_source(trainable, closure, rng, loss) if curvature else None
+        source = self._curvature_source(buckets, closure, rng, loss, records) \
+            if needs_source else None
+        finite = self._stepper.load_grads(buckets, self._device, getattr(self, "found_inf", None),
+                                          getattr(self, "grad_scale", None))
+        self._controller.count_step(finite)
         try:
             if self.val_loss is None:
                 # E is the training loss at the weights of the last step: its gradient is this
-                # step's p.grad, which completes whatever the method has pending.
-                added = method.hypergradient(
-                    self, [MetaGradient(gi, pi, p, p.grad) for gi, pi, p in trainable])
-                self._contributions += added
-                if added and self._window >= self.update_every:
-                    self._hyper_step()
+                # step's gradient, which completes whatever the method has pending.
+                added = method.hypergradient(ctx, state, MetaGradients(buckets,
+                                                                       [b.grad for b in buckets]))
+                if added:
+                    self._controller.mark_window(finite)
+                    self._controller.contributions += added
+                    if ctx.position >= self.update_every:
+                        self._hyper_step()
+            ends_window = ctx.position + 1 >= self.update_every
+            options = [self.rule.options(g) for g in self.param_groups]
+            self._stepper.init_states(buckets, options)
+            hyper = [self._bucket_hyper(b, scales) for b in buckets]
+            if records:
+                ctx.tape.append(self._stepper.snapshot(len(ctx.tape), buckets, hyper, options,
+                                                       scales, source, finite))
+            if carries:
+                view = self._stepper.view(buckets, hyper, options, finite)
+                if source is not None and not records:
+                    view.hvp = step_hvp(source, [it.param for it in view.items],
+                                        [it.grad for it in view.items])
+                method.carry(ctx, state, view)
         except BaseException:
             self._abandon_window()
             raise
-        ends_window = self._window + 1 >= self.update_every
-        record = self._base_step(trainable, scales, method.tangent_kinds(self, ends_window),
-                                 source)
-        method.observe(self, record)
+        kinds = method.tangent_kinds(ctx, state, ends_window)
+        foreach = [g.get("foreach") is not False for g in self.param_groups]
+        record = self._stepper.step(buckets, hyper, options, kinds, finite, scales, foreach,
+                                    unversioned=self._unversioned)
+        method.observe(ctx, state, record)
         self._steps += 1
-        self._window += 1
+        ctx.position += 1
         if self.val_loss is not None and ends_window:
             try:
-                meta = self._meta_from_val(trainable)
-                self._contributions += method.hypergradient(self, meta)
+                meta = self._meta_from_val(buckets)
+                self._controller.contributions += method.hypergradient(ctx, state, meta)
             except BaseException:
                 # the base step stands (as after a raising closure in torch); this window's
                 # hypergradient is dropped and the next window starts clean
@@ -459,182 +490,46 @@ class HyperOptimizer(torch.optim.Optimizer):
         self._settle_versions()
         return loss
 
+    def _hyper_step(self) -> None:
+        self._ctx.position = 0
+        self._controller.hyper_step()
+
     def _abandon_window(self) -> None:
-        self._window = self._contributions = 0
-        self._tape = []
-        for tk in self.tuned.values():
-            for acc in tk.accums:
-                acc.zero_()
+        self._ctx.position = 0
+        self._ctx.release_tape()
+        self._controller.abandon_window()
+        self.method.abandon(self._ctx, self._method_state)
         self._settle_versions()
 
     def _settle_versions(self) -> None:
         """Once no recorded graph is kept, bump the version counters of the parameters written
         through ``.data`` meanwhile, so stale graphs raise as after a torch.optim step."""
-        if self._unversioned and not any(isinstance(st.source, GraphSource) for st in self._tape):
+        if self._unversioned and not any(isinstance(st.source, GraphSource)
+                                         for st in self._ctx.tape):
             for group in self.param_groups:
                 for p in group["params"]:
                     torch.autograd.graph.increment_version(p)
             self._unversioned = False
 
-    def _curvature_source(self, trainable, closure, rng, loss):
+    def _curvature_source(self, buckets, closure, rng, loss, records: bool):
         cfg = self.curvature
-        grads = [p.grad for _, _, p in trainable]
+        params = [p for b in buckets for p in b.params]
+        grads = [p.grad for p in params]
         if not isinstance(cfg, FiniteDifferences) and any(g.grad_fn is not None for g in grads):
-            for _, _, p in trainable:       # we keep the graph; p.grad keeps the values
+            for p in params:       # we keep the graph; p.grad keeps the values
                 p.grad = p.grad.detach()
-            self._unversioned = True
+            if records:
+                self._unversioned = True
             return GraphSource(grads)
         if cfg == "graph":
             raise CurvatureError(
-                "curvature='graph' but p.grad carries no graph on a step the method records; "
+                "curvature='graph' but p.grad carries no graph on a step the method needs it; "
                 "call loss.backward(create_graph=opt.needs_graph) before opt.step() (or use "
                 "curvature='auto' with a closure)")
         if closure is None:
             raise CurvatureError(missing_source_message(self.method.name))
         config = cfg if isinstance(cfg, FiniteDifferences) else FiniteDifferences()
-        return ClosureSource(closure, rng, loss, self._step_calls, config)
-
-    def _base_step(self, trainable, scales: list[float], kinds: tuple[str, ...],
-                   source=None) -> StepRecord:
-        """Run the rule on every parameter with a gradient; write results back in place.
-
-        A NaN or inf anywhere in the gradients skips the whole step without a host sync:
-        ``ok`` is a device scalar (1 or 0), the rule sees ``g`` where ok is 1 and zeros where
-        it is 0 (one ``torch.where``, never a NaN) and leaves everything as it was for ok=0.
-        With a curvature ``source`` the step is recorded on the tape first.  While a recorded
-        gradient graph is kept, parameters are written through ``p.data`` (see
-        :mod:`hyperopt_wrap.curvature`).
-        """
-        rule = self.rule
-        grads = [p.grad for _, _, p in trainable]
-        first = grads[0].device
-        norms = torch._foreach_norm(grads)
-        finite = torch.stack([n.to(first, non_blocking=True) for n in norms]).isfinite().all()
-        self._skipped_steps.add_((~finite).to(self._skipped_steps.device))
-        # (device, dtype) -> 0/1 in that dtype, and a 0 of it; device -> the bool
-        ok_as: dict = {}
-        values: dict[tuple, Tensor] = {}
-        options = [rule.options(g) for g in self.param_groups]
-        observed = []
-        taped = [] if source is not None else None
-        for gi, pi, p in trainable:
-            key = (p.device, p.dtype)
-            ok = ok_as.get(key)
-            if ok is None:
-                ok = ok_as[key] = finite.to(device=p.device, dtype=p.dtype, non_blocking=True)
-                ok_as[key, "zero"] = torch.zeros((), dtype=p.dtype, device=p.device)
-            where = ok_as.get(p.device)
-            if where is None:
-                where = ok_as[p.device] = finite.to(p.device, non_blocking=True)
-            work = self._workspace.setdefault(p, {})
-            # one pass: g where the step is taken, zeros (never NaN) where it is skipped
-            grad = torch.where(where, p.grad, ok_as[key, "zero"], out=scratch(work, "grad", p))
-            state = self.state[p]
-            if not any(k != _BUFFERS for k in state):
-                state.update(rule.init_state(p, options[gi]))
-            hyper = self._hyper_values(gi, pi, self.param_groups[gi], scales[gi], values)
-            if taped is not None:
-                taped.append(self._snapshot(gi, pi, p, grad, state, hyper, options[gi],
-                                            scales[gi]))
-            target = p.data if self._unversioned else p
-            tangents = rule.step_(target, grad, state, hyper, options[gi], kinds, ok, work)
-            if tangents is None:
-                tangents = self._step_out_of_place(target, grad, state, hyper, options[gi],
-                                                   kinds, ok)
-            observed.append(ObservedParam(gi, pi, p, tangents))
-        if taped is not None:
-            self._tape.append(TapedStep(taped, source, finite))
-        return StepRecord(observed, scales, finite)
-
-    def _snapshot(self, gi, pi, p, grad, state, hyper, options, scale) -> TapedParam:
-        """Copies of what step ``len(tape)`` of the window reads, in buffers reused from window
-        to window (a released tape's buffers are free again): no allocation per step."""
-        pos = len(self._tape)
-        while len(self._tape_buffers) <= pos:
-            self._tape_buffers.append({})
-        bufs = self._tape_buffers[pos].setdefault(p, {})
-        copies = {k: (scratch(bufs, "state." + k, v).copy_(v) if isinstance(v, Tensor) else v)
-                  for k, v in state.items() if k != _BUFFERS}
-        return TapedParam(gi, pi, p, scratch(bufs, "weights", p).copy_(p), copies,
-                          scratch(bufs, "grad", p).copy_(grad), hyper, options, scale)
-
-    def _step_out_of_place(self, p, grad, state, hyper, options, kinds, ok) -> dict[str, Tensor]:
-        """For rules without ``step_``: run ``update_with_tangents`` and write the results back
-        with ``old.lerp_(new, ok)``, bit-exactly ``new`` for ok=1 and ``old`` for ok=0 (the
-        rule saw a zero gradient, so its outputs are finite)."""
-        base_state = {k: v for k, v in state.items() if k != _BUFFERS}
-        new_p, new_state, tangents = self.rule.update_with_tangents(p, grad, base_state, hyper,
-                                                                    options, kinds)
-        p.lerp_(new_p, ok)
-        for name, value in new_state.items():
-            old = state.get(name)
-            if old is None:
-                state[name] = value * ok
-            else:
-                old.lerp_(value, ok if old.dtype == ok.dtype else ok.to(old.dtype))
-        return tangents
-
-    def _hyper_step(self) -> None:
-        """Average the window's hypergradient, hand it to the hyper-optimizer, clamp, write back.
-
-        A non-finite hypergradient (or a window that used a skipped step) leaves the raw values,
-        the natural values and the hyper-optimizer's state untouched, decided on the device.
-        With every hyper learning rate at 0 nothing moves (the hypergradient is still kept).
-        """
-        n = max(self._contributions, 1)
-        self._window = self._contributions = 0
-        self._hypersteps += 1
-        lasts = []
-        for tk in self.tuned.values():
-            for i, acc in enumerate(tk.accums):
-                if n != 1:
-                    acc.div_(n)
-                tk.accums[i], tk.last[i] = tk.last[i].zero_(), acc   # swap: no copy
-                lasts.append(acc)
-        norms = torch._foreach_norm(lasts)
-        device = self._window_finite.device
-        finite = torch.stack([x.to(device, non_blocking=True) for x in norms]).isfinite().all()
-        finite &= self._window_finite
-        self._window_finite.fill_(True)
-        self._skipped_hypersteps.add_(~finite)
-        hyper_opt = self.hyper_optimizer
-        if all(isinstance(g["lr"], (int, float)) and g["lr"] == 0 for g in hyper_opt.param_groups):
-            return
-        raws = [raw for tk in self.tuned.values() for raw in tk.raws]
-        for tk in self.tuned.values():
-            d = tk.parametrisation.dvalue_draw
-            for raw, value, last in zip(tk.raws, tk.values, tk.last):
-                raw.grad = last * d(value)
-        if getattr(hyper_opt, "defaults", {}).get("fused"):
-            # torch's fused kernels skip the whole update on the device when found_inf is set
-            found_inf = (~finite).to(torch.float32)
-            if not _fused_adam_step(hyper_opt, found_inf):
-                hyper_opt.found_inf = found_inf
-                hyper_opt.step()
-                del hyper_opt.found_inf
-        else:   # any other torch optimizer: snapshot and select on the device
-            raws_before = [raw.clone() for raw in raws]
-            for raw in raws:
-                raw.grad = torch.where(finite.to(raw.device), raw.grad, 0.0)
-            saved = [(t, t.clone()) for st in hyper_opt.state.values() for t in st.values()
-                     if isinstance(t, Tensor) and t.device == device]
-            hyper_opt.step()
-            for t, old in saved:
-                torch.where(finite, t, old, out=t)
-            for raw, old in zip(raws, raws_before):
-                torch.where(finite.to(raw.device), raw, old, out=raw)
-        ok_as: dict[tuple, Tensor] = {}
-        for tk in self.tuned.values():
-            lo, hi = tk.raw_bounds
-            for raw, value in zip(tk.raws, tk.values):
-                raw.clamp_(lo, hi)
-                raw.grad = None
-                key = (value.device, value.dtype)
-                if key not in ok_as:
-                    ok_as[key] = finite.to(device=value.device, dtype=value.dtype)
-                # lerp with a 0/1 weight is an exact select: a skipped hyper-step leaves the
-                # natural values bit-exact
-                value.lerp_(tk.parametrisation.to_value(raw), ok_as[key])
+        return ClosureSource(closure, rng, loss, self._flags.step_calls, config)
 
     # ------------------------------------------------------------------ save / resume
     def _fingerprint(self) -> dict[str, Any]:
@@ -649,17 +544,9 @@ class HyperOptimizer(torch.optim.Optimizer):
         sd = super().state_dict()
         sd["hyper"] = {
             "config": self._fingerprint(),
-            "values": {k: [v.clone() for v in tk.values] for k, tk in self.tuned.items()},
-            "raws": {k: [r.clone() for r in tk.raws] for k, tk in self.tuned.items()},
-            "accums": {k: [a.clone() for a in tk.accums] for k, tk in self.tuned.items()},
-            "last": {k: [a.clone() for a in tk.last] for k, tk in self.tuned.items()},
-            "hyper_optimizer": self.hyper_optimizer.state_dict(),
-            "method": self.method.state_dict(),
-            "counters": {"window": self._window, "contributions": self._contributions,
-                         "steps": self._steps,
-                         "hypersteps": self._hypersteps},
-            "skipped": [self._skipped_hypersteps.clone(), self._skipped_steps.clone(),
-                        self._window_finite.clone()],
+            "controller": self._controller.state_dict(),
+            "method": self.method.state_dict(self._method_state),
+            "counters": {"window": self._ctx.position, "steps": self._steps},
         }
         return sd
 
@@ -676,48 +563,50 @@ class HyperOptimizer(torch.optim.Optimizer):
                 "state_dict comes from a different HyperOptimizer configuration "
                 + "; ".join(f"{k}: saved {a!r}, this one {b!r}" for k, (a, b) in diff.items())
                 + ". Construct the HyperOptimizer with the saved configuration before loading")
-        for k, tk in self.tuned.items():
-            shapes = [tuple(v.shape) for v in tk.values]
-            if [tuple(v.shape) for v in hyper["values"][k]] != shapes:
-                raise ValueError(f"state_dict's {k} values have shapes that do not match this "
-                                 "model's parameters; load it into the same model architecture")
+        self._controller.check_loadable(hyper["controller"])
         rest = {k: v for k, v in state_dict.items() if k != "hyper"}
         super().load_state_dict(rest)
+        self._rebind()
         for group in self.param_groups:     # our step counters live on the param's device
             for p in group["params"]:
                 st = self.state.get(p)
                 if st and isinstance(st.get("step"), Tensor) and st["step"].device != p.device:
                     st["step"] = st["step"].to(p.device)
-        with torch.no_grad():
-            for k, tk in self.tuned.items():
-                for name in ("values", "raws", "accums"):
-                    for dst, src in zip(getattr(tk, name), hyper[name][k]):
-                        dst.copy_(src)
-                for dst, src in zip(tk.last, hyper["last"][k]):
-                    dst.copy_(src)
-        self.hyper_optimizer.load_state_dict(hyper["hyper_optimizer"])
-        self.method.load_state_dict(hyper["method"])
+        self._controller.load_state_dict(hyper["controller"])
+        self.method.load_state_dict(self._method_state, hyper["method"])
         c = hyper["counters"]
-        self._window, self._contributions = c["window"], c["contributions"]
-        self._steps, self._hypersteps = c["steps"], c["hypersteps"]
+        self._ctx.position, self._steps = c["window"], c["steps"]
         if self._records_steps():
             # recorded steps (graphs, closures) are not saved: the interrupted window restarts
             self._abandon_window()
-        self._skipped_hypersteps.copy_(hyper["skipped"][0])
-        self._skipped_steps.copy_(hyper["skipped"][1])
-        self._window_finite.copy_(hyper["skipped"][2])
+
+    def _rebind(self) -> None:
+        """torch's load_state_dict and __setstate__ rebind ``state`` and ``param_groups``."""
+        self._stepper.state = self.state
+        self._stepper.invalidate()
+        self._ctx._groups = self.param_groups
 
     def __getstate__(self) -> dict[str, Any]:
         # torch.optim.Optimizer pickles only defaults/state/param_groups; we need everything but
         # its hook dictionaries, which torch drops too (its __setstate__ recreates them)
         state = {k: v for k, v in self.__dict__.items() if not k.startswith("_optimizer_")}
-        if state.get("_tape"):
+        if self._ctx.tape:
             # recorded steps hold graphs and closures, which cannot be copied: the copy
-            # restarts the current window
-            # (a second-order method's accumulators are empty between steps)
-            state.update(_tape=[], _window=0, _contributions=0)
-        state["_tape_buffers"] = []     # scratch, recreated on demand
+            # restarts the current window (a second-order method's accumulators are empty
+            # between steps)
+            ctx = copy.copy(self._ctx)
+            ctx.tape, ctx.position = [], 0
+            state["_ctx"] = ctx
+            controller = copy.copy(self._controller)
+            controller.contributions = 0
+            state["_controller"] = controller
         return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        if "_stepper" in state:
+            self._ctx._controller = self._controller
+            self._rebind()
 
     def _records_steps(self) -> bool:
         return type(self.method).records_step is not HypergradientMethod.records_step
@@ -728,36 +617,51 @@ class HyperOptimizer(torch.optim.Optimizer):
                 f"update_every={self.update_every})")
 
 
-def _fused_adam_step(opt: torch.optim.Optimizer, found_inf: Tensor) -> bool:
-    """``opt.step()`` for a fused torch Adam/AdamW over a few tiny tensors, without the ~0.1 ms
-    of Python bookkeeping ``step()`` spends per call; the same kernels, state and found_inf
-    semantics.  Returns False (and does nothing) when it cannot: an uninitialised state, a
-    tensor lr, or a torch without the kernels; the caller then uses ``opt.step()``."""
-    if type(opt) not in (torch.optim.Adam, torch.optim.AdamW) or not hasattr(torch, "_fused_adam_"):
-        return False
-    calls = []
-    for group in opt.param_groups:
-        params = [p for p in group["params"] if p.grad is not None]
-        if not params:
-            continue
-        states = [opt.state.get(p) for p in params]
-        if (any(not s for s in states) or isinstance(group["lr"], Tensor)
-                or any(p.device != found_inf.device for p in params)):
-            return False
-        calls.append((group, params, states))
-    for group, params, states in calls:
-        steps = [s["step"] for s in states]
-        decoupled = group.get("decoupled_weight_decay", isinstance(opt, torch.optim.AdamW))
-        kernel = torch._fused_adamw_ if decoupled else torch._fused_adam_
-        torch._foreach_add_(steps, 1)
-        kernel(params, [p.grad for p in params], [s["exp_avg"] for s in states],
-               [s["exp_avg_sq"] for s in states],
-               [s["max_exp_avg_sq"] for s in states] if group["amsgrad"] else [], steps,
-               amsgrad=group["amsgrad"], lr=group["lr"], beta1=group["betas"][0],
-               beta2=group["betas"][1], weight_decay=group["weight_decay"], eps=group["eps"],
-               maximize=group["maximize"], grad_scale=None, found_inf=found_inf)
-        torch._foreach_sub_(steps, [found_inf] * len(steps))
-    return True
+def _check_flags(optimizer_cls: type, defaults: dict[str, Any]) -> None:
+    """torch.optim's implementation flags: ``foreach`` is honoured (our bucketed step;
+    ``foreach=False`` loops over tensors), the others are refused with the reason."""
+    name = optimizer_cls.__name__
+    if defaults.get("differentiable"):
+        raise ValueError(f"differentiable=True is not supported: HyperOptimizer computes the "
+                         f"derivatives of the step with respect to its hyperparameters itself and "
+                         f"runs the step under no_grad; for a differentiable {name} step use "
+                         f"torch.optim.{name}(..., differentiable=True) or hyperopt_wrap.reference")
+    if defaults.get("capturable"):
+        raise ValueError("capturable=True (CUDA-graph capture of step()) is not supported: "
+                         "HyperOptimizer's step makes no host synchronisation (step counters "
+                         "live on the parameters' device), but capture is not tested; drop "
+                         "capturable=True")
+    if defaults.get("fused"):
+        raise ValueError(f"fused=True is not supported: torch's fused {name} kernel cannot "
+                         "return the derivatives of the step with respect to the tuned "
+                         "hyperparameters; HyperOptimizer runs its own bucketed foreach step "
+                         "(foreach=None or True, the default). Drop fused=True")
+
+
+def _as_rule_reads(value, bucket: Bucket, scale: float):
+    """A tuned value (a tensor or a list of them) in the bucket's dtype and device, lr times
+    its scheduler scale."""
+    def convert(v: Tensor) -> Tensor:
+        if v.device != bucket.device or v.dtype != bucket.dtype:   # multi-device; bf16 models
+            v = v.to(bucket.device, bucket.dtype, non_blocking=True)
+        return v * scale if scale != 1.0 else v
+    if isinstance(value, list):
+        if scale == 1.0 and value and value[0].device == bucket.device \
+                and value[0].dtype == bucket.dtype:
+            return value
+        return [convert(v) for v in value]
+    return convert(value)
+
+
+def _tensors(obj):
+    if isinstance(obj, Tensor):
+        yield obj
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            yield from _tensors(v)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            yield from _tensors(v)
 
 
 def _scale(entry, scale: float):
@@ -766,4 +670,3 @@ def _scale(entry, scale: float):
     if isinstance(entry, list):
         return [e * scale for e in entry]
     return entry * scale
-

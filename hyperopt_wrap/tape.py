@@ -27,7 +27,7 @@ from torch import Tensor
 from .curvature import BufferGuard, ClosureSource, GraphSource
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .optimizer import HyperOptimizer
+    from .methods.base import MethodContext
 
 
 @dataclass
@@ -69,8 +69,8 @@ class StepGraph:
     ``Phi`` is rebuilt as an autograd graph through ``rule.update`` (once, on first use) and
     products reuse it.  Both give the same numbers (tested in float64)."""
 
-    def __init__(self, opt: "HyperOptimizer", step: TapedStep, with_state: bool):
-        self.rule = opt.rule
+    def __init__(self, ctx: "MethodContext", step: TapedStep, with_state: bool):
+        self.rule = ctx.rule
         self.with_state = with_state
         self.items = step.params
         # per parameter: the rule's hyper dict with tuned entries as the step used them, and
@@ -79,7 +79,7 @@ class StepGraph:
         self.lam: list[dict[str, Tensor]] = []
         for item in step.params:
             hyper, lam = dict(item.hyper), {}
-            for kind, tk in opt.tuned.items():
+            for kind, tk in ctx.tuned.items():
                 if not tk.is_tuned(item.group_index):
                     continue
                 value = lam[kind] = tk.value(item.group_index, item.param_index).detach()
@@ -201,17 +201,15 @@ class StepGraph:
                 result[i][3][name] = gr
 
 
-def add_hypergradient(opt: "HyperOptimizer", step: TapedStep, dlam: list[dict[str, Tensor]]):
+def add_hypergradient(ctx: "MethodContext", step: TapedStep, dlam: list[dict[str, Tensor]]):
     """Add ``dE/dlam`` of one recorded step's parameters into the tuned kinds' accumulators
-    (sign flipped for ``maximize`` groups, whose meta-objective is maximised)."""
-    terms: dict[str, list] = {kind: [] for kind in opt.tuned}
+    (the context flips the sign for ``maximize`` groups, whose meta-objective is maximised)."""
+    terms: dict[str, list] = {kind: [] for kind in ctx.tuned}
     for item, per_kind in zip(step.params, dlam):
-        sign = -1.0 if opt.param_groups[item.group_index].get("maximize", False) else 1.0
         for kind, value in per_kind.items():
-            terms[kind].append((item.group_index, item.param_index,
-                                value if sign == 1.0 else -value))
+            terms[kind].append((item.group_index, item.param_index, value))
     for kind, kind_terms in terms.items():
-        opt.tuned[kind].add_contributions(kind_terms)
+        ctx.add_contributions(kind, kind_terms)
 
 
 class Replay(contextlib.AbstractContextManager):
@@ -222,8 +220,8 @@ class Replay(contextlib.AbstractContextManager):
     closure sources with ``model=``, the module's buffers.
     """
 
-    def __init__(self, opt: "HyperOptimizer", steps: list[TapedStep]):
-        self.opt = opt
+    def __init__(self, ctx: "MethodContext", steps: list[TapedStep]):
+        self.ctx = ctx
         seen: dict[int, Tensor] = {}
         for st in steps:
             for item in st.params:
@@ -234,9 +232,9 @@ class Replay(contextlib.AbstractContextManager):
         self.guards = [BufferGuard(m) for m in models.values()]
 
     def __enter__(self):
-        self.opt._replaying = True
+        self.ctx.flags.replaying = True
         self.current = [p.detach().clone() for p in self.params]
-        self.grads = [(p, p.grad) for g in self.opt.param_groups for p in g["params"]]
+        self.grads = [(p, p.grad) for p in self.ctx.all_params()]
         for guard in self.guards:
             guard.__enter__()
         return self
@@ -249,7 +247,7 @@ class Replay(contextlib.AbstractContextManager):
             p.grad = g
         for guard in self.guards:
             guard.__exit__(*exc)
-        self.opt._replaying = False
+        self.ctx.flags.replaying = False
         return False
 
     def hvp(self, step: TapedStep, us: list[Tensor]) -> list[Tensor]:
@@ -262,14 +260,14 @@ class Replay(contextlib.AbstractContextManager):
                 for p, w in zip(params, weights):
                     p.data.copy_(w)
                 return src.hvp(params, us)
-            opt = self.opt
-            if src.call != opt._step_calls and not opt._replay_checked:
+            flags = self.ctx.flags
+            if src.call != flags.step_calls and not flags.replay_checked:
                 src.check_binding(params, weights)
-                opt._replay_checked = True
+                flags.replay_checked = True
             return src.hvp(params, us, weights=weights,
                            grads=[item.grad for item in step.params])
 
 
-def meta_cotangents(meta_grads) -> dict[int, Tensor]:
+def meta_cotangents(meta) -> dict[int, Tensor]:
     """``grad_w E`` keyed by ``id(param)`` (parameters E does not depend on are left out)."""
-    return {id(mg.param): mg.grad for mg in meta_grads if mg.grad is not None}
+    return meta.by_param()

@@ -163,7 +163,9 @@ def test_horizon_1_is_greedy(case_id):
             run.step()
     g = runs[2].opt.last_hypergradient()
     for run in runs[:2]:
-        _assert_close(run.opt.last_hypergradient(), g, 1e-12, type(run.opt.method).__name__)
+        # two independent closed forms (reverse products vs the step's own tangents): Adam's
+        # beta1 derivative cancels in its bias correction, measured 1.5e-12 apart
+        _assert_close(run.opt.last_hypergradient(), g, 1e-11, type(run.opt.method).__name__)
     for run in runs[:2]:    # the same trajectory (round-off aside)
         assert rel_err(flat(run.opt.hyperparameters()["lr"]),
                        flat(runs[2].opt.hyperparameters()["lr"])) <= 1e-10

@@ -1,7 +1,7 @@
 """Hypergradient methods, one file each.  Pass a name or an instance as ``method=``."""
 from __future__ import annotations
 
-from .base import HypergradientMethod, MetaGradient, ObservedParam, RecordingMethod, StepRecord
+from .base import HypergradientMethod, MetaGradients, MethodContext, RecordingMethod
 from .greedy import Greedy
 from .implicit import Implicit
 from .unroll import Unroll
@@ -21,5 +21,5 @@ def resolve_method(method) -> HypergradientMethod:
                      "or pass an instance such as hyperopt_wrap.methods.Greedy()")
 
 
-__all__ = ["HypergradientMethod", "Greedy", "Implicit", "Unroll", "METHODS", "resolve_method", "MetaGradient",
-           "ObservedParam", "RecordingMethod", "StepRecord"]
+__all__ = ["HypergradientMethod", "Greedy", "Implicit", "Unroll", "METHODS", "resolve_method",
+           "MetaGradients", "MethodContext", "RecordingMethod"]

@@ -1,114 +1,228 @@
-"""The hypergradient-method protocol.
+"""The hypergradient-method protocol and the narrow context a method sees.
 
-A method is a small object with options (its constructor's keyword
-arguments) and no hidden running state: per-parameter buffers live in
-``opt.state[p]["hyper"]`` and anything else in ``state_dict()``, so
-``HyperOptimizer.state_dict()`` saves and restores a method mid-window.
+A method object holds options only (its constructor's keyword arguments), so one ``Greedy()``
+can serve several optimizers.  Everything a method keeps between steps lives in its *state*, a
+plain dict created by :meth:`HypergradientMethod.init_state` and owned by the optimizer, which
+saves it in ``state_dict()`` and restores it in ``load_state_dict()``.
 
-Each base step the optimizer
+A method never sees the optimizer.  It gets a :class:`MethodContext`: the tuned-slot layout
+(``ctx.tuned``), the window (``update_every``, ``position``, ``window_complete``), the recorded
+steps (``ctx.tape``), the maximize sign and scheduler scale per group (``ctx.sign``,
+``ctx.lr_scale``) and the accumulators (``ctx.accumulate``, ``ctx.add_contributions``, which
+apply the sign).  Each base step the optimizer
 
-0. asks ``records_step(opt, position)`` whether to record the step on ``opt.tape`` (methods that
-   differentiate through past steps: implicit, unroll);
-1. asks ``tangent_kinds(opt, ends_window)`` which hyperparameter tangents
-   ``B = dPhi/dlam`` the step must produce (forward mode through the rule);
-2. runs the step and hands ``observe(opt, record)`` what it saw;
-   A step whose gradient was not finite was skipped (``record.finite`` is False on the
-   device); a method that uses such a step's tangents calls ``opt.mark_window(finite)``
-   so that the hyper-step is skipped rather than fed a made-up derivative.
-3. when the meta-gradient ``grad_w E`` is known (at the next step's gradient,
-   or from ``val_loss`` at the end of a window) calls
-   ``hypergradient(opt, meta_grads)``, which adds ``dE/dlam`` in natural units
-   into the tuned kinds' accumulators and returns how many contributions it
-   added (0 when it had nothing pending).
+0. asks ``records_step(ctx, state, position)`` whether to record the step on ``ctx.tape``
+   (methods that differentiate through past steps: implicit, unroll);
+1. asks ``tangent_kinds(ctx, state, ends_window)`` which ``B = dPhi/dlam`` the step itself
+   must produce (greedy), and ``carries(ctx, state)`` whether it wants the step *before* the
+   write (:meth:`carry`, forward-mode methods: RTRL), with Hessian-vector products at ``w_t``;
+2. when the meta-gradient ``grad_w E`` is known (the next step's gradient, or ``val_loss`` at
+   the end of a window) calls ``hypergradient(ctx, state, meta)``, which adds ``dE/dlam`` in
+   natural units into the accumulators and returns how many contributions it added;
+3. runs the step and hands ``observe(ctx, state, record)`` what it did.
 
-Every ``update_every`` contributions the optimizer makes a hyper-step.
+A step whose gradient was not finite is skipped (``finite`` is False on the device); a method
+that uses such a step calls ``ctx.mark_window(finite)`` so the hyper-step is skipped rather than
+fed a made-up derivative.  Every ``update_every`` contributions the optimizer makes a hyper-step.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+import copy
+from dataclasses import dataclass
+from typing import Any, Callable
 
+import torch
 from torch import Tensor
 
-if TYPE_CHECKING:  # pragma: no cover
-    from ..optimizer import HyperOptimizer
+from ..hyperparams import TunedKind
+from ..rules import UpdateRule
 
 
 @dataclass
-class ObservedParam:
-    """What one base step did to one parameter."""
-    group_index: int
-    param_index: int
-    param: Tensor
-    tangents: dict[str, Tensor] = field(default_factory=dict)  # kind -> d w_new / d lam
+class MetaGradients:
+    """``grad_w E`` per trainable parameter, in bucket layout: ``flats[i]`` is bucket ``i``'s
+    flat meta-gradient (None where E does not depend on any of its parameters)."""
+    buckets: list
+    flats: list[Tensor | None]
+
+    def by_param(self) -> dict[int, Tensor]:
+        """Per-parameter views keyed by ``id(param)``."""
+        out = {}
+        for b, flat in zip(self.buckets, self.flats):
+            if flat is not None:
+                for p, v in zip(b.params, b.views(flat)):
+                    out[id(p)] = v
+        return out
+
+    def by_index(self) -> dict[tuple[int, int], Tensor]:
+        out = {}
+        for b, flat in zip(self.buckets, self.flats):
+            if flat is not None:
+                for pi, v in zip(b.param_indices, b.views(flat)):
+                    out[b.group_index, pi] = v
+        return out
 
 
-@dataclass
-class StepRecord:
-    params: list[ObservedParam]
-    lr_scales: list[float]          # per group: effective lr / tuned lr at this step
-    finite: Tensor                  # device bool: the step's gradients were finite (else skipped)
+class ReplayFlags:
+    """Mutable flags shared by the optimizer and the tape's replays."""
+
+    def __init__(self):
+        self.replaying = False
+        self.replay_checked = False   # an old step's closure was checked to bind its batch
+        self.step_calls = 0
 
 
-@dataclass
-class MetaGradient:
-    """grad_w E for one parameter (``None`` where E does not depend on it)."""
-    group_index: int
-    param_index: int
-    param: Tensor
-    grad: Tensor | None
+class MethodContext:
+    """What a method sees of its optimizer (never the optimizer itself)."""
+
+    def __init__(self, *, rule: UpdateRule, tuned: dict[str, TunedKind], controller,
+                 param_groups: list[dict], update_every: int, val_loss: bool,
+                 flags: ReplayFlags, tuned_kinds: tuple[str, ...]):
+        self.rule = rule
+        self.tuned = tuned
+        self.tuned_kinds = tuned_kinds
+        self.update_every = update_every
+        self.has_val_loss = val_loss
+        self.flags = flags
+        self._controller = controller
+        self._groups = param_groups
+        self.position = 0                 # base steps taken in the current window
+        self.tape: list = []
+        self.lr_scales: list[float] = [1.0] * len(param_groups)
+
+    # the window
+    @property
+    def window_complete(self) -> bool:
+        return self.position >= self.update_every
+
+    def release_tape(self) -> None:
+        self.tape = []
+
+    def mark_window(self, finite: Tensor) -> None:
+        self._controller.mark_window(finite)
+
+    # the layout
+    def group_params(self, group_index: int) -> list[Tensor]:
+        return self._groups[group_index]["params"]
+
+    @property
+    def num_groups(self) -> int:
+        return len(self._groups)
+
+    def all_params(self) -> list[Tensor]:
+        return [p for g in self._groups for p in g["params"]]
+
+    def sign(self, group_index: int) -> float:
+        """-1 for a ``maximize`` group (its meta-objective is maximised), else 1."""
+        return -1.0 if self._groups[group_index].get("maximize", False) else 1.0
+
+    def lr_scale(self, group_index: int) -> float:
+        """Effective lr over tuned lr in this group (the LR scheduler's factor)."""
+        return self.lr_scales[group_index]
+
+    def hyper_scale(self, kind: str, group_index: int) -> float:
+        """d(value the rule reads) / d(tuned value): the scheduler scale for lr, else 1."""
+        return self.lr_scales[group_index] if kind == "lr" else 1.0
+
+    # the accumulators
+    def accumulate(self, kind: str, terms) -> None:
+        """``accum += sign * scale * <meta, tangent>`` reduced to each slot, for ``terms`` =
+        ``(group_index, param_index, meta, tangent, scale)``."""
+        self.tuned[kind].accumulate((gi, pi, m, t, s * self.sign(gi)) for gi, pi, m, t, s in terms)
+
+    def add_contributions(self, kind: str, terms) -> None:
+        """``accum += sign * value`` for ``terms`` = ``(group_index, param_index, value)``,
+        ``value`` already reduced to the slot's shape."""
+        self.tuned[kind].add_contributions(
+            (gi, pi, v if self.sign(gi) == 1.0 else -v) for gi, pi, v in terms)
+
+    def accumulate_flat(self, kind: str, bucket, meta: Tensor, tangent: Tensor,
+                        scale: float) -> None:
+        """``accumulate`` for a whole bucket in flat layout (one or two ops for scalar slots)."""
+        tk = self.tuned[kind]
+        slots = tk.slots_of(bucket.group_index, bucket.param_indices)
+        if slots is None:
+            return
+        scale = scale * self.sign(bucket.group_index)
+        tk.accumulate_bucket(slots, bucket, meta, tangent, scale)
 
 
 class HypergradientMethod:
     name = "method"
     default_update_every = 1
     default_hyper_lr: "float | dict[str, float]" = 0.01
-    #: the method asks for Hessian-vector products (a gradient graph or a closure, see
-    #: :mod:`hyperopt_wrap.curvature`) on the steps it records
+    #: the method records steps and asks for Hessian-vector products (a gradient graph or a
+    #: closure, see :mod:`hyperopt_wrap.curvature`) on them
     needs_curvature = False
 
-    def records_step(self, opt: "HyperOptimizer", position: int) -> bool:
-        """Whether the base step at ``position`` (0-based) in the window is recorded on
-        ``opt.tape`` (weights, state, gradient and curvature source before the update) for a
-        later reverse pass.  A method that records steps reads them in :meth:`hypergradient`
-        once ``opt.window_complete`` and then calls ``opt.release_tape()``."""
-        return False
-
-    def bind(self, opt: "HyperOptimizer") -> None:
+    def bind(self, ctx: MethodContext) -> None:
         """Check that the method can serve this optimizer; raise otherwise."""
 
-    def tangent_kinds(self, opt: "HyperOptimizer", ends_window: bool) -> tuple[str, ...]:
-        raise NotImplementedError
-
-    def observe(self, opt: "HyperOptimizer", record: StepRecord) -> None:
-        raise NotImplementedError
-
-    def hypergradient(self, opt: "HyperOptimizer", meta_grads: list[MetaGradient]) -> int:
-        raise NotImplementedError
-
-    def state_dict(self) -> dict[str, Any]:
+    def init_state(self, ctx: MethodContext) -> dict[str, Any]:
+        """The method's running state for one optimizer (saved by the optimizer)."""
         return {}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def records_step(self, ctx: MethodContext, state: dict, position: int) -> bool:
+        """Whether the base step at ``position`` (0-based) in the window is recorded on
+        ``ctx.tape`` (weights, state, gradient and curvature source before the update) for a
+        later reverse pass.  A method that records steps reads them in :meth:`hypergradient`
+        once ``ctx.window_complete`` and then calls ``ctx.release_tape()``."""
+        return False
+
+    def carries(self, ctx: MethodContext, state: dict) -> bool:
+        """Whether :meth:`carry` runs on the coming step (with per-step curvature when
+        :attr:`carry_curvature` says so)."""
+        return False
+
+    def carry_curvature(self, ctx: MethodContext, state: dict) -> bool:
+        """Whether :meth:`carry` needs Hessian-vector products at this step."""
+        return False
+
+    def carry(self, ctx: MethodContext, state: dict, view) -> None:
+        """Before the write: ``view`` (a :class:`~hyperopt_wrap.stepper.StepView`) is the step
+        about to happen, with ``view.jvp`` and ``view.hvp``."""
+
+    def tangent_kinds(self, ctx: MethodContext, state: dict, ends_window: bool
+                      ) -> tuple[str, ...]:
+        return ()
+
+    def observe(self, ctx: MethodContext, state: dict, record) -> None:
         pass
+
+    def hypergradient(self, ctx: MethodContext, state: dict, meta: MetaGradients) -> int:
+        raise NotImplementedError
+
+    def abandon(self, ctx: MethodContext, state: dict) -> None:
+        """The window was dropped (an error, or a resume that cannot continue it)."""
+
+    def state_dict(self, state: dict) -> dict[str, Any]:
+        return _clone(state)
+
+    def load_state_dict(self, state: dict, saved: dict[str, Any]) -> None:
+        state.clear()
+        state.update(_clone(saved))
 
     def __repr__(self) -> str:
         opts = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
         return f"{type(self).__name__}({opts})"
 
 
+def _clone(obj):
+    if isinstance(obj, Tensor):
+        return obj.detach().clone()
+    if isinstance(obj, dict):
+        return {k: _clone(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_clone(v) for v in obj)
+    return copy.copy(obj)
+
+
 class RecordingMethod(HypergradientMethod):
     """A method that differentiates through recorded steps (implicit, unroll): no tangents in
-    the base step, nothing to observe; :meth:`hypergradient` reads ``opt.tape`` once the
-    window is complete (see :meth:`window_ready`) and releases it."""
+    the base step; :meth:`hypergradient` reads ``ctx.tape`` once the window is complete (see
+    :meth:`window_ready`) and releases it."""
     needs_curvature = True
 
-    def tangent_kinds(self, opt, ends_window):
-        return ()
-
-    def observe(self, opt, record: StepRecord) -> None:
-        pass
-
     @staticmethod
-    def window_ready(opt: "HyperOptimizer") -> bool:
-        return opt.window_complete and bool(opt.tape)
+    def window_ready(ctx: MethodContext) -> bool:
+        return ctx.window_complete and bool(ctx.tape)

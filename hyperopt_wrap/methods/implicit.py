@@ -33,7 +33,7 @@ import math
 import torch
 
 from ..tape import Replay, StepGraph, add_hypergradient, meta_cotangents
-from .base import MetaGradient, RecordingMethod
+from .base import MetaGradients, RecordingMethod
 
 
 class Implicit(RecordingMethod):
@@ -50,29 +50,29 @@ class Implicit(RecordingMethod):
         self.neumann_terms = neumann_terms
         self.include_state = bool(include_state)
 
-    def records_step(self, opt, position: int) -> bool:
-        return position == opt.update_every - 1
+    def records_step(self, ctx, state, position: int) -> bool:
+        return position == ctx.update_every - 1
 
-    def hypergradient(self, opt, meta_grads: list[MetaGradient]) -> int:
-        if not self.window_ready(opt):
+    def hypergradient(self, ctx, state, meta: MetaGradients) -> int:
+        if not self.window_ready(ctx):
             return 0
-        step = opt.tape[-1]
-        v = meta_cotangents(meta_grads)
+        step = ctx.tape[-1]
+        v = meta_cotangents(meta)
         ids = [id(item.param) for item in step.params]
         a_w = [v.get(i) for i in ids]
         acc_w = [None if a is None else a.clone() for a in a_w]
         acc_s = [{} for _ in ids] if self.include_state else None
-        graph = StepGraph(opt, step, with_state=self.include_state)
+        graph = StepGraph(ctx, step, with_state=self.include_state)
         if self.neumann_terms > 1:
-            with Replay(opt, [step]) as replay:
+            with Replay(ctx, [step]) as replay:
                 if self.include_state:
                     self._series_with_state(graph, replay, step, a_w, acc_w, acc_s)
                 else:
                     self._series(graph, replay, step, a_w, acc_w)
         res = graph.vjp(acc_w, acc_s, inputs=False, hyper=True)
-        add_hypergradient(opt, step, [r[3] for r in res])
-        opt.mark_window(step.finite)
-        opt.release_tape()
+        add_hypergradient(ctx, step, [r[3] for r in res])
+        ctx.mark_window(step.finite)
+        ctx.release_tape()
         return 1
 
     def _series(self, graph, replay, step, a_w, acc_w) -> None:

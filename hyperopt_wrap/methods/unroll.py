@@ -22,7 +22,7 @@ an old closure checks this and raises if the closure reproduces a different loss
 from __future__ import annotations
 
 from ..tape import Replay, StepGraph, add_hypergradient, meta_cotangents
-from .base import MetaGradient, RecordingMethod
+from .base import MetaGradients, RecordingMethod
 
 
 class Unroll(RecordingMethod):
@@ -39,35 +39,35 @@ class Unroll(RecordingMethod):
     def default_update_every(self) -> int:
         return max(10, self.horizon)
 
-    def bind(self, opt) -> None:
-        if self.horizon > opt.update_every:
+    def bind(self, ctx) -> None:
+        if self.horizon > ctx.update_every:
             raise ValueError(f"Unroll(horizon={self.horizon}) differentiates through the last "
                              f"{self.horizon} steps of each window, but update_every="
-                             f"{opt.update_every} makes windows shorter; use update_every >= "
+                             f"{ctx.update_every} makes windows shorter; use update_every >= "
                              f"{self.horizon} or a smaller horizon")
 
-    def records_step(self, opt, position: int) -> bool:
-        return position >= opt.update_every - self.horizon
+    def records_step(self, ctx, state, position: int) -> bool:
+        return position >= ctx.update_every - self.horizon
 
-    def hypergradient(self, opt, meta_grads: list[MetaGradient]) -> int:
-        if not self.window_ready(opt):
+    def hypergradient(self, ctx, state, meta: MetaGradients) -> int:
+        if not self.window_ready(ctx):
             return 0
-        steps = list(opt.tape)
-        a_w = meta_cotangents(meta_grads)
+        steps = list(ctx.tape)
+        a_w = meta_cotangents(meta)
         a_s: dict[int, dict] = {}
-        with Replay(opt, steps) as replay:
+        with Replay(ctx, steps) as replay:
             for k, step in enumerate(reversed(steps)):
                 oldest = k == len(steps) - 1
                 ids = [id(item.param) for item in step.params]
-                graph = StepGraph(opt, step, with_state=True)
+                graph = StepGraph(ctx, step, with_state=True)
                 res = graph.vjp([a_w.get(i) for i in ids], [a_s.get(i, {}) for i in ids],
                                 inputs=not oldest, hyper=True)
-                add_hypergradient(opt, step, [r[3] for r in res])
-                opt.mark_window(step.finite)
+                add_hypergradient(ctx, step, [r[3] for r in res])
+                ctx.mark_window(step.finite)
                 if not oldest:
                     hv = replay.hvp(step, [r[1] for r in res])
                     for i, r, h in zip(ids, res, hv):
                         a_w[i] = r[0] + h     # not in place: autograd may hand back a cotangent
                         a_s[i] = r[2]
-        opt.release_tape()
+        ctx.release_tape()
         return 1

@@ -1,0 +1,211 @@
+"""Hyperparameter control: tuned values, raw values, accumulators, the hyper-optimizer, skips.
+
+The controller owns everything that moves the hyperparameters and nothing that steps the
+weights.  Methods add natural-unit hypergradients into its accumulators (through the method
+context); every ``update_every`` contributions the face calls :meth:`Controller.hyper_step`,
+which averages them, converts them to raw units (``dE/dr = dE/dlam * dlam/dr``), hands them to
+the hyper-optimizer and writes the clamped values back, skipping the whole hyper-step on the
+device (no host synchronisation) when the hypergradient is not finite.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .hyperparams import TunedKind
+
+_FUSED_DEVICES = ("cpu", "cuda", "xpu", "mps")   # where torch's fused Adam kernel runs
+
+
+class Controller:
+    """Tuned kinds, the hyper-optimizer and the skip counters of one HyperOptimizer."""
+
+    def __init__(self, tuned: dict[str, TunedKind], hyper_lr, hyper_optimizer: type,
+                 hyper_optimizer_kwargs: dict | None, device: torch.device):
+        self.tuned = tuned
+        self.hyper_lr = hyper_lr
+        for kind in tuned:
+            self.kind_hyper_lr(kind)        # validated before anything is built
+        self.hyper_optimizer_cls = hyper_optimizer
+        self.hyper_kwargs = dict(hyper_optimizer_kwargs or {})
+        if hyper_optimizer in (torch.optim.Adam, torch.optim.AdamW) and not (
+                {"fused", "foreach", "capturable", "differentiable"} & set(self.hyper_kwargs)) \
+                and device.type in _FUSED_DEVICES:
+            # One kernel per hyper-step, its step counter on the device, and a found_inf input
+            # that skips a non-finite hyper-step without a host sync.
+            self.hyper_kwargs["fused"] = True
+        self.hyper_optimizer: torch.optim.Optimizer | None = None
+        self.skipped_hypersteps = torch.zeros((), dtype=torch.int64, device=device)
+        self.skipped_steps = torch.zeros((), dtype=torch.int64, device=device)
+        self.window_finite = torch.ones((), dtype=torch.bool, device=device)
+        self.contributions = 0      # hypergradient contributions in the accumulators
+        self.hypersteps = 0
+
+    # ------------------------------------------------------------------ set-up
+    def kind_hyper_lr(self, kind: str) -> float:
+        lr = self.hyper_lr[kind] if isinstance(self.hyper_lr, dict) else self.hyper_lr
+        if not (isinstance(lr, (int, float)) and not isinstance(lr, bool) and lr >= 0
+                and math.isfinite(lr)):
+            raise ValueError(f"hyper_lr must be a finite number >= 0 (or a dict per kind), "
+                             f"got {lr!r}")
+        return float(lr)
+
+    def raw_groups(self) -> list[dict]:
+        return [{"params": [], "lr": self.kind_hyper_lr(k), "kind": k} for k in self.tuned]
+
+    def build(self, raw_groups: list[dict]) -> None:
+        try:
+            self.hyper_optimizer = self.hyper_optimizer_cls(raw_groups, **self.hyper_kwargs)
+        except (TypeError, ValueError) as e:
+            raise type(e)(f"could not build hyper_optimizer {self.hyper_optimizer_cls!r}: "
+                          f"{e}") from e
+
+    def add_raw_groups(self, raw_groups: list[dict]) -> None:
+        for rg in raw_groups:
+            if rg["params"]:
+                self.hyper_optimizer.add_param_group(rg)
+
+    # ------------------------------------------------------------------ the window
+    def mark_window(self, finite: Tensor) -> None:
+        """The window's hypergradient used a step whose gradient was ``finite`` (a device bool);
+        a non-finite one makes the coming hyper-step skip."""
+        self.window_finite &= finite.to(self.window_finite.device)
+
+    def count_step(self, finite: Tensor) -> None:
+        self.skipped_steps.add_((~finite).to(self.skipped_steps.device))
+
+    def abandon_window(self) -> None:
+        self.contributions = 0
+        for tk in self.tuned.values():
+            for acc in tk.accums:
+                acc.zero_()
+
+    def hyper_step(self) -> None:
+        """Average the window's hypergradient, hand it to the hyper-optimizer, clamp, write back.
+
+        A non-finite hypergradient (or a window that used a skipped step) leaves the raw values,
+        the natural values and the hyper-optimizer's state untouched, decided on the device.
+        With every hyper learning rate at 0 nothing moves (the hypergradient is still kept).
+        """
+        n = max(self.contributions, 1)
+        self.contributions = 0
+        self.hypersteps += 1
+        lasts = []
+        for tk in self.tuned.values():
+            for i, acc in enumerate(tk.accums):
+                if n != 1:
+                    acc.div_(n)
+                tk.accums[i], tk.last[i] = tk.last[i].zero_(), acc   # swap: no copy
+                lasts.append(acc)
+        norms = torch._foreach_norm(lasts)
+        device = self.window_finite.device
+        finite = torch.stack([x.to(device, non_blocking=True) for x in norms]).isfinite().all()
+        finite &= self.window_finite
+        self.window_finite.fill_(True)
+        self.skipped_hypersteps.add_(~finite)
+        hyper_opt = self.hyper_optimizer
+        if all(isinstance(g["lr"], (int, float)) and g["lr"] == 0 for g in hyper_opt.param_groups):
+            return
+        raws = [raw for tk in self.tuned.values() for raw in tk.raws]
+        for tk in self.tuned.values():
+            d = tk.parametrisation.dvalue_draw
+            for raw, value, last in zip(tk.raws, tk.values, tk.last):
+                raw.grad = last * d(value)
+        if getattr(hyper_opt, "defaults", {}).get("fused"):
+            # torch's fused kernels skip the whole update on the device when found_inf is set
+            found_inf = (~finite).to(torch.float32)
+            if not _fused_adam_step(hyper_opt, found_inf):
+                hyper_opt.found_inf = found_inf
+                hyper_opt.step()
+                del hyper_opt.found_inf
+        else:   # any other torch optimizer: snapshot and select on the device
+            raws_before = [raw.clone() for raw in raws]
+            for raw in raws:
+                raw.grad = torch.where(finite.to(raw.device), raw.grad, 0.0)
+            saved = [(t, t.clone()) for st in hyper_opt.state.values() for t in st.values()
+                     if isinstance(t, Tensor) and t.device == device]
+            hyper_opt.step()
+            for t, old in saved:
+                torch.where(finite, t, old, out=t)
+            for raw, old in zip(raws, raws_before):
+                torch.where(finite.to(raw.device), raw, old, out=raw)
+        ok_as: dict[tuple, Tensor] = {}
+        for tk in self.tuned.values():
+            lo, hi = tk.raw_bounds
+            for raw, value in zip(tk.raws, tk.values):
+                raw.clamp_(lo, hi)
+                raw.grad = None
+                key = (value.device, value.dtype)
+                if key not in ok_as:
+                    ok_as[key] = finite.to(device=value.device, dtype=value.dtype)
+                # lerp with a 0/1 weight is an exact select: a skipped hyper-step leaves the
+                # natural values bit-exact
+                value.lerp_(tk.parametrisation.to_value(raw), ok_as[key])
+
+    # ------------------------------------------------------------------ save / resume
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "values": {k: [v.clone() for v in tk.values] for k, tk in self.tuned.items()},
+            "raws": {k: [r.clone() for r in tk.raws] for k, tk in self.tuned.items()},
+            "accums": {k: [a.clone() for a in tk.accums] for k, tk in self.tuned.items()},
+            "last": {k: [a.clone() for a in tk.last] for k, tk in self.tuned.items()},
+            "hyper_optimizer": self.hyper_optimizer.state_dict(),
+            "counters": {"contributions": self.contributions, "hypersteps": self.hypersteps},
+            "skipped": [self.skipped_hypersteps.clone(), self.skipped_steps.clone(),
+                        self.window_finite.clone()],
+        }
+
+    def check_loadable(self, saved: dict[str, Any]) -> None:
+        for k, tk in self.tuned.items():
+            shapes = [tuple(v.shape) for v in tk.values]
+            if [tuple(v.shape) for v in saved["values"][k]] != shapes:
+                raise ValueError(f"state_dict's {k} values have shapes that do not match this "
+                                 "model's parameters; load it into the same model architecture")
+
+    def load_state_dict(self, saved: dict[str, Any]) -> None:
+        with torch.no_grad():
+            for k, tk in self.tuned.items():
+                for name in ("values", "raws", "accums", "last"):
+                    for dst, src in zip(getattr(tk, name), saved[name][k]):
+                        dst.copy_(src)
+        self.hyper_optimizer.load_state_dict(saved["hyper_optimizer"])
+        c = saved["counters"]
+        self.contributions, self.hypersteps = c["contributions"], c["hypersteps"]
+        self.skipped_hypersteps.copy_(saved["skipped"][0])
+        self.skipped_steps.copy_(saved["skipped"][1])
+        self.window_finite.copy_(saved["skipped"][2])
+
+
+def _fused_adam_step(opt: torch.optim.Optimizer, found_inf: Tensor) -> bool:
+    """``opt.step()`` for a fused torch Adam/AdamW over a few tiny tensors, without the ~0.1 ms
+    of Python bookkeeping ``step()`` spends per call; the same kernels, state and found_inf
+    semantics.  Returns False (and does nothing) when it cannot: an uninitialised state, a
+    tensor lr, or a torch without the kernels; the caller then uses ``opt.step()``."""
+    if type(opt) not in (torch.optim.Adam, torch.optim.AdamW) or not hasattr(torch, "_fused_adam_"):
+        return False
+    calls = []
+    for group in opt.param_groups:
+        params = [p for p in group["params"] if p.grad is not None]
+        if not params:
+            continue
+        states = [opt.state.get(p) for p in params]
+        if (any(not s for s in states) or isinstance(group["lr"], Tensor)
+                or any(p.device != found_inf.device for p in params)):
+            return False
+        calls.append((group, params, states))
+    for group, params, states in calls:
+        steps = [s["step"] for s in states]
+        decoupled = group.get("decoupled_weight_decay", isinstance(opt, torch.optim.AdamW))
+        kernel = torch._fused_adamw_ if decoupled else torch._fused_adam_
+        torch._foreach_add_(steps, 1)
+        kernel(params, [p.grad for p in params], [s["exp_avg"] for s in states],
+               [s["exp_avg_sq"] for s in states],
+               [s["max_exp_avg_sq"] for s in states] if group["amsgrad"] else [], steps,
+               amsgrad=group["amsgrad"], lr=group["lr"], beta1=group["betas"][0],
+               beta2=group["betas"][1], weight_decay=group["weight_decay"], eps=group["eps"],
+               maximize=group["maximize"], grad_scale=None, found_inf=found_inf)
+        torch._foreach_sub_(steps, [found_inf] * len(steps))
+    return True

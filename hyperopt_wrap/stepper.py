@@ -1,0 +1,285 @@
+"""Base stepping: buckets of parameters, the finite check, the rule's foreach step, the tape.
+
+A *bucket* is the trainable parameters of one (param group, device, dtype), in group order, as
+torch's ``Optimizer._group_tensors_by_device_and_dtype`` groups them.  Each bucket owns a flat
+gradient scratch buffer (and flat tangent buffers) whose views the rule steps on, so the
+per-step work is a handful of whole-bucket operations instead of a Python loop over tensors:
+
+1. :meth:`Stepper.load_grads` copies every gradient into its bucket's flat buffer (one
+   ``torch.cat``), decides on the device whether all of them are finite and zeroes the buffer
+   where they are not (one ``torch.where``): the rule never sees a NaN, and a skipped step is
+   a bit-exact no-op;
+2. :meth:`Stepper.step` runs the rule's ``step_foreach`` on each bucket (the per-tensor
+   ``step_`` where the rule declines, and ``update_with_tangents`` where that declines too),
+   writing ``B = dPhi/dlam`` into the bucket's flat tangent buffers when a method asks for it.
+
+Before the write a method may ask :meth:`Stepper.view` for the step as it is about to happen:
+per parameter its weights, gradient, state and hyperparameters, with ``jvp`` (the rule's
+tangent products) and ``hvp`` (Hessian-vector products at ``w_t``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+
+from .rules import UpdateRule
+from .rules.base import scratch
+from .tape import TapedParam, TapedStep
+
+
+class Bucket:
+    """The trainable parameters of one (param group, device, dtype) with flat scratch."""
+
+    def __init__(self, group_index: int, param_indices: list[int], params: list[Tensor]):
+        self.group_index = group_index
+        self.param_indices = param_indices
+        self.params = params
+        self.device, self.dtype = params[0].device, params[0].dtype
+        self.numels = [p.numel() for p in params]
+        self.numel = sum(self.numels)
+        self.key = (group_index, tuple(param_indices))
+        self._flats: dict[str, tuple[Tensor, list[Tensor]]] = {}
+        self._lengths: Tensor | None = None
+        self.grad, self.grads = self.flat("grad")
+
+    def flat(self, name: str) -> tuple[Tensor, list[Tensor]]:
+        """A persistent flat buffer of this bucket and its per-parameter views."""
+        hit = self._flats.get(name)
+        if hit is None:
+            buf = torch.empty(self.numel, dtype=self.dtype, device=self.device)
+            hit = self._flats[name] = (buf, self.views(buf))
+        return hit
+
+    def views(self, flat: Tensor) -> list[Tensor]:
+        return [v.view_as(p) for v, p in zip(flat.split(self.numels), self.params)]
+
+    @property
+    def lengths(self) -> Tensor:
+        if self._lengths is None:
+            self._lengths = torch.tensor(self.numels, device=self.device)
+        return self._lengths
+
+    def segment_sums(self, flat: Tensor) -> Tensor:
+        """Per-parameter sums of a flat tensor laid out like this bucket."""
+        if len(self.params) == 1:
+            return flat.sum().reshape(1)
+        return torch.segment_reduce(flat, "sum", lengths=self.lengths)
+
+
+@dataclass
+class StepRecord:
+    """What one base step did: the buckets it stepped and, per bucket, the flat tangents
+    ``B_k = d w_new / d lam_k`` (elementwise) of the kinds a method asked for."""
+    buckets: list[Bucket]
+    tangents: list[dict[str, Tensor]]
+    lr_scales: list[float]
+    finite: Tensor
+
+
+@dataclass
+class StepItem:
+    """One parameter as the coming step sees it (before the write)."""
+    group_index: int
+    param_index: int
+    param: Tensor
+    grad: Tensor                  # the finite gradient the step uses
+    state: dict[str, Any]
+    hyper: dict[str, Any]         # what the rule reads (tuned lr already times its scale)
+    options: dict[str, Any]
+
+
+@dataclass
+class StepView:
+    """The coming step, for methods that carry tangents through it (see :meth:`jvp`)."""
+    items: list[StepItem]
+    finite: Tensor
+    rule: UpdateRule
+    hvp: Callable[[list[Tensor]], list[Tensor]] | None = None
+    extra: dict = field(default_factory=dict)
+
+    def jvp(self, tangents: list[list]) -> list[list[tuple[Tensor, dict[str, Tensor]]]]:
+        """Per item, the rule's forward products of the step for its list of tangents."""
+        return [self.rule.jvp(it.param, it.grad, it.state, it.hyper, it.options, ts)
+                for it, ts in zip(self.items, tangents)]
+
+
+class Stepper:
+    def __init__(self, rule: UpdateRule, state):
+        self.rule = rule
+        self.state = state                 # the optimizer's per-parameter state (torch's)
+        self._buckets: dict[tuple, list[Bucket]] = {}
+        self._work: dict[Tensor, dict[str, Tensor]] = {}   # per-tensor scratch (fallbacks)
+        self._tape_buffers: list[dict] = []
+
+    def invalidate(self) -> None:
+        """Forget the buckets (after add_param_group / load_state_dict)."""
+        self._buckets = {}
+
+    # ------------------------------------------------------------------ buckets
+    def buckets(self, param_groups: list[dict]) -> list[Bucket]:
+        """The buckets of the parameters that have a gradient now (cached per layout)."""
+        trainable = []
+        for gi, group in enumerate(param_groups):
+            for pi, p in enumerate(group["params"]):
+                if p.grad is not None:
+                    if p.grad.is_sparse:
+                        raise RuntimeError("HyperOptimizer does not support sparse gradients; use "
+                                           "dense gradients (e.g. nn.Embedding(sparse=False))")
+                    trainable.append((gi, pi, p))
+        key = tuple((gi, pi, id(p)) for gi, pi, p in trainable)
+        hit = self._buckets.get(key)
+        if hit is None:
+            if len(self._buckets) > 8:      # layouts that come and go: keep a few
+                self._buckets.clear()
+            split: dict[tuple, tuple[list, list]] = {}
+            for gi, pi, p in trainable:
+                pis, ps = split.setdefault((gi, p.device, p.dtype), ([], []))
+                pis.append(pi)
+                ps.append(p)
+            hit = self._buckets[key] = [Bucket(gi, pis, ps)
+                                        for (gi, _, _), (pis, ps) in split.items()]
+        return hit
+
+    def load_grads(self, buckets: list[Bucket], device: torch.device,
+                   found_inf: Tensor | None = None, grad_scale: Tensor | None = None) -> Tensor:
+        """Copy the gradients into the buckets' flat buffers; return whether all are finite (a
+        bool on ``device``) and zero the buffers where not.  ``found_inf`` (GradScaler's
+        convention: nonzero = skip) and ``grad_scale`` (divide the gradients by it) come from an
+        AMP-aware caller, as for torch's fused optimizers."""
+        flags = []
+        for b in buckets:
+            torch.cat([p.grad.reshape(-1) for p in b.params], out=b.grad)
+            if grad_scale is not None:
+                b.grad.div_(grad_scale.to(b.device, b.dtype))
+            flags.append(torch.isfinite(b.grad).all().to(device, non_blocking=True))
+        finite = flags[0] if len(flags) == 1 else torch.stack(flags).all()
+        if found_inf is not None:
+            finite = finite & (found_inf.to(device) == 0)
+        zeros: dict = {}
+        for b in buckets:
+            key = (b.device, b.dtype)
+            if key not in zeros:
+                zeros[key] = (finite.to(b.device, non_blocking=True),
+                              torch.zeros((), dtype=b.dtype, device=b.device))
+            where, zero = zeros[key]
+            torch.where(where, b.grad, zero, out=b.grad)
+        return finite
+
+    # ------------------------------------------------------------------ the step
+    def init_states(self, buckets: list[Bucket], options: list[dict]) -> None:
+        for b in buckets:
+            for p in b.params:
+                state = self.state[p]
+                if not state:
+                    state.update(self.rule.init_state(p, options[b.group_index]))
+
+    def view(self, buckets: list[Bucket], hyper: list[dict[str, Any]], options: list[dict],
+             finite: Tensor) -> StepView:
+        items = []
+        for b, h in zip(buckets, hyper):
+            for i, (pi, p, g) in enumerate(zip(b.param_indices, b.params, b.grads)):
+                items.append(StepItem(b.group_index, pi, p, g, self.state[p], _item_hyper(h, i),
+                                      options[b.group_index]))
+        return StepView(items, finite, self.rule)
+
+    def step(self, buckets: list[Bucket], hyper: list[dict[str, Any]], options: list[dict],
+             kinds: tuple[str, ...], finite: Tensor, lr_scales: list[float],
+             foreach: list[bool], unversioned: bool = False) -> StepRecord:
+        """Run the rule on every bucket; write the results back in place.  ``foreach`` per
+        group: the rule's ``step_foreach`` (else its per-tensor ``step_``).  With
+        ``unversioned`` (a recorded gradient graph is kept) the parameters are written through
+        ``p.data``."""
+        rule = self.rule
+        oks: dict = {}
+        tangents = []
+        for b, h in zip(buckets, hyper):
+            key = (b.device, b.dtype)
+            ok = oks.get(key)
+            if ok is None:
+                ok = oks[key] = finite.to(device=b.device, dtype=b.dtype, non_blocking=True)
+            opts = options[b.group_index]
+            params = [p.data for p in b.params] if unversioned else b.params
+            states = [self.state[p] for p in b.params]
+            flat_t = {k: b.flat("t_" + k) for k in kinds}
+            views = {k: v for k, (_, v) in flat_t.items()}
+            done = foreach[b.group_index] and getattr(rule, 'step_foreach', lambda *a: False)(params, b.grads, states, h, opts, kinds,
+                                                      ok, views)
+            if not done:
+                for i, (p, g, st) in enumerate(zip(params, b.grads, states)):
+                    hi = _item_hyper(h, i)
+                    work = self._work.setdefault(b.params[i], {})
+                    out = rule.step_(p, g, st, hi, opts, kinds, ok, work)
+                    if out is None:
+                        out = self._step_out_of_place(p, g, st, hi, opts, kinds, ok)
+                    for k in kinds:
+                        views[k][i].copy_(out[k])
+            tangents.append({k: flat for k, (flat, _) in flat_t.items()})
+        return StepRecord(buckets, tangents, lr_scales, finite)
+
+    def _step_out_of_place(self, p, grad, state, hyper, options, kinds, ok) -> dict[str, Tensor]:
+        """For rules without ``step_``: run ``update_with_tangents`` and write the results back
+        with ``old.lerp_(new, ok)``, bit-exactly ``new`` for ok=1 and ``old`` for ok=0 (the
+        rule saw a zero gradient, so its outputs are finite)."""
+        new_p, new_state, tangents = self.rule.update_with_tangents(p, grad, dict(state), hyper,
+                                                                    options, kinds)
+        p.lerp_(new_p, ok)
+        for name, value in new_state.items():
+            old = state.get(name)
+            if old is None:
+                state[name] = value * ok
+            else:
+                old.lerp_(value, ok if old.dtype == ok.dtype else ok.to(old.dtype))
+        return tangents
+
+    # ------------------------------------------------------------------ the tape
+    def snapshot(self, position: int, buckets: list[Bucket], hyper: list[dict[str, Any]],
+                 options: list[dict], lr_scales: list[float], source, finite) -> TapedStep:
+        """Copies of what the coming step reads, in buffers reused from window to window (a
+        released tape's buffers are free again): no allocation per step."""
+        while len(self._tape_buffers) <= position:
+            self._tape_buffers.append({})
+        items = []
+        for b, h in zip(buckets, hyper):
+            gi = b.group_index
+            for i, (pi, p, g) in enumerate(zip(b.param_indices, b.params, b.grads)):
+                bufs = self._tape_buffers[position].setdefault(p, {})
+                state = self.state[p]
+                copies = {k: (scratch(bufs, "state." + k, v).copy_(v)
+                              if isinstance(v, Tensor) else v) for k, v in state.items()}
+                items.append(TapedParam(gi, pi, p, scratch(bufs, "weights", p).copy_(p), copies,
+                                        scratch(bufs, "grad", p).copy_(g), _item_hyper(h, i),
+                                        options[gi], lr_scales[gi]))
+        return TapedStep(items, source, finite)
+
+    def drop_scratch(self) -> None:
+        self._tape_buffers = []
+
+    def scratch_tensors(self) -> list[Tensor]:
+        """Every persistent scratch tensor (for memory accounting)."""
+        out = []
+        seen = set()
+        for layout in self._buckets.values():
+            for b in layout:
+                for flat, _ in b._flats.values():
+                    if id(flat) not in seen:
+                        seen.add(id(flat))
+                        out.append(flat)
+        for d in list(self._work.values()) + [x for pos in self._tape_buffers
+                                              for x in pos.values()]:
+            out.extend(t for t in d.values() if isinstance(t, Tensor))
+        return out
+
+
+def _item_hyper(hyper: dict[str, Any], i: int) -> dict[str, Any]:
+    """One parameter's hyperparameters from a bucket's (float, shared tensor or list)."""
+    return {k: (v[i] if isinstance(v, list) else v) for k, v in hyper.items()}
+
+
+    # pickling and deepcopy: the caches are rebuilt on demand
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state.update(_buckets={}, _work={}, _tape_buffers=[])
+        return state
