@@ -3,17 +3,29 @@
     python benchmarks/summary.py                       # writes benchmarks/RESULTS.md
     python benchmarks/summary.py --quick               # a look in under a minute, printed only
     python benchmarks/summary.py --widths 256 --cnn-widths 16 --lstm-widths 64 --out /tmp/r.md
-    python benchmarks/summary.py --profile SGD "implicit graph" 256     # where the time goes
+    python benchmarks/summary.py --widths --cnn-widths --lstm-widths --many-tensors 200 \
+        --gpt-widths 256 --out /tmp/r.md                 # only the chain and the transformer
+    python benchmarks/summary.py --profile SGD "implicit graph tensor lr" 256   # where time goes
 
 A step is ``zero_grad(); loss = CE(net(x), y); loss.backward(); opt.step()`` on a few fixed
 random minibatches taken in turn, for an MLP 784-H-10 (ReLU, batch 128), a small CNN (1x28x28
 inputs, 3x3 convolutions 1 -> C/2 -> C channels without padding, ReLU, linear to 10 classes;
-batch 64) and a character-level LSTM language model (embedding 64x16, one LSTM layer of H
-units, linear to 64 classes, sequences of 32, batch 32), float32: torch's optimizer as it runs by default on CPU ("vanilla", the reference
-of most ratios), torch's fused kernel ("vanilla fused", for context), and HyperOptimizer
-around it: greedy (global, per-tensor and per-element lr; lr, momentum and weight decay), and
-the second-order methods implicit (T=10, i=5) and unroll (K=5, T=10) with either curvature
-source, at per-tensor and per-element lr.  Those take their step in one of two styles:
+batch 64), a character-level LSTM language model (embedding 64x16, one LSTM layer of H
+units, linear to 64 classes, sequences of 32, batch 32), a chain of N bias-free 16x16 linear
+layers with tanh (batch 16, 16 classes: many small tensors, little arithmetic, the optimizer's
+per-tensor fixed cost) and a GPT-style transformer language model (4 pre-LN blocks of width W,
+4 heads of causal self-attention written out with matmuls, mask and softmax so that it has a
+double backward, MLP 4W with GELU; vocabulary 256, sequences of 64, batch 2, random tokens),
+float32: torch's optimizer as it runs by default on CPU ("vanilla", the reference of most
+ratios), torch's fused kernel ("vanilla fused", for context), and HyperOptimizer around it:
+greedy (global, per-tensor and per-element lr; lr, momentum and weight decay), the
+second-order methods implicit (T=10, i=5) and unroll (K=5, T=10) with either curvature source,
+at per-tensor and per-element lr, and RTRL (forward sensitivities of lr, momentum and weight
+decay, global, a hyper-step every 10 steps; three Hessian-vector products every step).  Not
+every network gets every variant: ``KIND_VARIANTS`` says which (the transformer, whose step is
+the dearest, gets greedy and implicit from the closure; RTRL runs on the MLP up to width 256);
+``--variants`` measures the named ones on every network.  Methods needing curvature take their
+step in one of two styles:
 
 * ``graph``: ``loss.backward(create_graph=opt.needs_graph); opt.step()``, measured against
   vanilla's plain step;
@@ -22,10 +34,10 @@ source, at per-tensor and per-element lr.  Those take their step in one of two s
   "vanilla closure", torch's optimizer stepped with the same closure.
 
 Every case of a network is built first (same initial weights), warmed up, and then measured
-in ``rounds`` round-robin passes of ``steps`` steps each, the order rotating every round, so
-that drift in machine load hits every case alike.  A case's steps per round are rounded up to
-whole windows of its ``update_every`` (implicit and unroll: 10), since a second-order method's
-cost lands at the end of each window.  Reported: the median over rounds of the mean step time,
+in ``rounds`` round-robin passes of ``steps`` steps each (the transformer at most 10), the
+order rotating every round, so that drift in machine load hits every case alike.  A case's
+steps per round are rounded up to whole windows of its ``update_every`` (implicit, unroll and
+RTRL: 10), since a second-order method's cost lands at the end of each window.  Reported: the median over rounds of the mean step time,
 and the median over rounds of the per-round ratio to the case's reference (measured in the
 same round).
 
@@ -62,7 +74,8 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from hyperopt_wrap import HyperOptimizer, Implicit, Unroll
+from hyperopt_wrap import HyperOptimizer
+from hyperopt_wrap.methods import RTRL, Implicit, Unroll
 
 from report import RESULTS as DEFAULT_OUT, machine_info, machine_lines, write_section
 
@@ -70,7 +83,15 @@ HERE = Path(__file__).resolve().parent
 IN_FEATURES, CLASSES = 784, 10
 IMAGE = (1, 28, 28)
 VOCAB, EMBED, SEQ = 64, 16, 32           # the LSTM: characters in, next character out
-BATCHES = {"mlp": 128, "cnn": 64, "lstm": 32}
+MANY_SIZE = 16              # "many": a chain of W bias-free Linear(16, 16), tanh, 16 classes
+# "gpt": a pre-LN transformer language model of width W on random tokens.  Batch 8 made one
+# plain step about 100 ms on one thread of a 2-core machine, too slow for a full run to stay
+# near 10 minutes; batch 2 (128 tokens a step) costs about 30 ms.
+GPT_VOCAB, GPT_LAYERS, GPT_HEADS, GPT_SEQ = 256, 4, 4, 64
+BATCHES = {"mlp": 128, "cnn": 64, "lstm": 32, "many": 16, "gpt": 2}
+# Steps per case and round at most, before rounding up to whole windows (default: --steps):
+# ten transformer steps already take a good part of a second.
+MAX_STEPS = {"gpt": 10}
 # weight_decay > 0 everywhere: tuning it (log space) needs a positive start, and vanilla
 # must do the same arithmetic as the wrapped optimizer to be a fair reference.
 BASES: dict[str, tuple[type, dict]] = {
@@ -96,9 +117,11 @@ class Variant:
 GLOBAL_LR = {"tune": ("lr",), "granularity": "global"}
 TENSOR_LR = {"tune": ("lr",), "granularity": "tensor"}
 ELEMENT_LR = {"tune": ("lr",), "granularity": "element"}
+ALL_KINDS = {"tune": ("lr", "momentum", "weight_decay"), "granularity": "global"}
 GREEDY = {"method": "greedy"}
 IMPLICIT = {"method": Implicit(neumann_terms=5), "update_every": 10}
 UNROLL = {"method": Unroll(horizon=5), "update_every": 10}
+RTRL_ = {"method": RTRL(), "update_every": 10}     # forward sensitivities, one HVP per tangent
 
 
 def _second_order(name: str, options: dict, target: float) -> dict[str, "Variant"]:
@@ -124,7 +147,29 @@ VARIANTS: dict[str, Variant] = {
     "vanilla closure": Variant(step="closure"),
     **_second_order("implicit", IMPLICIT, 1.5),
     **_second_order("unroll", UNROLL, 2.0),
+    # RTRL carries three tangents (lr, momentum, weight decay) through every step: three
+    # Hessian-vector products a step, from the graph (needs_graph is True on every step) or
+    # the closure (three more gradients)
+    "rtrl graph global lr+mom+wd": Variant({**RTRL_, **ALL_KINDS, "curvature": "graph"},
+                                           step="graph"),
+    "rtrl closure global lr+mom+wd": Variant({**RTRL_, **ALL_KINDS, "curvature": "closure"},
+                                             step="closure", reference="vanilla closure"),
 }
+RTRL_VARIANTS = tuple(v for v in VARIANTS if v.startswith("rtrl "))
+# The variants each kind of network is measured with by default (``--variants`` names others,
+# measured on every network): everything on the MLP, RTRL only there and only up to width
+# RTRL_MAX_WIDTH (at 1024 one of its steps costs 15-25x vanilla's, 100 ms or more); the
+# 200-tensor chain greedy and implicit (their per-tensor fixed costs); the transformer, the
+# costliest step, greedy and implicit from the closure (a double backward through it is dearer).
+KIND_VARIANTS: dict[str, tuple[str, ...]] = {
+    "mlp": tuple(VARIANTS),
+    "cnn": tuple(v for v in VARIANTS if v not in RTRL_VARIANTS),
+    "lstm": tuple(v for v in VARIANTS if v not in RTRL_VARIANTS),
+    "many": ("vanilla", "vanilla fused", "greedy global lr", "greedy tensor lr",
+             "vanilla closure", "implicit closure tensor lr"),
+    "gpt": ("vanilla", "greedy global lr", "vanilla closure", "implicit closure tensor lr"),
+}
+RTRL_MAX_WIDTH = 256
 
 
 class CharLSTM(nn.Module):
@@ -141,16 +186,82 @@ class CharLSTM(nn.Module):
         return self.out(hidden).reshape(-1, VOCAB)
 
 
+class Chain(nn.Module):
+    """``n`` bias-free ``Linear(16, 16)``, each followed by tanh: many small parameter tensors
+    and almost no arithmetic (the optimizer's per-tensor fixed cost).  Orthogonal weights keep
+    the signal alive through the whole depth, and tanh keeps it bounded as training moves
+    them."""
+
+    def __init__(self, n: int):
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(MANY_SIZE, MANY_SIZE, bias=False)
+                                    for _ in range(n))
+        for layer in self.layers:
+            nn.init.orthogonal_(layer.weight)
+
+    def forward(self, x: Tensor) -> Tensor:
+        for layer in self.layers:
+            x = torch.tanh(layer(x))
+        return x
+
+
+class Block(nn.Module):
+    """Pre-LN transformer block: causal multi-head self-attention written out with matmuls, a
+    mask and softmax (``F.scaled_dot_product_attention`` has no double backward, which the
+    graph curvature source needs), then an MLP of 4x width with GELU."""
+
+    def __init__(self, width: int, heads: int, seq: int):
+        super().__init__()
+        self.heads = heads
+        self.ln1, self.ln2 = nn.LayerNorm(width), nn.LayerNorm(width)
+        self.qkv, self.proj = nn.Linear(width, 3 * width), nn.Linear(width, width)
+        self.fc, self.fc2 = nn.Linear(width, 4 * width), nn.Linear(4 * width, width)
+        self.register_buffer("mask", torch.full((seq, seq), float("-inf")).triu(1),
+                             persistent=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, t, d = x.shape
+        q, k, v = self.qkv(self.ln1(x)).view(b, t, 3, self.heads, d // self.heads) \
+            .permute(2, 0, 3, 1, 4)                     # each (batch, heads, seq, head width)
+        att = torch.softmax(q @ k.transpose(-2, -1) * (d // self.heads) ** -0.5
+                            + self.mask[:t, :t], dim=-1)
+        x = x + self.proj((att @ v).transpose(1, 2).reshape(b, t, d))
+        return x + self.fc2(nn.functional.gelu(self.fc(self.ln2(x))))
+
+
+class GPT(nn.Module):
+    """Token embedding + learned positions, pre-LN blocks, final LayerNorm, untied linear head:
+    next-token logits, flattened over the sequence."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.tokens = nn.Embedding(GPT_VOCAB, width)
+        self.positions = nn.Parameter(0.02 * torch.randn(GPT_SEQ, width))
+        self.blocks = nn.ModuleList(Block(width, GPT_HEADS, GPT_SEQ) for _ in range(GPT_LAYERS))
+        self.ln = nn.LayerNorm(width)
+        self.head = nn.Linear(width, GPT_VOCAB, bias=False)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        x = self.tokens(tokens) + self.positions[:tokens.shape[1]]
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.ln(x)).reshape(-1, GPT_VOCAB)
+
+
 @dataclass(frozen=True)
 class Net:
     """A network and its minibatches."""
-    kind: str       # "mlp", "cnn" or "lstm"
+    kind: str       # "mlp", "cnn", "lstm", "many" or "gpt"
     width: int      # MLP: hidden units; CNN: channels of the second convolution (first: half);
-    #                 LSTM: hidden units
+    #                 LSTM: hidden units; many: number of 16x16 tensors; GPT: model width
 
     def __post_init__(self):
-        if self.kind not in BATCHES or self.width < (2 if self.kind == "cnn" else 1):
-            raise ValueError(f"no network {self.kind!r} of width {self.width}")
+        least = {"cnn": 2, "gpt": GPT_HEADS}.get(self.kind, 1)
+        if (self.kind not in BATCHES or self.width < least
+                or (self.kind == "gpt" and self.width % GPT_HEADS)):
+            raise ValueError(f"no network {self.kind!r} of width {self.width}"
+                             + (f" (gpt: a multiple of {GPT_HEADS} heads)"
+                                if self.kind == "gpt" else ""))
 
     @property
     def batch(self) -> int:
@@ -162,6 +273,10 @@ class Net:
             return f"MLP {IN_FEATURES}-{self.width}-{CLASSES}"
         if self.kind == "lstm":
             return f"LSTM {VOCAB}-{EMBED}-{self.width}-{VOCAB}"
+        if self.kind == "many":
+            return f"{self.width}x Linear {MANY_SIZE}x{MANY_SIZE}"
+        if self.kind == "gpt":
+            return f"GPT {GPT_LAYERS}x{self.width} seq {GPT_SEQ}"
         return f"CNN {IMAGE[0]}-{self.width // 2}-{self.width}"
 
     @property
@@ -171,12 +286,14 @@ class Net:
     @classmethod
     def parse(cls, text: str) -> "Net":
         """``"256"``, ``"h256"`` or ``"mlp256"``: the MLP of that width; ``"cnn16"``: the CNN;
-        ``"lstm64"``: the LSTM."""
-        for prefix, kind in (("cnn", "cnn"), ("lstm", "lstm"), ("mlp", "mlp"), ("h", "mlp"),
-                             ("", "mlp")):
+        ``"lstm64"``: the LSTM; ``"many200"``: the chain of 200 16x16 tensors; ``"gpt256"``:
+        the transformer of width 256."""
+        for prefix, kind in (("cnn", "cnn"), ("lstm", "lstm"), ("many", "many"), ("gpt", "gpt"),
+                             ("mlp", "mlp"), ("h", "mlp"), ("", "mlp")):
             if text.startswith(prefix) and text[len(prefix):].isdigit():
                 return cls(kind, int(text[len(prefix):]))
-        raise ValueError(f"unknown network {text!r}: e.g. 256 (MLP 784-256-10), cnn16 or lstm64")
+        raise ValueError(f"unknown network {text!r}: e.g. 256 (MLP 784-256-10), cnn16, lstm64, "
+                         "many200 or gpt256")
 
     def model(self, seed: int = 0) -> nn.Module:
         torch.manual_seed(seed)
@@ -185,31 +302,42 @@ class Net:
                                  nn.Linear(self.width, CLASSES))
         if self.kind == "lstm":
             return CharLSTM(self.width)
+        if self.kind == "many":
+            return Chain(self.width)
+        if self.kind == "gpt":
+            return GPT(self.width)
         c, (_, h, w) = self.width, IMAGE
         return nn.Sequential(nn.Conv2d(IMAGE[0], c // 2, 3), nn.ReLU(), nn.Conv2d(c // 2, c, 3),
                              nn.ReLU(), nn.Flatten(), nn.Linear(c * (h - 4) * (w - 4), CLASSES))
 
     def batches(self, n: int = 4, seed: int = 0) -> list[tuple[Tensor, Tensor]]:
-        """``n`` minibatches (inputs, targets); the LSTM's are random token sequences and the
-        same sequences shifted by one (flattened, as the model's logits are)."""
+        """``n`` minibatches (inputs, targets); the language models' are random token
+        sequences and the same sequences shifted by one (flattened, as the models' logits
+        are)."""
         gen = torch.Generator().manual_seed(seed)
-        if self.kind == "lstm":
-            tokens = [torch.randint(0, VOCAB, (self.batch, SEQ + 1), generator=gen)
+        if self.kind in ("lstm", "gpt"):
+            vocab, seq = (VOCAB, SEQ) if self.kind == "lstm" else (GPT_VOCAB, GPT_SEQ)
+            tokens = [torch.randint(0, vocab, (self.batch, seq + 1), generator=gen)
                       for _ in range(n)]
             return [(t[:, :-1], t[:, 1:].reshape(-1)) for t in tokens]
-        shape = (IN_FEATURES,) if self.kind == "mlp" else IMAGE
+        shape, classes = {"mlp": ((IN_FEATURES,), CLASSES), "cnn": (IMAGE, CLASSES),
+                          "many": ((MANY_SIZE,), MANY_SIZE)}[self.kind]
         return [(torch.randn(self.batch, *shape, generator=gen),
-                 torch.randint(0, CLASSES, (self.batch,), generator=gen)) for _ in range(n)]
+                 torch.randint(0, classes, (self.batch,), generator=gen)) for _ in range(n)]
 
 
 def make_nets(widths: Sequence[int] = (), cnn_widths: Sequence[int] = (),
-              lstm_widths: Sequence[int] = ()) -> list[Net]:
+              lstm_widths: Sequence[int] = (), many_tensors: Sequence[int] = (),
+              gpt_widths: Sequence[int] = ()) -> list[Net]:
     return ([Net("mlp", w) for w in widths] + [Net("cnn", c) for c in cnn_widths]
-            + [Net("lstm", h) for h in lstm_widths])
+            + [Net("lstm", h) for h in lstm_widths] + [Net("many", n) for n in many_tensors]
+            + [Net("gpt", w) for w in gpt_widths])
 
 
 DEFAULT_WIDTHS, DEFAULT_CNN_WIDTHS, DEFAULT_LSTM_WIDTHS = (64, 256, 1024), (16,), (64,)
-DEFAULT_NETS = make_nets(DEFAULT_WIDTHS, DEFAULT_CNN_WIDTHS, DEFAULT_LSTM_WIDTHS)
+DEFAULT_MANY_TENSORS, DEFAULT_GPT_WIDTHS = (200,), (256,)
+DEFAULT_NETS = make_nets(DEFAULT_WIDTHS, DEFAULT_CNN_WIDTHS, DEFAULT_LSTM_WIDTHS,
+                         DEFAULT_MANY_TENSORS, DEFAULT_GPT_WIDTHS)
 
 
 @dataclass(frozen=True)
@@ -307,9 +435,19 @@ def with_references(variants: Sequence[str]) -> list[str]:
     return [v for v in VARIANTS if v in wanted]
 
 
+def default_variants(net: Net) -> tuple[str, ...]:
+    """The variants ``net`` is measured with when none are named (``KIND_VARIANTS``)."""
+    if net.kind == "mlp" and net.width > RTRL_MAX_WIDTH:
+        return tuple(v for v in KIND_VARIANTS["mlp"] if v not in RTRL_VARIANTS)
+    return KIND_VARIANTS[net.kind]
+
+
 def all_cases(nets: Sequence[Net], bases: Sequence[str] = tuple(BASES),
-              variants: Sequence[str] = tuple(VARIANTS)) -> list[Case]:
-    return [Case(b, v, n) for n in nets for b in bases for v in with_references(variants)]
+              variants: Sequence[str] | None = None) -> list[Case]:
+    """Every base x variant on every network, references included; ``variants`` None: each
+    network's defaults (``default_variants``), else those on every network."""
+    return [Case(b, v, n) for n in nets for b in bases
+            for v in with_references(default_variants(n) if variants is None else variants)]
 
 
 # ---------------------------------------------------------------------------- memory
@@ -398,26 +536,31 @@ def measuring(threads: int, flush_denormal: bool = True):
 
 def measure(nets: Sequence[Net] = DEFAULT_NETS, rounds: int = 11, steps: int = 20,
             warmup: int = 10, threads: int = 1, bases: Sequence[str] = tuple(BASES),
-            variants: Sequence[str] = tuple(VARIANTS), memory: bool = True,
+            variants: Sequence[str] | None = None, memory: bool = True,
             flush_denormal: bool = True) -> list[dict]:
     """Interleaved timings (and memory) of every case and of its reference; one dict per case.
+    ``variants`` None: each network's defaults (``default_variants``).
 
-    Each case runs at least ``steps`` steps per round, rounded up to whole windows."""
+    Each case runs ``steps`` steps per round (at most ``MAX_STEPS`` of its kind of network),
+    rounded up to whole windows."""
     if rounds < 1 or steps < 1 or warmup < 0:
         raise ValueError(f"need rounds >= 1, steps >= 1, warmup >= 0; got {rounds}, {steps}, {warmup}")
     results = []
     with measuring(threads, flush_denormal):
         for net in nets:
             built = [build_case(c) for c in all_cases([net], bases, variants)]
+            if not built:
+                continue
             for b in built:
                 for _ in range(warmup):
                     b.step()
             times: dict[Case, list[float]] = {b.case: [] for b in built}
             faults: dict[Case, list[float]] = {b.case: [] for b in built}
+            net_steps = min(steps, MAX_STEPS.get(net.kind, steps))
             for r in range(rounds):
                 k = r % len(built)
                 for b in built[k:] + built[:k]:
-                    n = b.whole_windows(steps)
+                    n = b.whole_windows(net_steps)
                     faults_before = _minor_faults()
                     start = time.perf_counter()
                     for _ in range(n):
@@ -576,8 +719,19 @@ def format_markdown(results: list[dict], info: dict[str, str], settings: dict) -
              f"{BATCHES['cnn']}; LSTM V-E-H-V, a character-level language model (embedding "
              f"{VOCAB}x{EMBED}, one LSTM layer of H units, linear to {VOCAB} classes, next-token "
              f"cross-entropy over sequences of {SEQ}), batch {BATCHES['lstm']}; "
+             f"N x Linear {MANY_SIZE}x{MANY_SIZE}, a chain of N bias-free {MANY_SIZE}x"
+             f"{MANY_SIZE} linear layers (orthogonal init) each followed by tanh, "
+             f"cross-entropy to {MANY_SIZE} random classes, batch {BATCHES['many']} (the "
+             "per-tensor fixed cost of the optimizer); GPT LxW, a pre-LN transformer language "
+             f"model (token embedding {GPT_VOCAB}xW + learned positions, L = {GPT_LAYERS} blocks "
+             f"of {GPT_HEADS}-head causal self-attention written out with matmuls, causal mask "
+             "and softmax, and an MLP of 4W with GELU; final LayerNorm, untied linear head), "
+             f"next-token cross-entropy on random tokens, sequences of {GPT_SEQ}, batch "
+             f"{BATCHES['gpt']}; "
              f"{settings['rounds']} interleaved rounds x "
-             f"{settings['steps']} steps (rounded up to whole windows of the case's update_every) "
+             f"{settings['steps']} steps"
+             + "".join(f" ({kind}: at most {n})" for kind, n in MAX_STEPS.items())
+             + " (rounded up to whole windows of the case's update_every) "
              f"after {settings['warmup']} warm-up steps; denormals "
              f"{'flushed to zero' if settings.get('flush_denormal', True) else 'kept'}",
              "- step styles: plain, `loss.backward(); opt.step()`; graph, "
@@ -588,6 +742,9 @@ def format_markdown(results: list[dict], info: dict[str, str], settings: dict) -
              "reference of the closure variants",
              "- variants: " + "; ".join(f"{v}: {VARIANTS[v].describe()}" for v in variants
                                         if VARIANTS[v].hyper is not None),
+             "- rows per network, unless --variants names them: MLP every variant (RTRL up to "
+             f"width {RTRL_MAX_WIDTH}); CNN and LSTM every one but RTRL; "
+             + "; ".join(f"{kind} {', '.join(KIND_VARIANTS[kind])}" for kind in ("many", "gpt")),
              "- ratio: median over rounds of (case step time / its reference's step time in the "
              "same round), the reference named in the column 'against'; ratio of medians: median "
              "step time / the reference's median step time (the two differ when machine load "
@@ -664,10 +821,11 @@ def format_markdown(results: list[dict], info: dict[str, str], settings: dict) -
 
 # Settings of a full run and of --quick (a look in under a minute, printed only).
 FULL = {"widths": list(DEFAULT_WIDTHS), "cnn_widths": list(DEFAULT_CNN_WIDTHS),
-        "lstm_widths": list(DEFAULT_LSTM_WIDTHS), "rounds": 11,
+        "lstm_widths": list(DEFAULT_LSTM_WIDTHS), "many_tensors": list(DEFAULT_MANY_TENSORS),
+        "gpt_widths": list(DEFAULT_GPT_WIDTHS), "rounds": 11,
         "steps": 20, "bases": list(BASES), "out": DEFAULT_OUT}
 QUICK = {"widths": [256], "cnn_widths": list(DEFAULT_CNN_WIDTHS), "lstm_widths": [],
-         "rounds": 3, "steps": 10,
+         "many_tensors": list(DEFAULT_MANY_TENSORS), "gpt_widths": [], "rounds": 3, "steps": 10,
          "bases": ["SGD"], "out": None}
 
 
@@ -680,21 +838,29 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
                    help=f"channels of the CNN's second convolution {FULL['cnn_widths']}")
     p.add_argument("--lstm-widths", type=int, nargs="*",
                    help=f"hidden units of the LSTM {FULL['lstm_widths']}")
+    p.add_argument("--many-tensors", type=int, nargs="*",
+                   help=f"16x16 tensors of the Linear chain {FULL['many_tensors']}")
+    p.add_argument("--gpt-widths", type=int, nargs="*",
+                   help=f"model widths of the transformer, multiples of {GPT_HEADS} "
+                   f"{FULL['gpt_widths']}")
     p.add_argument("--rounds", type=int, help=f"default {FULL['rounds']}")
     p.add_argument("--steps", type=int, help=f"steps per case per round, rounded up to whole "
                    f"windows (default {FULL['steps']})")
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--bases", nargs="+", choices=tuple(BASES), help="default: all")
-    p.add_argument("--variants", nargs="+", choices=tuple(VARIANTS), default=list(VARIANTS),
-                   help="default: all (the references of their ratios are always measured)")
+    p.add_argument("--variants", nargs="+", choices=tuple(VARIANTS),
+                   help="measured on every network (default: each kind of network's own rows, "
+                   "see KIND_VARIANTS; the references of their ratios are always measured)")
     p.add_argument("--no-memory", action="store_true", help="skip the profiler memory pass")
     p.add_argument("--keep-denormals", action="store_true",
                    help="do not flush denormal floats to zero while measuring")
     p.add_argument("--out", type=Path, help=f"markdown file to write (default {DEFAULT_OUT})")
     p.add_argument("--profile", nargs=3, metavar=("BASE", "VARIANT", "NET"),
-                   help="instead of the table, profile one case, e.g. SGD 'implicit graph' 256 "
-                   "(NET: an MLP width, cnnC for the CNN or lstmH for the LSTM)")
+                   help="instead of the table, profile one case, e.g. SGD 'implicit graph "
+                   "tensor lr' 256 "
+                   "(NET: an MLP width, cnnC for the CNN, lstmH for the LSTM, manyN for the "
+                   "chain of N 16x16 tensors or gptW for the transformer)")
     args = p.parse_args(argv)
     for key, value in (QUICK if args.quick else FULL).items():
         if getattr(args, key) is None:
@@ -714,8 +880,13 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     settings = {"rounds": args.rounds, "steps": args.steps, "warmup": args.warmup,
                 "flush_denormal": not args.keep_denormals}
     info = machine_info(args.threads)       # before measuring: the commit that was imported
-    results = measure(make_nets(args.widths, args.cnn_widths, args.lstm_widths), **settings, threads=args.threads,
-                      bases=args.bases, variants=args.variants, memory=not args.no_memory)
+    try:
+        nets = make_nets(args.widths, args.cnn_widths, args.lstm_widths, args.many_tensors,
+                         args.gpt_widths)
+    except ValueError as e:
+        p.error(str(e))
+    results = measure(nets, **settings, threads=args.threads, bases=args.bases,
+                      variants=args.variants, memory=not args.no_memory)
     text = format_markdown(results, info, settings)
     print(text)
     if args.out is not None:

@@ -106,9 +106,6 @@ class HyperOptimizer(torch.optim.Optimizer):
         self._bounds = resolve_bounds(bounds, tune)
         self.method = resolve_method(method)
         self.curvature = resolve_curvature(curvature)
-        if val_loss is not None and not callable(val_loss):
-            raise TypeError(f"val_loss must be a zero-argument callable returning a loss, "
-                            f"got {val_loss!r}; e.g. val_loss=lambda: loss_fn(model(xv), yv)")
         self.val_loss = val_loss
         if update_every is None:
             update_every = self.method.default_update_every
@@ -239,6 +236,20 @@ class HyperOptimizer(torch.optim.Optimizer):
         self._stepper.invalidate()
 
     # ------------------------------------------------------------------ public reads
+    @property
+    def val_loss(self) -> Callable[[], Tensor] | None:
+        """The validation objective (None: the next minibatch's training loss)."""
+        return self._val_loss
+
+    @val_loss.setter
+    def val_loss(self, value: Callable[[], Tensor] | None) -> None:
+        if value is not None and not callable(value):
+            raise TypeError(f"val_loss must be a zero-argument callable returning a loss, "
+                            f"got {value!r}; e.g. val_loss=lambda: loss_fn(model(xv), yv)")
+        self._val_loss = value
+        if hasattr(self, "_ctx"):
+            self._ctx.has_val_loss = value is not None
+
     @property
     def tuned(self) -> dict[str, TunedKind]:
         """The tuned kinds (values, raw values, accumulators), by kind."""

@@ -26,8 +26,8 @@ from .rules import get_rule
 def unrolled_hypergradient(optimizer_cls: type, params: Sequence, loss_fn: Callable,
                            batches: Sequence[Any], meta_loss: Callable[[list[Tensor]], Tensor], *,
                            tune=("lr",), granularity="global", hyper_values=None,
-                           states: Sequence[dict] | None = None,
-                           **optimizer_kwargs) -> dict[str, list]:
+                           states: Sequence[dict] | None = None, second_order: bool = True,
+                           discount: float = 1.0, **optimizer_kwargs) -> dict[str, list]:
     """Exact ``dE/dlam`` after ``len(batches)`` steps.
 
     Args:
@@ -40,6 +40,12 @@ def unrolled_hypergradient(optimizer_cls: type, params: Sequence, loss_fn: Calla
         hyper_values: optional values to start from, laid out like
             ``HyperOptimizer.hyperparameters()``; default: the group settings.
         states: optional initial base-optimizer state per parameter (flat, group order).
+        second_order: False holds each step's gradient constant (``H = 0``: the step's
+            dependence on the weights through ``g`` is dropped, everything else kept).
+        discount: ``mu`` in (0, 1]: every step's dependence on the previous weights and state
+            is scaled by ``mu`` (``x_in = mu x + (1 - mu) stop_grad(x)``, the same value), so the
+            result is ``sum_t (prod mu A) B_t``: the discounted forward recurrence
+            ``Z <- mu A Z + B`` read out at the end.
         **optimizer_kwargs: the base optimizer's settings.
     """
     tune = (tune,) if isinstance(tune, str) else tuple(tune)
@@ -87,7 +93,15 @@ def unrolled_hypergradient(optimizer_cls: type, params: Sequence, loss_fn: Calla
     options = [rule.options(g) for g in groups]
     with torch.enable_grad():
         for batch in batches:
-            grads = torch.autograd.grad(loss_fn(weights, batch), weights, create_graph=True)
+            if discount != 1.0:
+                weights = [discount * w + (1 - discount) * w.detach() for w in weights]
+                flat_states = [None if s is None else
+                               {k: (discount * v + (1 - discount) * v.detach()
+                                    if v.is_floating_point() and v.shape == w.shape else v)
+                                for k, v in s.items()}
+                               for s, w in zip(flat_states, weights)]
+            grads = torch.autograd.grad(loss_fn(weights, batch), weights,
+                                        create_graph=second_order)
             new_weights = []
             for j, ((gi, pi), w, g) in enumerate(zip(index, weights, grads)):
                 state = flat_states[j]

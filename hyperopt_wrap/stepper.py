@@ -148,24 +148,35 @@ class Stepper:
         """Copy the gradients into the buckets' flat buffers; return whether all are finite (a
         bool on ``device``) and zero the buffers where not.  ``found_inf`` (GradScaler's
         convention: nonzero = skip) and ``grad_scale`` (divide the gradients by it) come from an
-        AMP-aware caller, as for torch's fused optimizers."""
-        flags = []
+        AMP-aware caller, as for torch's fused optimizers.
+
+        Per bucket: one ``torch.cat``; per device: one ``_amp_foreach_non_finite_check_and_unscale_``
+        (GradScaler's own check, exact, one pass); then ``g * ok`` and ``nan_to_num`` in place,
+        which give ``g`` where every gradient is finite and zeros (never NaN) where not."""
         for b in buckets:
             torch.cat([p.grad.reshape(-1) for p in b.params], out=b.grad)
-            if grad_scale is not None:
-                b.grad.div_(grad_scale.to(b.device, b.dtype))
-            flags.append(torch.isfinite(b.grad).all().to(device, non_blocking=True))
-        finite = flags[0] if len(flags) == 1 else torch.stack(flags).all()
+        by_device: dict[torch.device, list[Bucket]] = {}
+        for b in buckets:
+            by_device.setdefault(b.device, []).append(b)
+        flags = []
+        for dev, bs in by_device.items():
+            bad = torch.zeros((), dtype=torch.float32, device=dev)
+            inv = (torch.ones((), dtype=torch.float32, device=dev) if grad_scale is None
+                   else grad_scale.to(dev, torch.float32).reciprocal())
+            for dtype in {b.dtype for b in bs}:    # the check takes one dtype per call
+                torch._amp_foreach_non_finite_check_and_unscale_(
+                    [b.grad for b in bs if b.dtype == dtype], bad, inv)
+            flags.append(bad.to(device, non_blocking=True))
+        bad = flags[0] if len(flags) == 1 else torch.stack(flags).amax()
         if found_inf is not None:
-            finite = finite & (found_inf.to(device) == 0)
-        zeros: dict = {}
+            bad = torch.maximum(bad, found_inf.to(device, torch.float32))
+        finite = bad == 0
+        oks: dict = {}
         for b in buckets:
             key = (b.device, b.dtype)
-            if key not in zeros:
-                zeros[key] = (finite.to(b.device, non_blocking=True),
-                              torch.zeros((), dtype=b.dtype, device=b.device))
-            where, zero = zeros[key]
-            torch.where(where, b.grad, zero, out=b.grad)
+            if key not in oks:
+                oks[key] = (1 - bad).to(b.device, b.dtype, non_blocking=True)
+            b.grad.mul_(oks[key]).nan_to_num_(0.0, 0.0, 0.0)
         return finite
 
     # ------------------------------------------------------------------ the step

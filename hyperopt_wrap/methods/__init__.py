@@ -4,10 +4,11 @@ from __future__ import annotations
 from .base import HypergradientMethod, MetaGradients, MethodContext, RecordingMethod
 from .greedy import Greedy
 from .implicit import Implicit
+from .rtrl import RTRL
 from .unroll import Unroll
 
 METHODS: dict[str, type[HypergradientMethod]] = {"greedy": Greedy, "implicit": Implicit,
-                                                   "unroll": Unroll}
+                                                   "unroll": Unroll, "rtrl": RTRL}
 
 
 def resolve_method(method) -> HypergradientMethod:
@@ -21,5 +22,5 @@ def resolve_method(method) -> HypergradientMethod:
                      "or pass an instance such as hyperopt_wrap.methods.Greedy()")
 
 
-__all__ = ["HypergradientMethod", "Greedy", "Implicit", "Unroll", "METHODS", "resolve_method",
+__all__ = ["HypergradientMethod", "Greedy", "Implicit", "Unroll", "RTRL", "METHODS", "resolve_method",
            "MetaGradients", "MethodContext", "RecordingMethod"]

@@ -136,6 +136,12 @@ class MethodContext:
         self.tuned[kind].add_contributions(
             (gi, pi, v if self.sign(gi) == 1.0 else -v) for gi, pi, v in terms)
 
+    def add_to_slot(self, kind: str, block: int, index: int | None, value: Tensor) -> None:
+        """``accum += value`` for one slot (``index`` None: a whole element block); the caller
+        has applied the sign."""
+        acc = self.tuned[kind].accums[block]
+        (acc if index is None else acc[index]).add_(value.to(acc.dtype))
+
     def accumulate_flat(self, kind: str, bucket, meta: Tensor, tangent: Tensor,
                         scale: float) -> None:
         """``accumulate`` for a whole bucket in flat layout (one or two ops for scalar slots)."""

@@ -20,7 +20,7 @@ import torch
 
 from .adagrad import AdagradRule
 from .adam import AdamRule
-from .base import KINDS, UpdateRule
+from .base import KINDS, Tangent, UpdateRule
 from .rmsprop import RMSpropRule
 from .sgd import SGDRule
 
@@ -63,4 +63,4 @@ def get_rule(optimizer_cls: type) -> UpdateRule:
 
 
 __all__ = ["UpdateRule", "register_rule", "get_rule", "SGDRule", "AdamRule", "RMSpropRule",
-           "AdagradRule", "KINDS"]
+           "AdagradRule", "KINDS", "Tangent"]

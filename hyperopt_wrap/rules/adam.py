@@ -15,8 +15,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from . import _foreach as F
 from .base import (Hyper, State, UpdateRule, add_scaled_, axpy, gated, is_zero, kept,
                    new_step_count, reduce_like, scratch)
+from .base import hyper_tangents, lincomb, or_zeros
 
 
 class AdamRule(UpdateRule):
@@ -127,6 +129,85 @@ class AdamRule(UpdateRule):
         param.addcmul_(ratio, step_size * ok, value=-1)
         return tangents
 
+    def step_foreach(self, params, grads, states, hyper, options, kinds, ok, tangents):
+        """:meth:`step_` on a whole bucket with foreach ops (as torch's ``_multi_tensor_adam``).
+
+        The bias corrections are computed once on the step counters stacked into a vector, and
+        are folded into the denominator, ``D' = sqrt(v) + eps bc2s = bc2s (sqrt(v) / bc2s +
+        eps)``, so that ``ratio = m / denom = bc2s m / D'`` needs no division pass per
+        parameter; per-parameter scalars reach the lists through the packed-scalar overloads
+        (see :mod:`._foreach`).  ``sqrt(v)`` is built in the gradient buffers."""
+        lr, beta1, wd = hyper["lr"], hyper["momentum"], hyper["weight_decay"]
+        beta2, eps, amsgrad = options["beta2"], options["eps"], options["amsgrad"]
+        coupled = not is_zero(wd) and not options["decoupled"]
+        decoupled = not is_zero(wd) and options["decoupled"]
+        if amsgrad and coupled and "weight_decay" in kinds:
+            return False        # as step_: forward mode through update() handles the kink
+        if not params:
+            return True
+        g = grads
+        if options["maximize"]:
+            torch._foreach_neg_(g)
+        if coupled:
+            F.axpy_(g, params, F.gate(ok, wd))
+        m = [s["exp_avg"] for s in states]
+        v = [s["exp_avg_sq"] for s in states]
+        steps = [s["step"] for s in states]
+        b1 = F.Coef(beta1)
+        t_b1 = tangents["momentum"] if "momentum" in kinds else None
+        t_wd = tangents["weight_decay"] if "weight_decay" in kinds else None
+        if t_b1 is not None:                    # d m / d b1 = m_old - g
+            torch._foreach_copy_(t_b1, m)
+            torch._foreach_sub_(t_b1, g)
+        F.lerp_(m, g, F.gate(ok, 1 - b1))
+        F.mul_(v, F.keep(ok, beta2, 1.0))
+        torch._foreach_addcmul_(v, g, g, value=1 - beta2)
+        F.add_count_(steps, ok)
+        t = torch.stack(steps).clamp_(min=1)
+        bc1 = 1 - b1 ** t
+        bc2s = F.Coef((1 - beta2 ** t).sqrt())
+        second = v
+        if amsgrad:     # a no-op for ok=0: the running max already bounds the unchanged v
+            second = [s["max_exp_avg_sq"] for s in states]
+            torch._foreach_maximum_(second, v)
+        if t_wd is not None and coupled:        # g w, for d sqrt(v) / d wd
+            torch._foreach_copy_(t_wd, g)
+            torch._foreach_mul_(t_wd, params)
+        denom = g                               # sqrt(v) + eps bc2s, in the gradient buffers
+        torch._foreach_copy_(denom, second)
+        torch._foreach_sqrt_(denom)
+        if t_wd is not None and coupled:        # g w / sqrt(v); 0/0 -> 0 (v = 0 means g = 0)
+            torch._foreach_div_(t_wd, F.nonzero_floor(denom))
+        F.axpy_(denom, F.ones(denom), eps * bc2s)
+        step_size = F.Coef(lr) / bc1
+        for kind in kinds:
+            if kind == "lr":                    # -ratio / bc1 (- wd w, decoupled)
+                t_lr = tangents[kind]
+                torch._foreach_zero_(t_lr)
+                F.addcdiv_(t_lr, m, denom, -bc2s / bc1)
+                if decoupled:
+                    F.axpy_(t_lr, params, -F.Coef(wd))
+            elif kind == "momentum":
+                # -step_size ((m_old - g) / denom - ratio d_bc1 / bc1), d_bc1 = d bc1 / d b1
+                d_bc1 = -F.Coef(t) * b1 ** (t - 1)
+                F.axpy_(t_b1, m, -d_bc1 / bc1)
+                torch._foreach_div_(t_b1, denom)
+                F.mul_(t_b1, -step_size * bc2s)
+            elif coupled:
+                # -step_size (-(t ratio) + (1 - b1) w) / denom, t = (1 - b2) g w / (sqrt(v) bc2s)
+                torch._foreach_mul_(t_wd, m)
+                torch._foreach_div_(t_wd, denom)
+                F.mul_(t_wd, -(1 - beta2))
+                F.axpy_(t_wd, params, 1 - b1)
+                torch._foreach_div_(t_wd, denom)
+                F.mul_(t_wd, -step_size * bc2s)
+            else:
+                F.into_(t_wd, params, -F.Coef(lr))
+        if decoupled:
+            F.mul_(params, 1 - F.Coef(lr) * wd * ok)
+        F.addcdiv_(params, m, denom, -(step_size * ok) * bc2s)
+        return True
+
     def vjp(self, param, grad, state, hyper, options, cot_param, cot_state, inputs, kinds):
         """Reverse products of :meth:`update` in closed form, with cotangents ``a`` of the new
         weights and ``c_m``, ``c_v`` of the new moments::
@@ -200,6 +281,84 @@ class AdamRule(UpdateRule):
             d_param = a
         d_grad = a_g.neg_() if maximize else a_g
         return d_param, d_grad, {"exp_avg": a_m.mul_(beta1), "exp_avg_sq": a_v.mul_(beta2)}, out
+
+    def jvp(self, param, grad, state, hyper, options, tangents):
+        """Forward products of :meth:`update` in closed form, for tangents
+        ``(Z_w, G, Z_m, Z_v, Z_vh, L)`` (``s = -1`` if maximize else 1, ``t`` the new step)::
+
+            g  = s g + wd w  (coupled)      dg   = s G + wd Z_w + w L_wd       (else s G)
+            w1 = (1 - lr wd) w (decoupled)  dw1  = (1 - lr wd) Z_w - w (wd L_lr + lr L_wd)
+            m' = b1 m + (1 - b1) g          Z_m' = b1 Z_m + (1 - b1) dg + (m - g) L_b1
+            v' = b2 v + (1 - b2) g^2        Z_v' = b2 Z_v + 2 (1 - b2) g dg
+            vh' = max(vh, v')  (amsgrad)    Z_vh' = Z_v' where v' > vh, Z_vh below, the mean at
+                                                    ties (as forward mode); vh' replaces v' below
+            D  = sqrt(v') / bc2s + eps      dD   = Z_v' / (2 sqrt(v') bc2s)
+            w' = w1 - k r,  r = m' / D,  k = lr / bc1,  bc1 = 1 - b1^t
+            Z_w' = dw1 - k (Z_m' - r dD) / D - (r / bc1) (L_lr + lr t b1^(t-1) L_b1 / bc1)
+
+        Where ``v' = 0`` (the gradient and both moments zero) ``dD`` is taken as its limit 0
+        (``r`` is 0 there; ``r dD`` -> 0), not forward mode's NaN.
+        """
+        lr, beta1, wd = hyper["lr"], hyper["momentum"], hyper["weight_decay"]
+        beta2, eps, amsgrad = options["beta2"], options["eps"], options["amsgrad"]
+        coupled = not is_zero(wd) and not options["decoupled"]
+        decoupled = not is_zero(wd) and options["decoupled"]
+        sign = -1.0 if options["maximize"] else 1.0
+        lams = [hyper_tangents(tan, hyper) for tan in tangents]
+        wanted = set().union(*lams)
+        g = grad.neg() if options["maximize"] else grad
+        if coupled:
+            g = axpy(g, param, wd)
+        m, v = state["exp_avg"], state["exp_avg_sq"]
+        t = state["step"] + 1
+        bc1 = 1 - beta1 ** t
+        bc2s = (1 - beta2 ** t).sqrt()
+        m_new = torch.lerp(m, g, 1 - beta1)
+        second = torch.mul(v, beta2).addcmul_(g, g, value=1 - beta2)
+        if amsgrad:
+            vh = state["max_exp_avg_sq"]
+            w_new = (second > vh).to(param.dtype).masked_fill_(second == vh, 0.5)
+            w_old = 1 - w_new
+            second = torch.maximum(vh, second)
+        root = second.sqrt()
+        denom = torch.div(root, bc2s).add_(eps)
+        r = torch.div(m_new, denom)
+        k = lr / bc1
+        c_m = torch.div(-k, denom) if isinstance(k, Tensor) else denom.reciprocal().mul_(-k)
+        # d w'/d v' = k r / (2 sqrt(v') bc2s D): 0 where v' = 0 (the limit)
+        c_v = torch.mul(root, 2 * bc2s).reciprocal_().masked_fill_(root == 0, 0.0)
+        c_v.mul_(r).mul_(-c_m)
+        c_g2 = g * (2 * (1 - beta2))
+        one_minus_b1 = 1 - beta1
+        c_lr = c_wd = c_b1 = m_minus_g = None
+        if "lr" in wanted:
+            c_lr = r * (-1 / bc1)
+            if decoupled:
+                c_lr = axpy(c_lr, param, -wd)
+        if decoupled and "weight_decay" in wanted:
+            c_wd = param * -lr
+        if "momentum" in wanted:
+            m_minus_g = m - g
+            c_b1 = r * (-lr * t * beta1 ** (t - 1) / (bc1 * bc1))
+        c_w = 1 - lr * wd if decoupled else 1.0
+        results = []
+        for tan, lam in zip(tangents, lams):
+            z_state = tan.state or {}
+            dg = lincomb(param, (tan.grad, sign), (tan.param, wd if coupled else 0.0),
+                         (lam.get("weight_decay") if coupled else None, param))
+            z_m = lincomb(param, (z_state.get("exp_avg"), beta1), (dg, one_minus_b1),
+                          (lam.get("momentum"), m_minus_g))
+            z_v = lincomb(param, (z_state.get("exp_avg_sq"), beta2), (dg, c_g2))
+            new_z_state = {"exp_avg": or_zeros(z_m, param), "exp_avg_sq": or_zeros(z_v, param)}
+            z_second = z_v
+            if amsgrad:
+                z_second = lincomb(param, (z_state.get("max_exp_avg_sq"), w_old), (z_v, w_new))
+                new_z_state["max_exp_avg_sq"] = or_zeros(z_second, param)
+            z_param = lincomb(param, (tan.param, c_w), (lam.get("lr"), c_lr),
+                              (lam.get("weight_decay") if decoupled else None, c_wd),
+                              (lam.get("momentum"), c_b1), (z_m, c_m), (z_second, c_v))
+            results.append((or_zeros(z_param, param), new_z_state))
+        return results
 
 
 def _dot(x: Tensor, y: Tensor, like: float | Tensor, coef: float | Tensor) -> Tensor:

@@ -26,7 +26,9 @@ looks like the wrapped optimizer's.
 """
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Mapping
+from types import MappingProxyType
+from typing import Any, NamedTuple
 
 import torch
 import torch.autograd.forward_ad as fwAD
@@ -41,6 +43,24 @@ KINDS = ("lr", "momentum", "weight_decay")
 def is_zero(value: float | Tensor) -> bool:
     """True for a constant 0; a tensor (tuned value) is never treated as zero."""
     return not isinstance(value, Tensor) and value == 0
+
+
+_NO_TANGENTS: Mapping[str, Tensor] = MappingProxyType({})
+
+
+class Tangent(NamedTuple):
+    """One incoming tangent of a step, all optional (None / missing key = zero).
+
+    ``param`` is ``Z_w`` and ``grad`` is ``G = H Z_w`` (the Hessian-vector product), both
+    shaped like the parameter; ``state`` maps a state entry's name to ``Z_s`` (param-shaped
+    floating-point entries only, never ``step``); ``hyper`` maps a kind to ``L_k``, 0-dim or
+    shaped like the parameter, for kinds whose hyper value is a tensor (entries for constant,
+    float-valued kinds are ignored).  A 0-dim ``L_k`` broadcasts over the parameter.
+    """
+    param: Tensor | None = None
+    grad: Tensor | None = None
+    state: Mapping[str, Tensor] = _NO_TANGENTS
+    hyper: Mapping[str, Tensor] = _NO_TANGENTS
 
 
 class UpdateRule:
@@ -126,6 +146,31 @@ class UpdateRule:
         """
         return None
 
+    def step_foreach(self, params: list[Tensor], grads: list[Tensor], states: list[State],
+                     hyper: dict[str, "float | Tensor | list[Tensor]"], options: dict[str, Any],
+                     kinds: tuple[str, ...], ok: Tensor, tangents: dict[str, list[Tensor]]
+                     ) -> bool:
+        """Optional bucketed :meth:`step_`: one in-place step of a whole bucket with
+        ``torch._foreach_*`` ops (like torch.optim's ``foreach=True``), called under
+        ``torch.no_grad()``.
+
+        The bucket's params share device, dtype and param group (``options``).  ``grads`` are
+        the optimizer's finite scratch copies of the gradients (zeros for a skipped step), which
+        the rule may overwrite; ``states`` the per-parameter state dicts, initialised by
+        :meth:`init_state`.  ``hyper[kind]`` is a Python float (a constant), one 0-dim tensor
+        shared by the bucket, or a list with one tensor per param (0-dim, or shaped like the
+        param), tensors in the params' dtype and device.  ``ok`` is as in :meth:`step_`: with
+        ``ok = 0`` params and states stay bit-exactly as they were.  For each kind in ``kinds``
+        write ``d new_param / d hyper[kind]`` (elementwise, as :meth:`step_` returns it) into the
+        preallocated tensors ``tangents[kind]`` (which may be views into one flat buffer; write
+        into them, never rebind the entries).  No host synchronisation.
+
+        Return True when handled; return False, having changed nothing, where a configuration
+        is not handled: the optimizer then loops :meth:`step_` over the bucket.  The default
+        returns False.  Helpers for implementing it: :mod:`hyperopt_wrap.rules._foreach`.
+        """
+        return False
+
     def vjp(self, param: Tensor, grad: Tensor, state: State, hyper: Hyper,
             options: dict[str, Any], cot_param: Tensor | None, cot_state: State,
             inputs: bool, kinds: tuple[str, ...]):
@@ -146,8 +191,118 @@ class UpdateRule:
         """
         return None
 
+    def jvp(self, param: Tensor, grad: Tensor, state: State, hyper: Hyper,
+            options: dict[str, Any], tangents: list[Tangent]
+            ) -> list[tuple[Tensor, dict[str, Tensor]]]:
+        """Forward (tangent) products of the whole step :meth:`update` (forward-mode methods).
+
+        For each :class:`Tangent` ``(Z_w, G, Z_s, L)``, in order, returns ``(Z'_w, Z'_s)``::
+
+            Z'_w = dw'/dw Z_w + dw'/dg G + sum_s dw'/ds Z_s + sum_k dw'/dlam_k L_k
+
+        and ``Z'_s`` the same for every differentiable entry of the *new* state (floating
+        point, shaped like ``param``, ``step`` excepted), entries the step creates included,
+        with zeros where nothing flows.  Evaluated at the pre-step values, under
+        ``torch.no_grad()`` with constant inputs, before the step writes anything; nothing is
+        modified, and the outputs are fresh tensors (the caller keeps them across steps).
+
+        This default runs forward-mode AD through :meth:`update`, one dual pass per tangent
+        (duals for the present tangents only), so a user's rule needs nothing more.  Built-in
+        rules override it with closed forms; the tests check them against this default.
+        """
+        results: list[tuple[Tensor, dict[str, Tensor]]] = []
+        for tan in tangents:
+            t_state = tan.state or {}
+            t_hyper = tan.hyper or {}
+            # storages an output tangent must not share (it is cloned where it would)
+            taken = {x.untyped_storage().data_ptr() for x in
+                     (param, grad, tan.param, tan.grad, *state.values(), *t_state.values(),
+                      *hyper.values(), *t_hyper.values()) if isinstance(x, Tensor)}
+            with fwAD.dual_level():
+                p = _dual(param, tan.param)
+                g = _dual(grad, tan.grad)
+                s = {k: _dual(v, t_state.get(k)) if _differentiable(k, v, param) else v
+                     for k, v in state.items()}
+                h = dict(hyper)
+                for kind, z in t_hyper.items():
+                    value = hyper.get(kind)
+                    if z is None or not isinstance(value, Tensor):
+                        continue              # a constant: no tangent
+                    # a 0-dim tangent of a per-element value broadcasts (and vice versa)
+                    shape = torch.broadcast_shapes(value.shape, z.shape)
+                    h[kind] = _dual(value if value.shape == shape else value.expand(shape).clone(),
+                                    z if z.shape == shape else z.expand(shape).clone())
+                new_param, new_state = self.update(p, g, s, h, options)
+                z_param = _tangent_out(new_param, param, taken)
+                z_state = {k: _tangent_out(v, v, taken) for k, v in new_state.items()
+                           if _differentiable(k, v, param)}
+            results.append((z_param, z_state))
+        return results
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
+
+
+def _differentiable(name: str, value: Any, param: Tensor) -> bool:
+    """A state entry that carries a tangent: floating point, shaped like the parameter, not
+    the ``step`` counter."""
+    return (name != "step" and isinstance(value, Tensor) and value.is_floating_point()
+            and value.shape == param.shape)
+
+
+def _dual(primal: Tensor, tangent: Tensor | None) -> Tensor:
+    """``primal`` as a dual tensor at the current level, or itself when there is no tangent."""
+    if tangent is None:
+        return primal
+    if tangent.dtype != primal.dtype:
+        tangent = tangent.to(primal.dtype)
+    return fwAD.make_dual(primal, tangent)
+
+
+def _tangent_out(value: Tensor, like: Tensor, taken: set[int]) -> Tensor:
+    """The tangent of an output dual, as a fresh tensor shaped like ``like`` (zeros where none
+    flows; cloned where it shares storage with an input or an earlier output)."""
+    tangent = fwAD.unpack_dual(value).tangent
+    if tangent is None or tangent._is_zerotensor():
+        return torch.zeros_like(fwAD.unpack_dual(like).primal)
+    if tangent.shape != like.shape:
+        tangent = tangent.expand(like.shape).clone()
+    ptr = tangent.untyped_storage().data_ptr()
+    if ptr in taken:
+        tangent = tangent.clone()
+        ptr = tangent.untyped_storage().data_ptr()
+    taken.add(ptr)
+    return tangent
+
+
+def lincomb(like: Tensor, *terms: tuple[Tensor | None, float | Tensor]) -> Tensor | None:
+    """``sum x * c`` over the terms ``(x, c)`` whose ``x`` is not None (a missing tangent) and
+    whose ``c`` is not a constant 0: a fresh tensor shaped like ``like`` (broadcast), or None
+    when no term is left (a zero tangent).  The closed-form :meth:`UpdateRule.jvp` build
+    every output with it, so none aliases an input."""
+    acc = None
+    for x, c in terms:
+        if x is None or is_zero(c):
+            continue
+        if acc is None:
+            acc = torch.mul(x, c)
+            if acc.shape != like.shape:
+                acc = acc.expand(like.shape).clone()
+        else:
+            add_scaled_(acc, x, c)
+    return acc
+
+
+def or_zeros(x: Tensor | None, like: Tensor) -> Tensor:
+    """``x``, or zeros shaped like ``like`` for a missing (zero) tangent."""
+    return torch.zeros_like(like) if x is None else x
+
+
+def hyper_tangents(tangent: Tangent, hyper: Hyper) -> dict[str, Tensor]:
+    """The hyperparameter tangents ``L_k`` that count: present, for kinds whose value is a
+    tensor (a float is a constant)."""
+    return {k: z for k, z in (tangent.hyper or {}).items()
+            if z is not None and isinstance(hyper.get(k), Tensor)}
 
 
 def scratch(work: dict[str, Tensor], name: str, like: Tensor) -> Tensor:

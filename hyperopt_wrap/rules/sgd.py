@@ -16,8 +16,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from . import _foreach as F
 from .base import (Hyper, State, UpdateRule, add_scaled_, axpy, gated, is_zero, kept,
                    reduce_like, scratch)
+from .base import hyper_tangents, lincomb, or_zeros
 
 
 class SGDRule(UpdateRule):
@@ -91,6 +93,68 @@ class SGDRule(UpdateRule):
         param.addcmul_(direction, gated(ok, lr), value=-1)
         return tangents
 
+    def step_foreach(self, params, grads, states, hyper, options, kinds, ok, tangents):
+        """:meth:`step_` on a whole bucket with foreach ops (as torch's ``_multi_tensor_sgd``):
+        about four foreach calls a step for momentum with a tuned lr."""
+        if not params:
+            return True
+        lr, momentum, wd = hyper["lr"], hyper["momentum"], hyper["weight_decay"]
+        has_momentum = not is_zero(momentum)
+        if has_momentum:
+            bufs = [s.get("momentum_buffer") for s in states]
+            first = bufs[0] is None
+            if any((b is None) != first for b in bufs):     # buffers on some params only
+                later = [i for i, b in enumerate(bufs) if b is not None]
+                fresh = [i for i, b in enumerate(bufs) if b is None]
+                for idx in (later, fresh):
+                    ps, gs, ss, hs, ts = F.subset(idx, params, grads, states, hyper, tangents)
+                    self.step_foreach(ps, gs, ss, hs, options, kinds, ok, ts)
+                return True
+        d = grads
+        if options["maximize"]:
+            torch._foreach_neg_(d)
+        if not is_zero(wd):
+            F.axpy_(d, params, F.gate(ok, wd))                      # zero when skipped
+        t_mu = tangents["momentum"] if "momentum" in kinds else None
+        t_wd = tangents["weight_decay"] if "weight_decay" in kinds else None
+        if has_momentum:
+            nesterov = options["nesterov"]
+            tau = 1 - options["dampening"]
+            if t_mu is not None:                # d direction / d mu, from the old buffer
+                if first:
+                    torch._foreach_copy_(t_mu, d) if nesterov else torch._foreach_zero_(t_mu)
+                else:
+                    torch._foreach_copy_(t_mu, bufs)
+            if t_wd is not None:                # d direction / d wd = c p (+ mu c p, Nesterov)
+                c = 1.0 if first else tau
+                F.into_(t_wd, params, (1 + F.Coef(momentum) * c) if nesterov else c)
+            if first:                           # once per run (no _foreach_clone before 2.11)
+                bufs = [x.clone() for x in d]
+                for s, b in zip(states, bufs):
+                    s["momentum_buffer"] = b
+            else:
+                F.mul_(bufs, F.keep(ok, momentum, 1.0))
+                torch._foreach_add_(bufs, d, alpha=tau)
+            if nesterov:
+                F.axpy_(d, bufs, momentum)
+                direction = d
+                if t_mu is not None and not first:
+                    F.mul_(t_mu, momentum)
+                    torch._foreach_add_(t_mu, bufs, alpha=1.0)
+            else:
+                direction = bufs
+        else:
+            direction = d
+            if t_wd is not None:
+                torch._foreach_copy_(t_wd, params)
+        for kind in kinds:
+            if kind == "lr":
+                F.neg_into(tangents[kind], direction)
+            else:
+                F.mul_(t_mu if kind == "momentum" else t_wd, -F.Coef(lr))
+        F.axpy_(params, direction, F.gate(ok, lr), alpha=-1.0)
+        return True
+
     def vjp(self, param, grad, state, hyper, options, cot_param, cot_state, inputs, kinds):
         """Reverse products of :meth:`update` in closed form (see the module docstring)::
 
@@ -147,3 +211,51 @@ class SGDRule(UpdateRule):
         d_param = a if is_zero(wd) else axpy(a, a_d0, wd)
         d_grad = a_d0.neg() if maximize else a_d0
         return d_param, d_grad, d_state, out
+
+    def jvp(self, param, grad, state, hyper, options, tangents):
+        """Forward products of :meth:`update` in closed form, for tangents
+        ``(Z_w, G, Z_b, L)`` (``s = -1`` if maximize else 1, ``tau = 1 - dampening``)::
+
+            d0 = s g + wd w                 dd0  = s G + wd Z_w + w L_wd
+            b' = mu b + tau d0              Z_b' = mu Z_b + b L_mu + tau dd0
+            b' = d0        (first step)     Z_b' = dd0
+            u  = d0 + mu b' (Nesterov)      du   = dd0 + mu Z_b' + b' L_mu
+            u  = b'        (otherwise)      du   = Z_b'
+            w' = w - lr u                   Z_w' = Z_w - lr du - u L_lr
+
+        (no buffer, ``u = d0``, for a constant momentum 0).
+        """
+        lr, mu, wd = hyper["lr"], hyper["momentum"], hyper["weight_decay"]
+        sign = -1.0 if options["maximize"] else 1.0
+        nesterov, tau = options["nesterov"], 1 - options["dampening"]
+        d0 = grad.neg() if options["maximize"] else grad
+        if not is_zero(wd):
+            d0 = axpy(d0, param, wd)
+        has_buffer = not is_zero(mu)
+        buf = state.get("momentum_buffer") if has_buffer else None
+        first = buf is None
+        lams = [hyper_tangents(tan, hyper) for tan in tangents]
+        new_buf = u = d0
+        if has_buffer:
+            if not first:
+                new_buf = axpy(d0 * tau if tau != 1 else d0, buf, mu)
+            u = axpy(d0, new_buf, mu) if nesterov else new_buf
+        neg_u = u.neg() if any("lr" in lam for lam in lams) else None
+        neg_lr = -lr
+        results = []
+        for tan, lam in zip(tangents, lams):
+            z_state = tan.state or {}
+            dd0 = lincomb(param, (tan.grad, sign), (tan.param, wd),
+                          (lam.get("weight_decay"), param))
+            new_z_state = {}
+            du = dd0
+            if has_buffer:
+                z_buf = dd0 if first else lincomb(
+                    param, (z_state.get("momentum_buffer"), mu), (lam.get("momentum"), buf),
+                    (dd0, tau))
+                du = lincomb(param, (dd0, 1.0), (z_buf, mu),
+                             (lam.get("momentum"), new_buf)) if nesterov else z_buf
+                new_z_state["momentum_buffer"] = or_zeros(z_buf, param)
+            z_param = lincomb(param, (tan.param, 1.0), (du, neg_lr), (lam.get("lr"), neg_u))
+            results.append((or_zeros(z_param, param), new_z_state))
+        return results
