@@ -43,6 +43,7 @@ class Controller:
         self.window_finite = torch.ones((), dtype=torch.bool, device=device)
         self.contributions = 0      # hypergradient contributions in the accumulators
         self.hypersteps = 0
+        self._ones: dict = {}
 
     # ------------------------------------------------------------------ set-up
     def kind_hyper_lr(self, kind: str) -> float:
@@ -89,6 +90,7 @@ class Controller:
         A non-finite hypergradient (or a window that used a skipped step) leaves the raw values,
         the natural values and the hyper-optimizer's state untouched, decided on the device.
         With every hyper learning rate at 0 nothing moves (the hypergradient is still kept).
+        About a dozen small tensor operations, however many slots there are.
         """
         n = max(self.contributions, 1)
         self.contributions = 0
@@ -100,12 +102,14 @@ class Controller:
                     acc.div_(n)
                 tk.accums[i], tk.last[i] = tk.last[i].zero_(), acc   # swap: no copy
                 lasts.append(acc)
-        norms = torch._foreach_norm(lasts)
-        device = self.window_finite.device
-        finite = torch.stack([x.to(device, non_blocking=True) for x in norms]).isfinite().all()
-        finite &= self.window_finite
+        # found_inf (torch's convention, 1.0 = skip): the window's flag, then GradScaler's
+        # one-pass check over every hypergradient block (it multiplies them by 1)
+        found_inf = (~self.window_finite).to(torch.float32)
+        for dtype in {t.dtype for t in lasts}:
+            torch._amp_foreach_non_finite_check_and_unscale_(
+                [t for t in lasts if t.dtype == dtype], found_inf, self._one(found_inf.device))
         self.window_finite.fill_(True)
-        self.skipped_hypersteps.add_(~finite)
+        self.skipped_hypersteps.add_(found_inf.to(self.skipped_hypersteps.dtype))
         hyper_opt = self.hyper_optimizer
         if all(isinstance(g["lr"], (int, float)) and g["lr"] == 0 for g in hyper_opt.param_groups):
             return
@@ -116,17 +120,17 @@ class Controller:
                 raw.grad = last * d(value)
         if getattr(hyper_opt, "defaults", {}).get("fused"):
             # torch's fused kernels skip the whole update on the device when found_inf is set
-            found_inf = (~finite).to(torch.float32)
             if not _fused_adam_step(hyper_opt, found_inf):
                 hyper_opt.found_inf = found_inf
                 hyper_opt.step()
                 del hyper_opt.found_inf
         else:   # any other torch optimizer: snapshot and select on the device
+            finite = found_inf == 0
             raws_before = [raw.clone() for raw in raws]
             for raw in raws:
                 raw.grad = torch.where(finite.to(raw.device), raw.grad, 0.0)
             saved = [(t, t.clone()) for st in hyper_opt.state.values() for t in st.values()
-                     if isinstance(t, Tensor) and t.device == device]
+                     if isinstance(t, Tensor) and t.device == finite.device]
             hyper_opt.step()
             for t, old in saved:
                 torch.where(finite, t, old, out=t)
@@ -140,10 +144,16 @@ class Controller:
                 raw.grad = None
                 key = (value.device, value.dtype)
                 if key not in ok_as:
-                    ok_as[key] = finite.to(device=value.device, dtype=value.dtype)
+                    ok_as[key] = (1 - found_inf).to(device=value.device, dtype=value.dtype)
                 # lerp with a 0/1 weight is an exact select: a skipped hyper-step leaves the
                 # natural values bit-exact
                 value.lerp_(tk.parametrisation.to_value(raw), ok_as[key])
+
+    def _one(self, device) -> Tensor:
+        one = self._ones.get(device)
+        if one is None:
+            one = self._ones[device] = torch.ones((), dtype=torch.float32, device=device)
+        return one
 
     # ------------------------------------------------------------------ save / resume
     def state_dict(self) -> dict[str, Any]:

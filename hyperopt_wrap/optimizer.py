@@ -384,7 +384,7 @@ class HyperOptimizer(torch.optim.Optimizer):
         hyper: dict[str, Any] = {}
         for kind in self.rule.kinds:
             tk = self.tuned.get(kind)
-            slots = tk.slots_of(gi, bucket.param_indices) if tk is not None else None
+            slots = bucket.slots_of(kind, tk) if tk is not None else None
             if slots is None:
                 hyper[kind] = self.rule.read(group, kind)
                 continue

@@ -44,6 +44,15 @@ class Bucket:
         self._flats: dict[str, tuple[Tensor, list[Tensor]]] = {}
         self._lengths: Tensor | None = None
         self.grad, self.grads = self.flat("grad")
+        self.states: list[dict] | None = None    # the params' state dicts, once initialised
+        self.slots: dict[str, Any] = {}          # per tuned kind: TunedKind.slots_of(...)
+
+    def slots_of(self, kind: str, tuned) -> Any:
+        """``tuned.slots_of`` for this bucket, memoised (layouts change only with the param
+        groups, which rebuild the buckets)."""
+        if kind not in self.slots:
+            self.slots[kind] = tuned.slots_of(self.group_index, self.param_indices)
+        return self.slots[kind]
 
     def flat(self, name: str) -> tuple[Tensor, list[Tensor]]:
         """A persistent flat buffer of this bucket and its per-parameter views."""
@@ -113,6 +122,7 @@ class Stepper:
         self._buckets: dict[tuple, list[Bucket]] = {}
         self._work: dict[Tensor, dict[str, Tensor]] = {}   # per-tensor scratch (fallbacks)
         self._tape_buffers: list[dict] = []
+        self._amp: dict = {}
 
     def invalidate(self) -> None:
         """Forget the buckets (after add_param_group / load_state_dict)."""
@@ -160,9 +170,9 @@ class Stepper:
             by_device.setdefault(b.device, []).append(b)
         flags = []
         for dev, bs in by_device.items():
-            bad = torch.zeros((), dtype=torch.float32, device=dev)
-            inv = (torch.ones((), dtype=torch.float32, device=dev) if grad_scale is None
-                   else grad_scale.to(dev, torch.float32).reciprocal())
+            bad, one = self._amp_buffers(dev)
+            bad.zero_()
+            inv = one if grad_scale is None else grad_scale.to(dev, torch.float32).reciprocal()
             for dtype in {b.dtype for b in bs}:    # the check takes one dtype per call
                 torch._amp_foreach_non_finite_check_and_unscale_(
                     [b.grad for b in bs if b.dtype == dtype], bad, inv)
@@ -179,13 +189,23 @@ class Stepper:
             b.grad.mul_(oks[key]).nan_to_num_(0.0, 0.0, 0.0)
         return finite
 
+    def _amp_buffers(self, device) -> tuple[Tensor, Tensor]:
+        hit = self._amp.get(device)
+        if hit is None:
+            hit = self._amp[device] = (torch.zeros((), dtype=torch.float32, device=device),
+                                       torch.ones((), dtype=torch.float32, device=device))
+        return hit
+
     # ------------------------------------------------------------------ the step
     def init_states(self, buckets: list[Bucket], options: list[dict]) -> None:
+        """Create the rule's state where a parameter has none yet (once per bucket)."""
         for b in buckets:
-            for p in b.params:
-                state = self.state[p]
-                if not state:
-                    state.update(self.rule.init_state(p, options[b.group_index]))
+            if b.states is None:
+                for p in b.params:
+                    state = self.state[p]
+                    if not state:
+                        state.update(self.rule.init_state(p, options[b.group_index]))
+                b.states = [self.state[p] for p in b.params]
 
     def view(self, buckets: list[Bucket], hyper: list[dict[str, Any]], options: list[dict],
              finite: Tensor) -> StepView:
@@ -213,7 +233,7 @@ class Stepper:
                 ok = oks[key] = finite.to(device=b.device, dtype=b.dtype, non_blocking=True)
             opts = options[b.group_index]
             params = [p.data for p in b.params] if unversioned else b.params
-            states = [self.state[p] for p in b.params]
+            states = b.states
             flat_t = {k: b.flat("t_" + k) for k in kinds}
             views = {k: v for k, (_, v) in flat_t.items()}
             done = foreach[b.group_index] and getattr(rule, 'step_foreach', lambda *a: False)(params, b.grads, states, h, opts, kinds,
@@ -292,5 +312,5 @@ def _item_hyper(hyper: dict[str, Any], i: int) -> dict[str, Any]:
     # pickling and deepcopy: the caches are rebuilt on demand
     def __getstate__(self):
         state = dict(self.__dict__)
-        state.update(_buckets={}, _work={}, _tape_buffers=[])
+        state.update(_buckets={}, _work={}, _tape_buffers=[], _amp={})
         return state

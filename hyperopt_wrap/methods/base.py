@@ -146,7 +146,7 @@ class MethodContext:
                         scale: float) -> None:
         """``accumulate`` for a whole bucket in flat layout (one or two ops for scalar slots)."""
         tk = self.tuned[kind]
-        slots = tk.slots_of(bucket.group_index, bucket.param_indices)
+        slots = bucket.slots_of(kind, tk)
         if slots is None:
             return
         scale = scale * self.sign(bucket.group_index)
