@@ -2,13 +2,15 @@
 from __future__ import annotations
 
 from .base import HypergradientMethod, MetaGradients, MethodContext, RecordingMethod
+from .forward_gradient import ForwardGradient
 from .greedy import Greedy
 from .implicit import Implicit
 from .rtrl import RTRL
 from .unroll import Unroll
 
 METHODS: dict[str, type[HypergradientMethod]] = {"greedy": Greedy, "implicit": Implicit,
-                                                   "unroll": Unroll, "rtrl": RTRL}
+                                                   "unroll": Unroll, "rtrl": RTRL,
+                                                   "forward_gradient": ForwardGradient}
 
 
 def resolve_method(method) -> HypergradientMethod:
@@ -22,5 +24,5 @@ def resolve_method(method) -> HypergradientMethod:
                      "or pass an instance such as hyperopt_wrap.methods.Greedy()")
 
 
-__all__ = ["HypergradientMethod", "Greedy", "Implicit", "Unroll", "RTRL", "METHODS", "resolve_method",
-           "MetaGradients", "MethodContext", "RecordingMethod"]
+__all__ = ["HypergradientMethod", "Greedy", "Implicit", "Unroll", "RTRL", "ForwardGradient",
+           "METHODS", "resolve_method", "MetaGradients", "MethodContext", "RecordingMethod"]
