@@ -108,6 +108,10 @@ class StepView:
     rule: UpdateRule
     hvp: Callable[[list[Tensor]], list[Tensor]] | None = None
     extra: dict = field(default_factory=dict)
+    #: the step's curvature source (a ``GraphSource`` or ``ClosureSource`` of
+    #: :mod:`hyperopt_wrap.curvature`; None where the method asked for none), e.g. for
+    #: ``curvature.step_gradient_at`` (the training gradient at other weights)
+    source: Any = None
 
     def jvp(self, tangents: list[list]) -> list[list[tuple[Tensor, dict[str, Tensor]]]]:
         """Per item, the rule's forward products of the step for its list of tangents."""
@@ -236,7 +240,7 @@ class Stepper:
             states = b.states
             flat_t = {k: b.flat("t_" + k) for k in kinds}
             views = {k: v for k, (_, v) in flat_t.items()}
-            done = foreach[b.group_index] and getattr(rule, 'step_foreach', lambda *a: False)(params, b.grads, states, h, opts, kinds,
+            done = foreach[b.group_index] and rule.step_foreach(params, b.grads, states, h, opts, kinds,
                                                       ok, views)
             if not done:
                 for i, (p, g, st) in enumerate(zip(params, b.grads, states)):

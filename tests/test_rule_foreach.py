@@ -342,3 +342,53 @@ def test_no_host_synchronisation(config):
             assert _run(rule, options, hyper, tunable[:-1], steps=2, watch=True)
     assert _run(rule, options, _hyper(rule, consts, (), "float", 0.03, gen), (), steps=2,
                 watch=True)
+
+
+@pytest.mark.parametrize("variant", ["per-tensor loops", "non-CPU branches"])
+@pytest.mark.parametrize("config", CONFIGS, ids=[c[0] for c in CONFIGS])
+def test_other_code_paths(config, variant, monkeypatch):
+    """The branches the float64 cases above do not reach on their small CPU tensors: the
+    one-pass ``out=`` loops for big tensors, and the forms used off the CPU (vecs unbound
+    instead of the CPU-only packed-scalar overloads), forced here on the CPU."""
+    from hyperopt_wrap.rules import _foreach as F
+    if variant == "per-tensor loops":
+        monkeypatch.setattr(F, "PER_TENSOR_NUMEL", 0)
+    else:
+        monkeypatch.setattr(F, "_cpu", lambda xs: False)
+    name, rule, options, consts = config
+    tunable = tuple(_tunable(rule, consts))
+    if isinstance(rule, AdamRule) and options["amsgrad"] and not options["decoupled"]:
+        tunable = tunable[:-1]                      # declined with a weight-decay tangent
+    gen = torch.Generator().manual_seed(10)
+    for form in FORMS:
+        for wd in ((0.03,) if "weight_decay" not in tunable else (0.0,)):
+            assert _run(rule, options, _hyper(rule, consts, tunable, form, wd, gen), tunable,
+                        steps=2)
+
+
+def test_traces_whole_under_torch_compile():
+    """No graph break (fullgraph=True) for Adam with every kind tuned, per-tensor lr: nothing
+    in the foreach path that dynamo cannot trace (a tensor's ``__dict__``, ``.item()``, the
+    packed-scalar overloads, which need host data), and the same step as eagerly."""
+    rule = AdamRule()
+    options = {"beta2": 0.99, "eps": 1e-8, "amsgrad": False, "maximize": True, "decoupled": False}
+    kinds = ("lr", "momentum", "weight_decay")
+    gen = torch.Generator().manual_seed(11)
+    hyper = _hyper(rule, {}, kinds, "mixed", 0.0, gen)
+    params = [torch.randn(s, generator=gen, dtype=DT) for s in SHAPES]
+    grads = [torch.randn(s, generator=gen, dtype=DT) for s in SHAPES]
+    eager_p, eager_s = [p.clone() for p in params], [rule.init_state(p, options) for p in params]
+    states = _clone(eager_s)
+    step = torch.compile(rule.step_foreach, backend="eager", fullgraph=True)
+    _, tangents = _flat_tangents(kinds)
+    _, eager_t = _flat_tangents(kinds)
+    one = torch.tensor(1.0, dtype=DT)
+    with torch.no_grad():
+        assert step(params, [g.clone() for g in grads], states, hyper, options, kinds, one,
+                    tangents)
+        assert rule.step_foreach(eager_p, [g.clone() for g in grads], eager_s, hyper, options,
+                                 kinds, one, eager_t)
+    for i in range(len(SHAPES)):
+        _close(params[i], eager_p[i], f"param {i}")
+        for k in kinds:
+            _close(tangents[k][i], eager_t[k][i], f"tangent {k} {i}", atol=1e-13)

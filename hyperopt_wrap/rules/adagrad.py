@@ -86,15 +86,14 @@ class AdagradRule(UpdateRule):
         torch._foreach_addcmul_(total, g, g)
         t_lr = tangents["lr"] if "lr" in kinds else None
         t_wd = tangents["weight_decay"] if "weight_decay" in kinds else None
+        loop = F.per_tensor(params)             # one-pass out= loops for big tensors
         if t_lr is None:
             root = list(torch._foreach_sqrt(total))
         else:
             root = t_lr                 # scratch until the lr tangent is written
-            torch._foreach_copy_(root, total)
-            torch._foreach_sqrt_(root)
+            F.sqrt_into(root, total, loop)
         if t_wd is not None:            # d std / d wd = g w / sqrt(s); 0/0 where g = 0: limit 0
-            torch._foreach_copy_(t_wd, g)
-            torch._foreach_mul_(t_wd, params)
+            F.mul_into(t_wd, g, params, loop)
             torch._foreach_div_(t_wd, F.nonzero_floor(root))
         std = root
         torch._foreach_add_(std, F.as_list(options["eps"], std))
@@ -102,15 +101,15 @@ class AdagradRule(UpdateRule):
         torch._foreach_div_(scaled, std)
         lr_decay = options["lr_decay"]
         decay = 1.0 if lr_decay == 0 else 1 + (torch.stack(steps) - 1) * lr_decay
-        clr = F.Coef(lr) / decay
+        clr = F.Coef(lr) / F.Coef(decay)
         if t_wd is not None:            # (w - scaled d std) / std, times -clr
             torch._foreach_mul_(t_wd, scaled)
             torch._foreach_sub_(t_wd, params)
             torch._foreach_div_(t_wd, std)
             F.mul_(t_wd, clr)
         if t_lr is not None:
-            F.into_(t_lr, scaled, -1 / F.Coef(decay))
-        F.axpy_(params, scaled, clr * ok, alpha=-1.0)
+            F.into_(t_lr, scaled, -1 / F.Coef(decay), loop)
+        F.axpy_(params, scaled, clr * F.Coef(ok), alpha=-1.0)
         return True
 
     def jvp(self, param, grad, state, hyper, options, tangents):

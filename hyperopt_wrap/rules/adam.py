@@ -132,11 +132,11 @@ class AdamRule(UpdateRule):
     def step_foreach(self, params, grads, states, hyper, options, kinds, ok, tangents):
         """:meth:`step_` on a whole bucket with foreach ops (as torch's ``_multi_tensor_adam``).
 
-        The bias corrections are computed once on the step counters stacked into a vector, and
-        are folded into the denominator, ``D' = sqrt(v) + eps bc2s = bc2s (sqrt(v) / bc2s +
-        eps)``, so that ``ratio = m / denom = bc2s m / D'`` needs no division pass per
-        parameter; per-parameter scalars reach the lists through the packed-scalar overloads
-        (see :mod:`._foreach`).  ``sqrt(v)`` is built in the gradient buffers."""
+        The bias corrections are computed once, on the step counters stacked into a vector,
+        and folded into the denominator, ``D' = sqrt(v) + eps bc2s = bc2s (sqrt(v) / bc2s +
+        eps)``, so that ``ratio = m / denom = bc2s m / D'`` takes no division pass of its own
+        (same numbers as :meth:`step_` up to rounding, not bit for bit).  ``D'`` is built in
+        the gradient buffers; with a tuned lr the weights move as ``w + lr ok t_lr``."""
         lr, beta1, wd = hyper["lr"], hyper["momentum"], hyper["weight_decay"]
         beta2, eps, amsgrad = options["beta2"], options["eps"], options["amsgrad"]
         coupled = not is_zero(wd) and not options["decoupled"]
@@ -153,43 +153,40 @@ class AdamRule(UpdateRule):
         m = [s["exp_avg"] for s in states]
         v = [s["exp_avg_sq"] for s in states]
         steps = [s["step"] for s in states]
+        loop = F.per_tensor(params)             # one-pass out= loops for big tensors
         b1 = F.Coef(beta1)
         t_b1 = tangents["momentum"] if "momentum" in kinds else None
         t_wd = tangents["weight_decay"] if "weight_decay" in kinds else None
         if t_b1 is not None:                    # d m / d b1 = m_old - g
-            torch._foreach_copy_(t_b1, m)
-            torch._foreach_sub_(t_b1, g)
+            F.sub_into(t_b1, m, g, loop)
         F.lerp_(m, g, F.gate(ok, 1 - b1))
         F.mul_(v, F.keep(ok, beta2, 1.0))
         torch._foreach_addcmul_(v, g, g, value=1 - beta2)
         F.add_count_(steps, ok)
-        t = torch.stack(steps).clamp_(min=1)
-        bc1 = 1 - b1 ** t
+        t = torch.stack(steps).clamp_(min=1)     # the counters as one vector
         bc2s = F.Coef((1 - beta2 ** t).sqrt())
+        t, okc = F.Coef(t), F.Coef(ok)
+        bc1 = 1 - b1 ** t
         second = v
         if amsgrad:     # a no-op for ok=0: the running max already bounds the unchanged v
             second = [s["max_exp_avg_sq"] for s in states]
             torch._foreach_maximum_(second, v)
         if t_wd is not None and coupled:        # g w, for d sqrt(v) / d wd
-            torch._foreach_copy_(t_wd, g)
-            torch._foreach_mul_(t_wd, params)
+            F.mul_into(t_wd, g, params, loop)
         denom = g                               # sqrt(v) + eps bc2s, in the gradient buffers
-        torch._foreach_copy_(denom, second)
-        torch._foreach_sqrt_(denom)
+        F.sqrt_into(denom, second, loop)
         if t_wd is not None and coupled:        # g w / sqrt(v); 0/0 -> 0 (v = 0 means g = 0)
             torch._foreach_div_(t_wd, F.nonzero_floor(denom))
-        F.axpy_(denom, F.ones(denom), eps * bc2s)
+        F.add_(denom, eps * bc2s)
         step_size = F.Coef(lr) / bc1
         for kind in kinds:
             if kind == "lr":                    # -ratio / bc1 (- wd w, decoupled)
-                t_lr = tangents[kind]
-                torch._foreach_zero_(t_lr)
-                F.addcdiv_(t_lr, m, denom, -bc2s / bc1)
+                F.div_into(tangents[kind], m, denom, -bc2s / bc1, loop)
                 if decoupled:
-                    F.axpy_(t_lr, params, -F.Coef(wd))
+                    F.axpy_(tangents[kind], params, -F.Coef(wd))
             elif kind == "momentum":
                 # -step_size ((m_old - g) / denom - ratio d_bc1 / bc1), d_bc1 = d bc1 / d b1
-                d_bc1 = -F.Coef(t) * b1 ** (t - 1)
+                d_bc1 = -t * b1 ** (t - 1)
                 F.axpy_(t_b1, m, -d_bc1 / bc1)
                 torch._foreach_div_(t_b1, denom)
                 F.mul_(t_b1, -step_size * bc2s)
@@ -202,10 +199,13 @@ class AdamRule(UpdateRule):
                 torch._foreach_div_(t_wd, denom)
                 F.mul_(t_wd, -step_size * bc2s)
             else:
-                F.into_(t_wd, params, -F.Coef(lr))
-        if decoupled:
-            F.mul_(params, 1 - F.Coef(lr) * wd * ok)
-        F.addcdiv_(params, m, denom, -(step_size * ok) * bc2s)
+                F.into_(t_wd, params, -F.Coef(lr), loop)
+        if "lr" in kinds:   # w' = w + lr ok t_lr, AdamW's decay included: one pass, two reads
+            F.axpy_(params, tangents["lr"], F.gate(ok, lr))
+        else:
+            if decoupled:
+                F.mul_(params, 1 - F.Coef(lr) * F.Coef(wd) * okc)
+            F.addcdiv_(params, m, denom, -(step_size * okc) * bc2s)
         return True
 
     def vjp(self, param, grad, state, hyper, options, cot_param, cot_state, inputs, kinds):

@@ -121,6 +121,7 @@ class RMSpropRule(UpdateRule):
         F.mul_(square_avg, F.keep(ok, alpha, 1.0))
         torch._foreach_addcmul_(square_avg, g, g, value=1 - alpha)
         F.add_count_([s["step"] for s in states], ok)
+        loop = F.per_tensor(params)             # one-pass out= loops for big tensors
         root = tangents["lr"] if "lr" in kinds else None
         t_wd = tangents["weight_decay"] if "weight_decay" in kinds else None
         if options["centered"]:
@@ -129,22 +130,19 @@ class RMSpropRule(UpdateRule):
             if root is None:
                 root = list(torch._foreach_addcmul(square_avg, grad_avg, grad_avg, value=-1))
             else:
-                torch._foreach_copy_(root, square_avg)
-                torch._foreach_addcmul_(root, grad_avg, grad_avg, value=-1)
+                F.addcmul_into(root, square_avg, grad_avg, grad_avg, -1, loop)
             torch._foreach_sqrt_(root)
             if t_wd is not None:   # d root / d wd = (1 - a)(g - gbar) w / root
-                torch._foreach_copy_(t_wd, g)
-                torch._foreach_sub_(t_wd, grad_avg)
+                F.sub_into(t_wd, g, grad_avg, loop)
+                torch._foreach_mul_(t_wd, params)
         else:
             if root is None:
                 root = list(torch._foreach_sqrt(square_avg))
             else:
-                torch._foreach_copy_(root, square_avg)
-                torch._foreach_sqrt_(root)
+                F.sqrt_into(root, square_avg, loop)
             if t_wd is not None:   # d root / d wd = (1 - a) g w / root
-                torch._foreach_copy_(t_wd, g)
+                F.mul_into(t_wd, g, params, loop)
         if t_wd is not None:
-            torch._foreach_mul_(t_wd, params)
             F.mul_(t_wd, 1 - alpha)
             torch._foreach_div_(t_wd, F.nonzero_floor(root))   # 0/0 where g = 0: the limit 0
         avg = root
@@ -159,14 +157,14 @@ class RMSpropRule(UpdateRule):
         if options["has_momentum"]:
             buf = [s["momentum_buffer"] for s in states]
             if "momentum" in kinds:
-                F.into_(tangents["momentum"], buf, -F.Coef(lr))
+                F.into_(tangents["momentum"], buf, -F.Coef(lr), loop)
             F.mul_(buf, F.keep(ok, momentum, 1.0))
             torch._foreach_add_(buf, scaled, alpha=1)
             direction = buf
         else:
             direction = scaled
         if "lr" in kinds:
-            F.neg_into(tangents["lr"], direction)
+            F.neg_into(tangents["lr"], direction, loop)
         F.axpy_(params, direction, F.gate(ok, lr), alpha=-1.0)
         return True
 

@@ -117,6 +117,7 @@ class SGDRule(UpdateRule):
             F.axpy_(d, params, F.gate(ok, wd))                      # zero when skipped
         t_mu = tangents["momentum"] if "momentum" in kinds else None
         t_wd = tangents["weight_decay"] if "weight_decay" in kinds else None
+        loop = F.per_tensor(params)             # one-pass out= loops for big tensors
         if has_momentum:
             nesterov = options["nesterov"]
             tau = 1 - options["dampening"]
@@ -127,7 +128,7 @@ class SGDRule(UpdateRule):
                     torch._foreach_copy_(t_mu, bufs)
             if t_wd is not None:                # d direction / d wd = c p (+ mu c p, Nesterov)
                 c = 1.0 if first else tau
-                F.into_(t_wd, params, (1 + F.Coef(momentum) * c) if nesterov else c)
+                F.into_(t_wd, params, (1 + F.Coef(momentum) * c) if nesterov else c, loop)
             if first:                           # once per run (no _foreach_clone before 2.11)
                 bufs = [x.clone() for x in d]
                 for s, b in zip(states, bufs):
@@ -149,7 +150,7 @@ class SGDRule(UpdateRule):
                 torch._foreach_copy_(t_wd, params)
         for kind in kinds:
             if kind == "lr":
-                F.neg_into(tangents[kind], direction)
+                F.neg_into(tangents[kind], direction, loop)
             else:
                 F.mul_(t_mu if kind == "momentum" else t_wd, -F.Coef(lr))
         F.axpy_(params, direction, F.gate(ok, lr), alpha=-1.0)
