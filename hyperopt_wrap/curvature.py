@@ -45,7 +45,7 @@ import torch
 from torch import Tensor
 
 __all__ = ["FiniteDifferences", "resolve_curvature", "GraphSource", "ClosureSource",
-           "CurvatureError", "step_hvp"]
+           "CurvatureError", "step_hvp", "step_gradient_at"]
 
 
 class CurvatureError(RuntimeError):
@@ -194,27 +194,33 @@ class ClosureSource:
                 "loss.backward(create_graph=opt.needs_graph).")
 
     def hvp(self, params: list[Tensor], us: list[Tensor], *, weights: list[Tensor],
-            grads: list[Tensor]) -> list[Tensor]:
+            grads: list[Tensor], wnorm: Tensor | None = None) -> list[Tensor]:
         """``H u`` at ``weights`` (the step's), ``grads`` its recorded gradient.  Leaves the
         parameters perturbed; the caller restores them."""
         cfg = self.config
         rel = cfg.eps_for(params[0].dtype)
-        unorm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(u) for u in us]))
-        wnorm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(w)
-                                                      for w in weights]))
+        unorm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(us)))
+        if wnorm is None:
+            wnorm = weights_norm(weights)
         # eps = rel (1 + |w|) / |u|; u = 0 gives H u = 0 without dividing by zero
         eps = torch.where(unorm > 0, rel * (1 + wnorm) / unorm.clamp_min(1e-30),
                           torch.zeros_like(unorm))
         inv = torch.where(unorm > 0, 1 / eps.clamp_min(1e-30), torch.zeros_like(unorm))
+        eps_as = eps.to(us[0].dtype)
         for p, w, u in zip(params, weights, us):
-            p.data.copy_(w).add_(u * eps.to(u.dtype))
-        plus, _ = self.gradient(params)
+            p.data.copy_(w).addcmul_(u, eps_as)
+        plus, _ = self.gradient(params)     # fresh tensors: updated in place below
         if cfg.central:
             for p, w, u in zip(params, weights, us):
-                p.data.copy_(w).sub_(u * eps.to(u.dtype))
+                p.data.copy_(w).addcmul_(u, eps_as, value=-1)
             minus, _ = self.gradient(params)
-            return [(a - b).mul_(inv.to(a.dtype) / 2) for a, b in zip(plus, minus)]
-        return [(a - g).mul_(inv.to(a.dtype)) for a, g in zip(plus, grads)]
+            return [a.sub_(b).mul_(inv.to(a.dtype) / 2) for a, b in zip(plus, minus)]
+        return [a.sub_(g).mul_(inv.to(a.dtype)) for a, g in zip(plus, grads)]
+
+
+def weights_norm(weights: list[Tensor]) -> Tensor:
+    """``||w||`` over all the tensors (the finite-difference step's scale)."""
+    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(weights)))
 
 
 class BufferGuard:
@@ -247,14 +253,53 @@ def step_hvp(source, params: list[Tensor], grads: list[Tensor]):
     if isinstance(source, GraphSource):
         return lambda us: source.hvp(params, us)
     weights = [p.detach().clone() for p in params]
+    wnorm = weights_norm(weights)
 
     def hvp(us: list[Tensor]) -> list[Tensor]:
         saved = [p.grad for p in params]
         with BufferGuard(source.config.model):
             try:
-                return source.hvp(params, us, weights=weights, grads=grads)
+                return source.hvp(params, us, weights=weights, grads=grads, wnorm=wnorm)
             finally:
                 for p, w, g in zip(params, weights, saved):
                     p.data.copy_(w)
                     p.grad = g
     return hvp
+
+
+def step_gradient_at(source, params: list[Tensor], weights: list[Tensor]) -> list[Tensor]:
+    """The training gradient of the current step's minibatch at other weights: one call of the
+    step's closure with ``weights`` in the parameters (torch's RNG replayed as the step's closure
+    started it, so dropout draws the same masks), returning ``grad L(weights; B_t)`` per
+    parameter.  Afterwards the parameters' values and ``p.grad`` (the same tensor objects) are
+    restored bit-exactly, the model's buffers too with ``FiniteDifferences(model=...)``, and
+    torch's RNG stream is left as it was.  Only a closure source can do this: a gradient graph
+    holds the gradient at the step's own weights and cannot be re-evaluated elsewhere."""
+    if not isinstance(source, ClosureSource):
+        got = "a gradient graph" if isinstance(source, GraphSource) else "no closure"
+        raise CurvatureError(
+            f"the training gradient at other weights than the step's needs the step's closure, "
+            f"and this step got {got}. Pass a closure that binds its batch and calls "
+            "loss.backward() without create_graph:\n\n"
+            "    def closure(x=x, y=y):\n"
+            "        opt.zero_grad()\n"
+            "        loss = loss_fn(model(x), y)\n"
+            "        loss.backward()\n"
+            "        return loss\n"
+            "    opt.step(closure)\n\n"
+            "or construct the optimizer with curvature='closure' (then opt.needs_graph is False "
+            "and a closure written with create_graph=opt.needs_graph builds no graph)")
+    current = [p.detach().clone() for p in params]
+    saved = [p.grad for p in params]
+    with BufferGuard(source.config.model):
+        try:
+            with torch.no_grad():
+                for p, w in zip(params, weights):
+                    p.data.copy_(w)
+            grads, _ = source.gradient(params)
+        finally:
+            with torch.no_grad():
+                for p, w, g in zip(params, current, saved):
+                    p.data.copy_(w)
+                    p.grad = g
+    return grads

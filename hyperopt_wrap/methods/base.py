@@ -36,6 +36,7 @@ from torch import Tensor
 
 from ..hyperparams import TunedKind
 from ..rules import UpdateRule
+from ..rules.base import Tangent
 
 
 @dataclass
@@ -211,6 +212,67 @@ class HypergradientMethod:
     def __repr__(self) -> str:
         opts = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
         return f"{type(self).__name__}({opts})"
+
+
+def propagate(view, tangents: list[dict], hyper_tangent: Callable, discount: float = 1.0) -> None:
+    """One step of the forward recurrence ``Z <- discount * A_t Z + B_t`` for every tangent in
+    ``tangents`` (each ``{"w": {(gi, pi): Z_w}, "s": {(gi, pi): {name: Z_s}}}``, missing entries
+    zero), in place, before the step's write: ``view.hvp`` gives ``H_t Z_w`` (one product per
+    tangent; none when ``view.hvp`` is None: the Hessian-free recurrence), ``view.jvp`` the
+    rule's tangent products, ``hyper_tangent(j, item)`` the hyperparameter tangent ``L`` of
+    tangent ``j`` at a parameter (``{kind: 0-dim or param-shaped tensor}``).
+
+    A skipped step (non-finite gradient) is the identity, so there every tangent keeps its
+    value: ``Z' = Z'_new * ok + Z * (1 - ok)``, exact for ok in {0, 1} because the products are
+    finite (the rule saw zero gradients, and non-finite Hessian-vector products are zeroed
+    first) -- in place on the fresh outputs, not ``torch.where`` (several times slower here)."""
+    items = view.items
+    keys = [(it.group_index, it.param_index) for it in items]
+    hz: list = [None] * len(tangents)
+    if view.hvp is not None:
+        for j, z in enumerate(tangents):
+            if any(k in z["w"] for k in keys):
+                us = [z["w"].get(k) for k in keys]
+                hz[j] = view.hvp([torch.zeros_like(it.param) if u is None else u
+                                  for u, it in zip(us, items)])
+                for h in hz[j]:
+                    h.nan_to_num_(0.0, 0.0, 0.0)   # leaves a finite (or aliased) input as it is
+    per_item = []
+    for i, (it, key) in enumerate(zip(items, keys)):
+        row = []
+        for j, z in enumerate(tangents):
+            zw, zs = z["w"].get(key), z["s"].get(key, {})
+            g = hz[j][i] if hz[j] is not None else None
+            if discount != 1.0:
+                zw = None if zw is None else zw * discount
+                g = None if g is None else g * discount
+                zs = {n: v * discount for n, v in zs.items()}
+            row.append(Tangent(zw, g, zs, hyper_tangent(j, it)))
+        per_item.append(row)
+    out = view.jvp(per_item)
+    gates: dict = {}
+    for it, key, results in zip(items, keys, out):
+        dk = (it.param.device, it.param.dtype)
+        if dk not in gates:
+            ok = view.finite.to(it.param.device, it.param.dtype)
+            gates[dk] = (ok, 1 - ok)
+        ok, bad = gates[dk]
+        for z, (zw_new, zs_new) in zip(tangents, results):
+            old = z["w"].get(key)
+            z["w"][key] = _keep_if_skipped(zw_new, old, ok, bad)
+            view.retire(old)
+            olds = z["s"].get(key, {})
+            z["s"][key] = {n: _keep_if_skipped(v, olds.get(n), ok, bad)
+                           for n, v in zs_new.items()}
+            for v in olds.values():
+                view.retire(v)
+
+
+def _keep_if_skipped(new: Tensor, old: Tensor | None, ok: Tensor, bad: Tensor) -> Tensor:
+    new.mul_(ok)
+    if old is not None:
+        new.addcmul_(old, bad)
+    return new
 
 
 def _clone(obj):

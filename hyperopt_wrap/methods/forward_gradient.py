@@ -72,8 +72,7 @@ import math
 import torch
 from torch import Tensor
 
-from ..rules.base import Tangent
-from .base import HypergradientMethod, MetaGradients
+from .base import HypergradientMethod, MetaGradients, propagate
 
 DISTRIBUTIONS = ("rademacher", "gaussian", "basis")
 
@@ -191,32 +190,8 @@ class ForwardGradient(HypergradientMethod):
     def carry(self, ctx, state, view) -> None:
         if state["fresh"]:
             self._start_window(ctx, state)
-        items = view.items
-        keys = [(it.group_index, it.param_index) for it in items]
-        hz = [None] * len(state["Z"])
-        if view.hvp is not None:
-            for j, z in enumerate(state["Z"]):
-                if any(k in z["w"] for k in keys):
-                    us = [z["w"].get(k) for k in keys]
-                    hz[j] = view.hvp([torch.zeros_like(it.param) if u is None else u
-                                      for u, it in zip(us, items)])
-        per_item = []
-        for i, (it, key) in enumerate(zip(items, keys)):
-            per_item.append([
-                Tangent(z["w"].get(key), None if hz[j] is None else hz[j][i],
-                        z["s"].get(key, {}), self._hyper_tangent(ctx, v, it))
-                for j, (v, z) in enumerate(zip(state["directions"], state["Z"]))])
-        out = view.jvp(per_item)
-        finite = view.finite
-        for (it, key), results in zip(zip(items, keys), out):
-            ok = finite.to(it.param.device)
-            for z, (zw_new, zs_new) in zip(state["Z"], results):
-                old = z["w"].get(key)
-                # a skipped step is the identity: the tangent stays as it was
-                z["w"][key] = torch.where(ok, zw_new, 0.0 if old is None else old)
-                olds = z["s"].get(key, {})
-                z["s"][key] = {n: torch.where(ok, v, olds[n] if n in olds else 0.0)
-                               for n, v in zs_new.items()}
+        directions = state["directions"]
+        propagate(view, state["Z"], lambda j, item: self._hyper_tangent(ctx, directions[j], item))
 
     # ------------------------------------------------------------------ the readout
     def hypergradient(self, ctx, state, meta: MetaGradients) -> int:

@@ -44,8 +44,7 @@ from __future__ import annotations
 
 import torch
 
-from ..rules.base import Tangent
-from .base import HypergradientMethod, MetaGradients
+from .base import HypergradientMethod, MetaGradients, propagate
 
 
 class RTRL(HypergradientMethod):
@@ -97,56 +96,30 @@ class RTRL(HypergradientMethod):
     def carry_curvature(self, ctx, state) -> bool:
         return not self.hessian_free
 
-    def _coefficient(self, ctx, tangent, item):
-        """``L``: the hyperparameter tangent of ``tangent`` at this parameter (a 0-dim tensor,
-        d(value the rule reads)/d(tuned value)), or None."""
+    @staticmethod
+    def _touches(ctx, tangent, item) -> bool:
+        """Whether ``tangent``'s hyperparameter enters this parameter's step: its kind is tuned
+        in the parameter's group and, for one scalar's tangent, the parameter uses that slot."""
         kind, block, index = tangent
-        tk = ctx.tuned[kind]
-        slots = tk.group_slots[item.group_index]
+        slots = ctx.tuned[kind].group_slots[item.group_index]
         if slots is None:
-            return None
-        if block is not None and slots[item.param_index] != (block, index):
-            return None
-        # a fill on the device, not a copy from the host
-        return torch.full((), ctx.hyper_scale(kind, item.group_index), dtype=item.param.dtype,
-                          device=item.param.device)
+            return False
+        return block is None or slots[item.param_index] == (block, index)
 
     def carry(self, ctx, state, view) -> None:
-        items = view.items
-        keys = [(it.group_index, it.param_index) for it in items]
-        mu = self.discount
-        hz = [None] * len(state["tangents"])
-        if view.hvp is not None:
-            for j, z in enumerate(state["Z"]):
-                if any(k in z["w"] for k in keys):
-                    us = [z["w"].get(k) for k in keys]
-                    us = [torch.zeros_like(it.param) if u is None else u
-                          for u, it in zip(us, items)]
-                    hz[j] = view.hvp(us)
-        per_item = []
-        for i, (it, key) in enumerate(zip(items, keys)):
-            ts = []
-            for j, (tangent, z) in enumerate(zip(state["tangents"], state["Z"])):
-                zw, zs = z["w"].get(key), z["s"].get(key, {})
-                g = hz[j][i] if hz[j] is not None else None
-                if mu != 1.0:
-                    zw = None if zw is None else zw * mu
-                    g = None if g is None else g * mu
-                    zs = {n: v * mu for n, v in zs.items()}
-                coef = self._coefficient(ctx, tangent, it)
-                ts.append(Tangent(zw, g, zs, {} if coef is None else {tangent[0]: coef}))
-            per_item.append(ts)
-        out = view.jvp(per_item)
-        finite = view.finite
-        for (it, key), results in zip(zip(items, keys), out):
-            ok = finite.to(it.param.device)
-            for z, (zw_new, zs_new) in zip(state["Z"], results):
-                old = z["w"].get(key)
-                # a skipped step is the identity: the tangent stays as it was
-                z["w"][key] = torch.where(ok, zw_new, 0.0 if old is None else old)
-                olds = z["s"].get(key, {})
-                z["s"][key] = {n: torch.where(ok, v, olds[n] if n in olds else 0.0)
-                               for n, v in zs_new.items()}
+        coefficients: dict = {}
+
+        def hyper_tangent(j, item):
+            tangent = state["tangents"][j]
+            if not self._touches(ctx, tangent, item):
+                return {}
+            kind = tangent[0]
+            key = (kind, item.group_index, item.param.device, item.param.dtype)
+            if key not in coefficients:     # a fill on the device, not a copy from the host
+                coefficients[key] = torch.full((), ctx.hyper_scale(kind, item.group_index),
+                                               dtype=item.param.dtype, device=item.param.device)
+            return {kind: coefficients[key]}
+        propagate(view, state["Z"], hyper_tangent, self.discount)
 
     # ------------------------------------------------------------------ the readout
     def hypergradient(self, ctx, state, meta: MetaGradients) -> int:

@@ -26,6 +26,8 @@ looks like the wrapped optimizer's.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 from collections.abc import Mapping
 from types import MappingProxyType
 from typing import Any, NamedTuple
@@ -285,7 +287,9 @@ def lincomb(like: Tensor, *terms: tuple[Tensor | None, float | Tensor]) -> Tenso
         if x is None or is_zero(c):
             continue
         if acc is None:
-            acc = torch.mul(x, c)
+            out = _pooled(like) if x.shape == like.shape and \
+                torch.result_type(x, c) == like.dtype else None
+            acc = torch.mul(x, c) if out is None else torch.mul(x, c, out=out)
             if acc.shape != like.shape:
                 acc = acc.expand(like.shape).clone()
         else:
@@ -295,7 +299,52 @@ def lincomb(like: Tensor, *terms: tuple[Tensor | None, float | Tensor]) -> Tenso
 
 def or_zeros(x: Tensor | None, like: Tensor) -> Tensor:
     """``x``, or zeros shaped like ``like`` for a missing (zero) tangent."""
-    return torch.zeros_like(like) if x is None else x
+    if x is not None:
+        return x
+    out = _pooled(like)
+    return torch.zeros_like(like) if out is None else out.zero_()
+
+
+class TensorPool:
+    """Retired tensor-sized buffers for the tangent products to write into (forward-mode
+    methods retire last step's tangents, the next step's products reuse them): on the CPU a
+    fresh parameter-sized allocation costs several times the arithmetic that fills it."""
+
+    def __init__(self, per_shape: int = 16):
+        self.per_shape = per_shape
+        self._free: dict[tuple, list[Tensor]] = {}
+
+    def give(self, t: Tensor) -> None:
+        if t.is_contiguous():
+            bucket = self._free.setdefault((t.shape, t.dtype, t.device), [])
+            if len(bucket) < self.per_shape:
+                bucket.append(t)
+
+    def take(self, like: Tensor) -> Tensor | None:
+        bucket = self._free.get((like.shape, like.dtype, like.device))
+        return bucket.pop() if bucket else None
+
+    def __getstate__(self):       # scratch: not copied or pickled
+        return {"per_shape": self.per_shape, "_free": {}}
+
+
+_POOL: contextvars.ContextVar = contextvars.ContextVar("hyperopt_wrap_tensor_pool", default=None)
+
+
+@contextlib.contextmanager
+def pooled(pool: "TensorPool | None"):
+    """Within the block, :func:`lincomb` and :func:`or_zeros` take their output buffers from
+    ``pool`` where it has one of the right shape (the results are the same numbers)."""
+    token = _POOL.set(pool)
+    try:
+        yield
+    finally:
+        _POOL.reset(token)
+
+
+def _pooled(like: Tensor) -> Tensor | None:
+    pool = _POOL.get()
+    return None if pool is None else pool.take(like)
 
 
 def hyper_tangents(tangent: Tangent, hyper: Hyper) -> dict[str, Tensor]:
