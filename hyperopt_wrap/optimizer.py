@@ -474,6 +474,7 @@ class HyperOptimizer(torch.optim.Optimizer):
                                                        scales, source, finite))
             if carries:
                 view = self._stepper.view(buckets, hyper, options, finite)
+                view.source = source
                 if source is not None and not records:
                     view.hvp = step_hvp(source, [it.param for it in view.items],
                                         [it.grad for it in view.items])

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from .rules import UpdateRule
-from .rules.base import scratch
+from .rules.base import TensorPool, pooled, scratch
 from .tape import TapedParam, TapedStep
 
 
@@ -113,10 +113,20 @@ class StepView:
     #: ``curvature.step_gradient_at`` (the training gradient at other weights)
     source: Any = None
 
+    pool: TensorPool | None = None
+
     def jvp(self, tangents: list[list]) -> list[list[tuple[Tensor, dict[str, Tensor]]]]:
-        """Per item, the rule's forward products of the step for its list of tangents."""
-        return [self.rule.jvp(it.param, it.grad, it.state, it.hyper, it.options, ts)
-                for it, ts in zip(self.items, tangents)]
+        """Per item, the rule's forward products of the step for its list of tangents (their
+        outputs in buffers from :attr:`pool` where it has them: :meth:`retire` gives back
+        tangents that are no longer used)."""
+        with pooled(self.pool):
+            return [self.rule.jvp(it.param, it.grad, it.state, it.hyper, it.options, ts)
+                    for it, ts in zip(self.items, tangents)]
+
+    def retire(self, t: Tensor | None) -> None:
+        """A tangent nothing refers to any more: its storage may hold a later product."""
+        if t is not None and self.pool is not None:
+            self.pool.give(t)
 
 
 class Stepper:
@@ -127,6 +137,13 @@ class Stepper:
         self._work: dict[Tensor, dict[str, Tensor]] = {}   # per-tensor scratch (fallbacks)
         self._tape_buffers: list[dict] = []
         self._amp: dict = {}
+        self._pool = TensorPool()
+
+    def __getstate__(self):
+        """Pickling and deepcopy leave the caches behind (rebuilt on demand)."""
+        state = dict(self.__dict__)
+        state.update(_buckets={}, _work={}, _tape_buffers=[], _amp={}, _pool=TensorPool())
+        return state
 
     def invalidate(self) -> None:
         """Forget the buckets (after add_param_group / load_state_dict)."""
@@ -218,7 +235,7 @@ class Stepper:
             for i, (pi, p, g) in enumerate(zip(b.param_indices, b.params, b.grads)):
                 items.append(StepItem(b.group_index, pi, p, g, self.state[p], _item_hyper(h, i),
                                       options[b.group_index]))
-        return StepView(items, finite, self.rule)
+        return StepView(items, finite, self.rule, pool=self._pool)
 
     def step(self, buckets: list[Bucket], hyper: list[dict[str, Any]], options: list[dict],
              kinds: tuple[str, ...], finite: Tensor, lr_scales: list[float],
@@ -311,10 +328,3 @@ class Stepper:
 def _item_hyper(hyper: dict[str, Any], i: int) -> dict[str, Any]:
     """One parameter's hyperparameters from a bucket's (float, shared tensor or list)."""
     return {k: (v[i] if isinstance(v, list) else v) for k, v in hyper.items()}
-
-
-    # pickling and deepcopy: the caches are rebuilt on demand
-    def __getstate__(self):
-        state = dict(self.__dict__)
-        state.update(_buckets={}, _work={}, _tape_buffers=[], _amp={})
-        return state
