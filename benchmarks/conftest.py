@@ -10,6 +10,12 @@ Not collected by ``python -m pytest tests`` (it lives outside ``tests/``).  Envi
   (default ``16``; empty for none);
 * ``HYPEROPT_BENCH_LSTM_WIDTHS``: comma-separated hidden sizes of the character LSTM (default
   ``64``; empty for none).
+* ``HYPEROPT_BENCH_MANY_TENSORS``: comma-separated tensor counts of the chain of 16x16 linear
+  layers (default ``200``; empty for none);
+* ``HYPEROPT_BENCH_GPT_WIDTHS``: comma-separated model widths of the transformer language model
+  (default ``256``; empty for none).
+
+Each network is measured with its kind's variants (``summary.KIND_VARIANTS``).
 
 A case's iterations per round are rounded up to whole windows of its ``update_every``.
 """
@@ -41,6 +47,8 @@ ITERATIONS = _env_int("HYPEROPT_BENCH_ITERATIONS", 10)
 WIDTHS = _env_ints("HYPEROPT_BENCH_WIDTHS", "256")
 CNN_WIDTHS = _env_ints("HYPEROPT_BENCH_CNN_WIDTHS", "16")
 LSTM_WIDTHS = _env_ints("HYPEROPT_BENCH_LSTM_WIDTHS", "64")
+MANY_TENSORS = _env_ints("HYPEROPT_BENCH_MANY_TENSORS", "200")
+GPT_WIDTHS = _env_ints("HYPEROPT_BENCH_GPT_WIDTHS", "256")
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -12,7 +12,7 @@ and every method trains once from each of them with the same step budget:
 * ``fixed``: plain ``torch.optim.SGD`` at the initial hyperparameters.  The N fixed runs are also
   the N trials of random search: best-of-N picks the run with the lowest final validation loss.
 * our methods (``HyperOptimizer`` tuning lr, momentum and weight decay on a validation loss):
-  greedy, implicit, unroll (their defaults) and greedy with per-element learning rates.
+  greedy, implicit, unroll, rtrl (their defaults) and greedy with per-element learning rates.
 * learning-rate-free optimizers at their documented defaults (Prodigy, Schedule-Free AdamW,
   D-Adaptation Adam), once per initialisation seed (same weights and batches; they take no
   initial hyperparameters); skipped with a message when the package is missing.
@@ -68,7 +68,10 @@ BUDGET_NOTE = (
     "1500 steps (about 70 epochs of 1078 images); the LSTM 800 steps (about 2.2 epochs of the "
     "training text), short of convergence: its numbers compare progress within a fixed "
     "budget. Implicit and unroll (a hyper-step every 10 steps) get 10x fewer hyper-steps than "
-    "greedy in the same budget")
+    "greedy in the same budget. The rtrl row came later (its time is not in the 25 minutes): "
+    "measured alone, one of its steps costs about 2.5 ms (digits), 3 ms (diabetes) and 17 ms "
+    "(LSTM, Hessian-vector products from the closure), about 5 more minutes with 2 workers; "
+    "like implicit and unroll it makes a hyper-step every 10 steps")
 
 
 # ============================================================================ tasks
@@ -88,7 +91,7 @@ class Task:
     val_loss: Callable[[nn.Module, object, int], Callable[[], Tensor]]   # meta-objective
     evaluate: Callable[[nn.Module, object, str], float]  # full split loss, no grad
     metric: str | None = None                            # "perplexity" for language models
-    # where implicit and unroll take Hessian-vector products: "graph" (double backward,
+    # where implicit, unroll and rtrl take Hessian-vector products: "graph" (double backward,
     # exact) or "closure" (finite differences, one gradient each; far cheaper for an LSTM)
     curvature: str = "graph"
 
@@ -315,6 +318,9 @@ class Method:
     requires: str | None = None          # importable package it needs
     cost: float = 1.0                    # relative cost, only to order the job queue
     train_mode: bool = False             # optimizer.train() / .eval() (Schedule-Free)
+    # takes Hessian-vector products (implicit, unroll, rtrl): steps with the task's curvature
+    # source (Task.curvature), the graph or a closure
+    curvature: bool = False
 
 
 def _sgd(params, h, val_loss):
@@ -346,8 +352,11 @@ def _dadapt(params, h, val_loss):
 
 
 ELEMENT_LR = {"lr": "element", "momentum": "global", "weight_decay": "global"}
+# rtrl's cost relative to the others', for the job queue only: measured alone, one of its steps
+# costs about 1.5-2.5x greedy's on digits and diabetes and 2.2x on the LSTM (closure source)
+RTRL_COST = 3.5
 
-# A future method (rtrl, forward_gradient, sgld, distill) is one more entry here.
+# A future method (forward_gradient, sgld, distill) is one more entry here.
 METHODS: dict[str, Method] = {m.name: m for m in (
     Method("fixed", "fixed", "torch.optim.SGD at the initial lr / momentum / weight decay",
            _sgd, cost=0.5),
@@ -356,12 +365,16 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("implicit", "ours", "HyperOptimizer(method='implicit') at its defaults (Neumann "
            "terms 5, update_every 10), global, val_loss; curvature from the graph (closure on the "
            "LSTM)",
-           _ours("implicit"), cost=1.5),
+           _ours("implicit"), cost=1.5, curvature=True),
     Method("unroll", "ours", "HyperOptimizer(method='unroll') at its defaults (horizon 5, "
            "update_every 10), global, val_loss; curvature from the graph (closure on the LSTM)",
-           _ours("unroll"), cost=2.0),
+           _ours("unroll"), cost=2.0, curvature=True),
     Method("greedy element-lr", "ours", "greedy with granularity " + str(ELEMENT_LR),
            _ours("greedy", granularity=ELEMENT_LR), cost=1.7),
+    Method("rtrl", "ours", "HyperOptimizer(method='rtrl') at its defaults (forward "
+           "sensitivities of the three kinds, discount 1, update_every 10), global, val_loss; "
+           "three Hessian-vector products every step, from the graph (closure on the LSTM)",
+           _ours("rtrl"), cost=RTRL_COST, curvature=True),
     Method("prodigy", "lrfree", "prodigyopt.Prodigy(params), documented defaults (lr=1)",
            _prodigy, requires="prodigyopt"),
     Method("schedulefree", "lrfree", "schedulefree.AdamWScheduleFree(params), documented "
@@ -438,7 +451,7 @@ def run_one(task_name: str, method_name: str, index: int, settings: dict) -> dic
         batches = task.batches(data, steps, seed)
         opt = method.make(model.parameters(), h, task.val_loss(model, data, seed))
         ours = isinstance(opt, HyperOptimizer)
-        closure_steps = ours and opt.method.needs_curvature and task.curvature == "closure"
+        closure_steps = ours and method.curvature and task.curvature == "closure"
         record_every = max(1, steps // settings["points"])
         traj = {"step": [], "train_loss": [], **{k: [] for k in KINDS}} if ours else None
         if method.train_mode:
@@ -779,9 +792,10 @@ def render(settings: dict, methods: list[Method], skipped: list[str], results: d
     lines += ["", "Reading the diagnostics: the hyper-optimizer (Adam) moves a raw value (log lr, "
               "log weight decay, logit momentum) by about its step size per hyper-step whatever "
               "the hypergradient's magnitude, as long as its sign holds: greedy 0.05 every step, "
-              "implicit 0.115 and unroll 0.05 every 10 steps (their defaults). Going from lr = "
-              "1e-6 to 1e-1 is 11.5 in log units: about 230 steps for greedy, 1000 for implicit "
-              "and 2300 for unroll, so within these budgets implicit and unroll cannot rescue the "
+              "implicit 0.115, unroll and rtrl 0.05 every 10 steps (their defaults). Going from "
+              "lr = 1e-6 to 1e-1 is 11.5 in log units: about 230 steps for greedy, 1000 for "
+              "implicit and 2300 for unroll and rtrl, so within these budgets implicit, unroll "
+              "and rtrl cannot rescue the "
               "smallest initial learning rates (a high Spearman correlation between the initial "
               "lr and the final loss shows it). Greedy gets there fast, but its one-step "
               "validation objective can also push weight decay or momentum to their bounds "
@@ -796,7 +810,7 @@ def render(settings: dict, methods: list[Method], skipped: list[str], results: d
 
 # ============================================================================ plots
 COLORS = {"greedy": "tab:blue", "implicit": "tab:orange", "unroll": "tab:green",
-          "greedy element-lr": "tab:purple"}
+          "greedy element-lr": "tab:purple", "rtrl": "tab:red"}
 
 
 def _log_axis(ax) -> None:

@@ -37,9 +37,9 @@ Every case of a network is built first (same initial weights), warmed up, and th
 in ``rounds`` round-robin passes of ``steps`` steps each (the transformer at most 10), the
 order rotating every round, so that drift in machine load hits every case alike.  A case's
 steps per round are rounded up to whole windows of its ``update_every`` (implicit, unroll and
-RTRL: 10), since a second-order method's cost lands at the end of each window.  Reported: the median over rounds of the mean step time,
-and the median over rounds of the per-round ratio to the case's reference (measured in the
-same round).
+RTRL: 10), since a second-order method's cost lands at the end of each window.  Reported: the
+median over rounds of the mean step time, and the median over rounds of the per-round ratio to
+the case's reference (measured in the same round).
 
 Memory (torch has no allocator statistics for CPU tensors, and tracemalloc does not see them):
 

@@ -100,13 +100,14 @@ def test_summary_measures_and_writes_markdown(tmp_path, capsys):
             assert summary.peak_total_bytes(r) > summary.peak_total_bytes(reference), r
     out = tmp_path / "RESULTS.md"
     variants = ["implicit graph element lr", "unroll closure tensor lr"]
-    summary.main(["--widths", "8", "--cnn-widths", "2", "--lstm-widths", "3", "--rounds", "1",
-                  "--steps", "2",
+    summary.main(["--widths", "8", "--cnn-widths", "2", "--lstm-widths", "3",
+                  "--many-tensors", "3", "--gpt-widths", "8", "--rounds", "1", "--steps", "2",
                   "--warmup", "1", "--no-memory", "--variants", *variants, "--out", str(out)])
     report = sys.modules["report"]
     text = report.read_section("overhead", out)
     assert text == capsys.readouterr().out.split("written to")[0].rstrip("\n") + "\n"
-    for net in (mlp, summary.Net("cnn", 2), summary.Net("lstm", 3)):
+    for net in (mlp, summary.Net("cnn", 2), summary.Net("lstm", 3), summary.Net("many", 3),
+                summary.Net("gpt", 8)):
         rows = [r for r in _table_rows(text) if r[0] == net.label]
         # every base, and the references of the ratios are measured too
         assert [r[1:3] for r in rows] == [[b, v] for b in summary.BASES
