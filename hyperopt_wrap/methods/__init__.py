@@ -6,11 +6,13 @@ from .forward_gradient import ForwardGradient
 from .greedy import Greedy
 from .implicit import Implicit
 from .rtrl import RTRL
+from .sgld import SGLD
 from .unroll import Unroll
 
 METHODS: dict[str, type[HypergradientMethod]] = {"greedy": Greedy, "implicit": Implicit,
                                                    "unroll": Unroll, "rtrl": RTRL,
-                                                   "forward_gradient": ForwardGradient}
+                                                   "forward_gradient": ForwardGradient,
+                                                   "sgld": SGLD}
 
 
 def resolve_method(method) -> HypergradientMethod:
@@ -25,4 +27,4 @@ def resolve_method(method) -> HypergradientMethod:
 
 
 __all__ = ["HypergradientMethod", "Greedy", "Implicit", "Unroll", "RTRL", "ForwardGradient",
-           "METHODS", "resolve_method", "MetaGradients", "MethodContext", "RecordingMethod"]
+           "SGLD", "METHODS", "resolve_method", "MetaGradients", "MethodContext", "RecordingMethod"]
