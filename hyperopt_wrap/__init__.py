@@ -1,9 +1,9 @@
 """hyperopt_wrap: tune lr, momentum and weight decay during the one training run you do anyway."""
 from .curvature import CurvatureError, FiniteDifferences
-from .methods import RTRL, SGLD, ForwardGradient, Greedy, Implicit, Unroll
+from .methods import RTRL, SGLD, Distill, ForwardGradient, Greedy, Implicit, Unroll
 from .optimizer import HyperOptimizer
 from .rules import UpdateRule, register_rule
 
 __version__ = "0.1.0"
 __all__ = ["HyperOptimizer", "register_rule", "UpdateRule", "Greedy", "Implicit", "Unroll", "RTRL",
-           "ForwardGradient", "SGLD", "FiniteDifferences", "CurvatureError", "__version__"]
+           "ForwardGradient", "SGLD", "Distill", "FiniteDifferences", "CurvatureError", "__version__"]

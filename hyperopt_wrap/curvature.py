@@ -274,7 +274,11 @@ def step_gradient_at(source, params: list[Tensor], weights: list[Tensor]) -> lis
     parameter.  Afterwards the parameters' values and ``p.grad`` (the same tensor objects) are
     restored bit-exactly, the model's buffers too with ``FiniteDifferences(model=...)``, and
     torch's RNG stream is left as it was.  Only a closure source can do this: a gradient graph
-    holds the gradient at the step's own weights and cannot be re-evaluated elsewhere."""
+    holds the gradient at the step's own weights and cannot be re-evaluated elsewhere.
+
+    ``weights`` (shaped, typed and placed like the parameters) are swapped in as the
+    parameters' data and the parameters' own tensors swapped back afterwards: nothing is
+    copied, and the restore is exact by construction."""
     if not isinstance(source, ClosureSource):
         got = "a gradient graph" if isinstance(source, GraphSource) else "no closure"
         raise CurvatureError(
@@ -289,17 +293,20 @@ def step_gradient_at(source, params: list[Tensor], weights: list[Tensor]) -> lis
             "    opt.step(closure)\n\n"
             "or construct the optimizer with curvature='closure' (then opt.needs_graph is False "
             "and a closure written with create_graph=opt.needs_graph builds no graph)")
-    current = [p.detach().clone() for p in params]
+    for p, w in zip(params, weights):
+        if w.shape != p.shape or w.dtype != p.dtype or w.device != p.device:
+            raise ValueError(f"step_gradient_at: weights must match the parameters, got "
+                             f"{tuple(w.shape)} {w.dtype} {w.device} for {tuple(p.shape)} "
+                             f"{p.dtype} {p.device}")
+    current = [p.data for p in params]
     saved = [p.grad for p in params]
     with BufferGuard(source.config.model):
         try:
-            with torch.no_grad():
-                for p, w in zip(params, weights):
-                    p.data.copy_(w)
+            for p, w in zip(params, weights):
+                p.data = w.detach()
             grads, _ = source.gradient(params)
         finally:
-            with torch.no_grad():
-                for p, w, g in zip(params, current, saved):
-                    p.data.copy_(w)
-                    p.grad = g
+            for p, w, g in zip(params, current, saved):
+                p.data = w
+                p.grad = g
     return grads

@@ -38,7 +38,7 @@ import pytest
 import torch
 
 from problems import DTYPE, flat, forbid_host_sync, linear_regression, mlp, rel_err
-from training import Training, _assert_close, _case, _errors
+from training import SourceRun, _assert_close, _case, _errors
 
 from hyperopt_wrap import CurvatureError, FiniteDifferences, HyperOptimizer, Unroll
 from hyperopt_wrap.methods.forward_gradient import ForwardGradient
@@ -52,34 +52,7 @@ CASES = ["SGD(momentum=0.9,nesterov,weight_decay=0.01,maximize)", "Adam(weight_d
          "Adagrad(weight_decay=0.01)"]
 
 
-class Run(Training):
-    """A Training whose steps feed the curvature source under test."""
-
-    def __init__(self, case, problem, granularity, source="graph", frozen=False, **options):
-        if source == "closure":
-            options.setdefault("curvature", "closure")
-        elif source == "central":
-            options.setdefault("curvature", FiniteDifferences(central=True))
-        super().__init__(case, problem, granularity, **options)
-        self.source = source
-        if frozen:                  # the hyperparameters stay where they are
-            for g in self.opt.hyper_optimizer.param_groups:
-                g["lr"] = 0.0
-
-    def step(self) -> None:
-        batch = self.problem.batch(self.t)
-        if self.source == "graph":
-            self.opt.zero_grad()
-            self.f(self.weights, batch).backward(create_graph=self.opt.needs_graph)
-            self.opt.step()
-        else:
-            def closure(batch=batch):
-                self.opt.zero_grad()
-                loss = self.f(self.weights, batch)
-                loss.backward()
-                return loss
-            self.opt.step(closure)
-        self.t += 1
+Run = SourceRun
 
 
 def _scalars(opt) -> int:

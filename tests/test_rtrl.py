@@ -18,8 +18,8 @@ import io
 import pytest
 import torch
 
-from problems import PROBLEMS, flat, mlp, rel_err
-from training import Training, _assert_close, _case, _errors
+from problems import PROBLEMS, flat, mlp
+from training import SourceRun, _assert_close, _case, _errors
 
 from hyperopt_wrap import RTRL, CurvatureError, FiniteDifferences, HyperOptimizer
 
@@ -31,31 +31,9 @@ CASES = ["SGD(momentum=0.9,nesterov,weight_decay=0.01,maximize)", "SGD(momentum=
          "RMSprop(momentum=0.9)", "Adagrad(weight_decay=0.01)"]
 
 
-class Run(Training):
-    def __init__(self, case, problem, granularity, source="graph", **options):
-        if source == "closure":
-            options.setdefault("curvature", "closure")
-        elif source == "central":
-            options.setdefault("curvature", FiniteDifferences(central=True))
-        super().__init__(case, problem, granularity, **options)
-        self.source = source
-        for g in self.opt.hyper_optimizer.param_groups:   # the values stay where they are
-            g["lr"] = 0.0
-
-    def step(self) -> None:
-        batch = self.problem.batch(self.t)
-        if self.source == "graph":
-            self.opt.zero_grad()
-            self.f(self.weights, batch).backward(create_graph=self.opt.needs_graph)
-            self.opt.step()
-        else:
-            def closure(batch=batch):
-                self.opt.zero_grad()
-                loss = self.f(self.weights, batch)
-                loss.backward()
-                return loss
-            self.opt.step(closure)
-        self.t += 1
+def Run(case, problem, granularity, source="graph", **options):
+    """A run with the hyperparameters held where they are (the reference's constant values)."""
+    return SourceRun(case, problem, granularity, source, frozen=True, **options)
 
 
 def _rtrl_vs_reference(case_id, problem, granularity, source="graph", method=None, **ref):
@@ -73,17 +51,7 @@ def _rtrl_vs_reference(case_id, problem, granularity, source="graph", method=Non
     return run.opt.last_hypergradient(), expected
 
 
-def _reference(self, snapshot, batches, meta_loss, hyper_values, **options):
-    from hyperopt_wrap.reference import unrolled_hypergradient
-    from training import _groups
-    weights, states = snapshot
-    return unrolled_hypergradient(
-        self.case.cls, _groups(self.case, self.problem, weights), self.f, batches, meta_loss,
-        tune=self.case.tunable, granularity=self.granularity, hyper_values=hyper_values,
-        states=states, **options, **self.case.kwargs)
 
-
-Run.reference = _reference
 
 
 @pytest.mark.parametrize("granularity", ["global", "group"])
@@ -285,9 +253,11 @@ def test_deepcopy_and_a_shared_method_object():
     _train(o1, m1, 6)
     _train(o2, m2, 6)
     assert torch.equal(flat(o1.last_hypergradient()["lr"]), flat(o2.last_hypergradient()["lr"]))
-    m3 = copy.deepcopy(m1)
-    o3 = copy.deepcopy(o1)
-    assert o3.method is not None
+    o3 = copy.deepcopy(o1)        # a copy of a running optimizer steps on its own
+    m3 = next(iter(o3.param_groups[0]["params"]))
+    assert m3 is not next(m1.parameters())
+    h = o3.hyperparameters()["lr"][0]
+    assert torch.equal(h, o1.hyperparameters()["lr"][0])
 
 
 def test_a_nan_step_is_skipped_and_leaves_the_sensitivities_as_they_were():

@@ -26,9 +26,9 @@ import pytest
 import torch
 
 from problems import DTYPE, PROBLEMS, flat, mlp, rel_err
-from training import CASE_GRID, Training, _assert_close, _case, _errors
+from training import CASE_GRID, SourceRun, _assert_close, _case, _errors
 
-from hyperopt_wrap import FiniteDifferences, Greedy, HyperOptimizer, Implicit, Unroll
+from hyperopt_wrap import Greedy, HyperOptimizer, Implicit, Unroll
 from hyperopt_wrap.rules import get_rule
 
 K, T = 3, 4                    # unroll horizon and window in the reference comparisons
@@ -38,31 +38,7 @@ RTOL_FD32 = {False: 1e-4, True: 5e-5}      # closure vs graph source, both float
 RTOL_GRAPH32 = 5e-6            # float32 graph source vs the float64 reference
 
 
-class Run(Training):
-    """A Training whose steps feed the curvature source under test."""
-
-    def __init__(self, case, problem, granularity, source="graph", **options):
-        if source == "closure":
-            options.setdefault("curvature", "closure")
-        elif source == "central":
-            options.setdefault("curvature", FiniteDifferences(central=True))
-        super().__init__(case, problem, granularity, **options)
-        self.source = source
-
-    def step(self) -> None:
-        batch = self.problem.batch(self.t)
-        if self.source == "graph":
-            self.opt.zero_grad()
-            self.f(self.weights, batch).backward(create_graph=self.opt.needs_graph)
-            self.opt.step()
-        else:
-            def closure(batch=batch):
-                self.opt.zero_grad()
-                loss = self.f(self.weights, batch)
-                loss.backward()
-                return loss
-            self.opt.step(closure)
-        self.t += 1
+Run = SourceRun
 
 
 def _unroll_vs_reference(run: Run, mode: str):

@@ -30,7 +30,7 @@ import pytest
 import torch
 
 from problems import flat, forbid_host_sync, mlp, rel_err
-from training import Training, _assert_close, _case, _groups
+from training import SourceRun, _assert_close, _case, _groups
 
 from hyperopt_wrap import RTRL, FiniteDifferences, HyperOptimizer
 from hyperopt_wrap.methods.sgld import SGLD
@@ -42,31 +42,13 @@ CASES = ["SGD(momentum=0.9,nesterov,weight_decay=0.01,maximize)", "Adam(weight_d
 F64 = torch.float64
 
 
-class Run(Training):
-    """A run on a float64 problem with the hyperparameters held where they are."""
+class Run(SourceRun):
+    """A run on a float64 problem with the hyperparameters held where they are; ``"closure"``
+    takes central differences."""
 
     def __init__(self, case_id, problem, granularity, source="graph", **options):
-        if source == "closure":
-            options.setdefault("curvature", FiniteDifferences(central=True))
-        super().__init__(_case(case_id), problem, granularity, **options)
-        self.source = source
-        for g in self.opt.hyper_optimizer.param_groups:
-            g["lr"] = 0.0
-
-    def step(self) -> None:
-        batch = self.problem.batch(self.t)
-        if self.source == "graph":
-            self.opt.zero_grad()
-            self.f(self.weights, batch).backward(create_graph=self.opt.needs_graph)
-            self.opt.step()
-        else:
-            def closure(batch=batch):
-                self.opt.zero_grad()
-                loss = self.f(self.weights, batch)
-                loss.backward()
-                return loss
-            self.opt.step(closure)
-        self.t += 1
+        super().__init__(_case(case_id), problem, granularity,
+                         "central" if source == "closure" else source, frozen=True, **options)
 
     def reference_from(self, snapshot, steps, meta_loss, used, **options):
         weights, states = snapshot
@@ -261,7 +243,7 @@ def test_exact_variant_matches_the_analytic_derivative_sgd():
                    per_kind_elements=True), ("lr", "weight_decay"), lr=lr, weight_decay=wd)
     got = toy.chain_average(600, 50)
     exact = _sgd_toy_values(lr, wd, toy.mean, toy.c, toy.d)
-    k, rho = toy.k, 1 - lr * toy.k
+    k = toy.k
     assert torch.allclose(exact["lr"], torch.full_like(exact["lr"], TAU / (2 - lr * k) ** 2))
     analytic_wd = ((toy.mean - toy.d) * (-A_CURV * toy.c / k ** 2)
                    - TAU * (2 - 2 * lr * k) / (k * (2 - lr * k)) ** 2)

@@ -9,7 +9,7 @@ from torch import Tensor
 from cases import CASE_IDS, CASES, GRANULARITIES, OptimizerCase
 from problems import DTYPE, PROBLEMS, Problem, flat, objective, rel_err
 
-from hyperopt_wrap import HyperOptimizer
+from hyperopt_wrap import FiniteDifferences, HyperOptimizer
 from hyperopt_wrap.reference import unrolled_hypergradient
 
 HYPER_LR = 0.05                # the hyperparameters move, so element-wise values differ
@@ -70,12 +70,14 @@ class Training:
                   for w in self.weights]
         return weights, (states if any(states) else None)   # None: fresh, before step 0
 
-    def reference(self, snapshot, batches, meta_loss, hyper_values) -> dict[str, list]:
+    def reference(self, snapshot, batches, meta_loss, hyper_values, **options) -> dict[str, list]:
+        """The reference from ``snapshot`` over ``batches`` (``options``: the reference's own,
+        e.g. ``second_order=False`` or ``discount``)."""
         weights, states = snapshot
         return unrolled_hypergradient(
             self.case.cls, _groups(self.case, self.problem, weights), self.f, batches, meta_loss,
             tune=self.case.tunable, granularity=self.granularity, hyper_values=hyper_values,
-            states=states, **self.case.kwargs)
+            states=states, **options, **self.case.kwargs)
 
     def next_batch_meta(self, t: int):
         batch, sign = self.problem.batch(t), _sign(self.case)
@@ -86,6 +88,39 @@ class Training:
 
     def val_meta(self, w: list[Tensor]) -> Tensor:
         return _sign(self.case) * self.val_objective(w)
+
+
+class SourceRun(Training):
+    """A Training whose steps feed a curvature source: ``"graph"``
+    (``loss.backward(create_graph=opt.needs_graph)``), ``"closure"`` (forward differences) or
+    ``"central"`` (central differences), each step's closure binding its batch.  ``frozen``:
+    the hyper learning rates are 0, so the hyperparameters stay where they are."""
+
+    def __init__(self, case, problem, granularity, source="graph", frozen=False, **options):
+        if source == "closure":
+            options.setdefault("curvature", "closure")
+        elif source == "central":
+            options.setdefault("curvature", FiniteDifferences(central=True))
+        super().__init__(case, problem, granularity, **options)
+        self.source = source
+        if frozen:
+            for g in self.opt.hyper_optimizer.param_groups:
+                g["lr"] = 0.0
+
+    def step(self) -> None:
+        batch = self.problem.batch(self.t)
+        if self.source == "graph":
+            self.opt.zero_grad()
+            self.f(self.weights, batch).backward(create_graph=self.opt.needs_graph)
+            self.opt.step()
+        else:
+            def closure(batch=batch):
+                self.opt.zero_grad()
+                loss = self.f(self.weights, batch)
+                loss.backward()
+                return loss
+            self.opt.step(closure)
+        self.t += 1
 
 
 def _errors(got: dict[str, list], expected: dict[str, list]) -> dict[str, float]:

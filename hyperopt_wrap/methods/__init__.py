@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from .base import HypergradientMethod, MetaGradients, MethodContext, RecordingMethod
+from .distill import Distill
 from .forward_gradient import ForwardGradient
 from .greedy import Greedy
 from .implicit import Implicit
@@ -12,7 +13,7 @@ from .unroll import Unroll
 METHODS: dict[str, type[HypergradientMethod]] = {"greedy": Greedy, "implicit": Implicit,
                                                    "unroll": Unroll, "rtrl": RTRL,
                                                    "forward_gradient": ForwardGradient,
-                                                   "sgld": SGLD}
+                                                   "sgld": SGLD, "distill": Distill}
 
 
 def resolve_method(method) -> HypergradientMethod:
@@ -27,4 +28,4 @@ def resolve_method(method) -> HypergradientMethod:
 
 
 __all__ = ["HypergradientMethod", "Greedy", "Implicit", "Unroll", "RTRL", "ForwardGradient",
-           "SGLD", "METHODS", "resolve_method", "MetaGradients", "MethodContext", "RecordingMethod"]
+           "SGLD", "Distill", "METHODS", "resolve_method", "MetaGradients", "MethodContext", "RecordingMethod"]
