@@ -75,7 +75,7 @@ import torch
 from torch import Tensor, nn
 
 from hyperopt_wrap import HyperOptimizer
-from hyperopt_wrap.methods import RTRL, Implicit, Unroll
+from hyperopt_wrap.methods import RTRL, SGLD, Distill, ForwardGradient, Implicit, Unroll
 
 from report import RESULTS as DEFAULT_OUT, machine_info, machine_lines, write_section
 
@@ -122,6 +122,9 @@ GREEDY = {"method": "greedy"}
 IMPLICIT = {"method": Implicit(neumann_terms=5), "update_every": 10}
 UNROLL = {"method": Unroll(horizon=5), "update_every": 10}
 RTRL_ = {"method": RTRL(), "update_every": 10}     # forward sensitivities, one HVP per tangent
+FORWARD_GRADIENT = {"method": ForwardGradient(directions=2), "update_every": 10}
+DISTILL = {"method": Distill(), "update_every": 10}
+SGLD_ = {"method": SGLD(), "update_every": 10}     # first-order default: no curvature
 
 
 def _second_order(name: str, options: dict, target: float) -> dict[str, "Variant"]:
@@ -139,7 +142,7 @@ def _second_order(name: str, options: dict, target: float) -> dict[str, "Variant
 VARIANTS: dict[str, Variant] = {
     "vanilla": Variant(),
     "vanilla fused": Variant(torch_kwargs={"fused": True}),
-    "greedy global lr": Variant({**GREEDY, **GLOBAL_LR}, target=1.10),
+    "greedy global lr": Variant({**GREEDY, **GLOBAL_LR}, target=1.15),
     "greedy tensor lr": Variant({**GREEDY, **TENSOR_LR}, target=1.10),
     "greedy element lr": Variant({**GREEDY, **ELEMENT_LR}, target=1.10),
     "greedy global lr+mom+wd": Variant({**GREEDY, **GLOBAL_LR,
@@ -154,6 +157,17 @@ VARIANTS: dict[str, Variant] = {
                                            step="graph"),
     "rtrl closure global lr+mom+wd": Variant({**RTRL_, **ALL_KINDS, "curvature": "closure"},
                                              step="closure", reference="vanilla closure"),
+    # (FG)^2U with two directions: two Hessian-vector products a step, per-element lr (its
+    # point: the cost does not grow with the number of tuned values)
+    "forward_gradient closure element lr": Variant(
+        {**FORWARD_GRADIENT, **ELEMENT_LR, "curvature": "closure"}, step="closure",
+        reference="vanilla closure", target=3.3),
+    # HyperDistill: one more gradient a step, at the distilled weights, through the closure
+    "distill closure global lr": Variant({**DISTILL, **GLOBAL_LR, "curvature": "closure"},
+                                         step="closure", reference="vanilla closure",
+                                         target=1.35),
+    # SGLD at its defaults: the Hessian-free recurrence, noise on the weights every step
+    "sgld global lr+mom+wd": Variant({**SGLD_, **ALL_KINDS}),
 }
 RTRL_VARIANTS = tuple(v for v in VARIANTS if v.startswith("rtrl "))
 # The variants each kind of network is measured with by default (``--variants`` names others,
@@ -167,7 +181,9 @@ KIND_VARIANTS: dict[str, tuple[str, ...]] = {
     "lstm": tuple(v for v in VARIANTS if v not in RTRL_VARIANTS),
     "many": ("vanilla", "vanilla fused", "greedy global lr", "greedy tensor lr",
              "vanilla closure", "implicit closure tensor lr"),
-    "gpt": ("vanilla", "greedy global lr", "vanilla closure", "implicit closure tensor lr"),
+    "gpt": ("vanilla", "greedy global lr", "vanilla closure", "implicit closure tensor lr",
+            "forward_gradient closure element lr", "distill closure global lr",
+            "sgld global lr+mom+wd"),
 }
 RTRL_MAX_WIDTH = 256
 
