@@ -95,7 +95,18 @@ def resolve_curvature(curvature) -> str | FiniteDifferences:
                      "hyperopt_wrap.FiniteDifferences(central=True, model=model)")
 
 
-def missing_source_message(method_name: str) -> str:
+def missing_source_message(method_name: str, closure_only: bool = False) -> str:
+    if closure_only:
+        return (f"method {method_name!r} evaluates the training gradient at other weights than "
+                "the step's, which needs the step's closure, and step() got none (a gradient "
+                "graph cannot be re-evaluated elsewhere). Pass a closure that binds its batch:"
+                "\n\n"
+                "    def closure(x=x, y=y):\n"
+                "        opt.zero_grad()\n"
+                "        loss = loss_fn(model(x), y)\n"
+                "        loss.backward()\n"
+                "        return loss\n"
+                "    opt.step(closure)")
     return (f"method {method_name!r} needs Hessian-vector products of the training loss at this "
             "step, and step() got neither a gradient graph nor a closure. Either keep the graph "
             "on the steps that need it:\n\n"
@@ -252,10 +263,13 @@ def step_hvp(source, params: list[Tensor], grads: list[Tensor]):
     (``FiniteDifferences(model=...)``) are restored bit-exactly."""
     if isinstance(source, GraphSource):
         return lambda us: source.hvp(params, us)
-    weights = [p.detach().clone() for p in params]
-    wnorm = weights_norm(weights)
+    at: list = []        # the step's weights and their norm, copied on the first product
 
     def hvp(us: list[Tensor]) -> list[Tensor]:
+        if not at:
+            at.append([p.detach().clone() for p in params])
+            at.append(weights_norm(at[0]))
+        weights, wnorm = at
         saved = [p.grad for p in params]
         with BufferGuard(source.config.model):
             try:

@@ -304,7 +304,8 @@ class HyperOptimizer(torch.optim.Optimizer):
         (a second-order method records it, or a forward-mode method carries its tangents
         through it).  Use it as ``loss.backward(create_graph=opt.needs_graph)``: the (costlier)
         graph is built only on the steps that need it."""
-        if self._flags.replaying or isinstance(self.curvature, FiniteDifferences):
+        if self._flags.replaying or isinstance(self.curvature, FiniteDifferences) \
+                or self.method.needs_closure:
             return False
         return self._needs_source(self._position())
 
@@ -527,13 +528,17 @@ class HyperOptimizer(torch.optim.Optimizer):
         cfg = self.curvature
         params = [p for b in buckets for p in b.params]
         grads = [p.grad for p in params]
-        if not isinstance(cfg, FiniteDifferences) and any(g.grad_fn is not None for g in grads):
+        closure_only = self.method.needs_closure
+        if closure_only and closure is None:
+            raise CurvatureError(missing_source_message(self.method.name, closure_only=True))
+        if not closure_only and not isinstance(cfg, FiniteDifferences) \
+                and any(g.grad_fn is not None for g in grads):
             for p in params:       # we keep the graph; p.grad keeps the values
                 p.grad = p.grad.detach()
             if records:
                 self._unversioned = True
             return GraphSource(grads)
-        if cfg == "graph":
+        if cfg == "graph" and not closure_only:
             raise CurvatureError(
                 "curvature='graph' but p.grad carries no graph on a step the method needs it; "
                 "call loss.backward(create_graph=opt.needs_graph) before opt.step() (or use "

@@ -359,9 +359,9 @@ def test_a_closure_is_required_and_the_errors_name_the_fix():
         opt.step()
     m = _model()
     opt = _make(m)
-    assert opt.needs_graph          # curvature="auto": the idiom would build a graph ...
-    ((m(X[:8]) - Y[:8]) ** 2).mean().backward(create_graph=opt.needs_graph)
-    with pytest.raises(CurvatureError, match="curvature='closure'"):   # ... which cannot serve
+    assert not opt.needs_graph      # Distill needs the closure: the idiom builds no graph ...
+    ((m(X[:8]) - Y[:8]) ** 2).mean().backward(create_graph=True)
+    with pytest.raises(CurvatureError, match="closure"):   # ... and a graph cannot serve
         opt.step()
     m = _model()
     opt = _make(m, curvature="closure")

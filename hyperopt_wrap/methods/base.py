@@ -161,6 +161,10 @@ class HypergradientMethod:
     #: the method records steps and asks for Hessian-vector products (a gradient graph or a
     #: closure, see :mod:`hyperopt_wrap.curvature`) on them
     needs_curvature = False
+    #: the method evaluates the training loss elsewhere than at the step's weights (Distill), so
+    #: its curvature source must be the closure: ``opt.needs_graph`` stays False and a step
+    #: without a closure is refused with the fix
+    needs_closure = False
 
     def bind(self, ctx: MethodContext) -> None:
         """Check that the method can serve this optimizer; raise otherwise."""

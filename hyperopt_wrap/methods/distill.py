@@ -223,6 +223,7 @@ class Distill(RecordingMethod):
         seed: seed of the private stream of Eq. 14's draws.
     """
     name = "distill"
+    needs_closure = True
     default_hyper_lr = {"lr": 0.05, "weight_decay": 0.05, "momentum": 0.05}
 
     def __init__(self, gamma: float = 0.99, refit_every: int | None = 50, horizon: int = 10,
