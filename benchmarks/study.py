@@ -321,6 +321,8 @@ class Method:
     # takes Hessian-vector products (implicit, unroll, rtrl): steps with the task's curvature
     # source (Task.curvature), the graph or a closure
     curvature: bool = False
+    # evaluates the training loss elsewhere (Distill): always steps with a closure
+    closure: bool = False
 
 
 def _sgd(params, h, val_loss):
@@ -375,6 +377,20 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            "sensitivities of the three kinds, discount 1, update_every 10), global, val_loss; "
            "three Hessian-vector products every step, from the graph (closure on the LSTM)",
            _ours("rtrl"), cost=RTRL_COST, curvature=True),
+    Method("forward_gradient", "ours", "HyperOptimizer(method='forward_gradient') at its "
+           "defaults ((FG)^2U, 2 Rademacher directions, update_every 10), global, val_loss; two "
+           "Hessian-vector products a step (graph; closure on the LSTM)",
+           _ours("forward_gradient"), cost=2.5, curvature=True),
+    Method("forward_gradient element-lr", "ours", "forward_gradient with granularity "
+           + str(ELEMENT_LR), _ours("forward_gradient", granularity=ELEMENT_LR), cost=2.7,
+           curvature=True),
+    Method("sgld", "ours", "HyperOptimizer(method='sgld') at its defaults (temperature 1e-4, "
+           "first-order recurrence, discount 0.9, update_every 10), global, val_loss",
+           _ours("sgld"), cost=1.5),
+    Method("distill", "ours", "HyperOptimizer(method='distill') at its defaults (gamma 0.99, "
+           "theta refitted every 50 hyper-steps against a 10-step unroll), global, val_loss; "
+           "closure steps (one more gradient a step, at the distilled weights)",
+           _ours("distill"), cost=2.0, closure=True),
     Method("prodigy", "lrfree", "prodigyopt.Prodigy(params), documented defaults (lr=1)",
            _prodigy, requires="prodigyopt"),
     Method("schedulefree", "lrfree", "schedulefree.AdamWScheduleFree(params), documented "
@@ -451,7 +467,8 @@ def run_one(task_name: str, method_name: str, index: int, settings: dict) -> dic
         batches = task.batches(data, steps, seed)
         opt = method.make(model.parameters(), h, task.val_loss(model, data, seed))
         ours = isinstance(opt, HyperOptimizer)
-        closure_steps = ours and method.curvature and task.curvature == "closure"
+        closure_steps = ours and (method.closure
+                                  or (method.curvature and task.curvature == "closure"))
         record_every = max(1, steps // settings["points"])
         traj = {"step": [], "train_loss": [], **{k: [] for k in KINDS}} if ours else None
         if method.train_mode:
