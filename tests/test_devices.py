@@ -15,13 +15,18 @@ import torch
 
 from problems import forbid_host_sync
 
-from hyperopt_wrap import RTRL, HyperOptimizer, Implicit, Unroll
+from hyperopt_wrap import RTRL, SGLD, Distill, ForwardGradient, HyperOptimizer, Implicit, Unroll
 
 DEVICES = [pytest.param("cpu", id="cpu"),
            pytest.param("cuda", id="cuda", marks=pytest.mark.skipif(
                not torch.cuda.is_available(), reason="no CUDA device here"))]
 METHODS = {"greedy": lambda: "greedy", "implicit": lambda: Implicit(neumann_terms=3),
-           "unroll": lambda: Unroll(horizon=2), "rtrl": lambda: RTRL()}
+           "unroll": lambda: Unroll(horizon=2), "rtrl": lambda: RTRL(),
+           "forward_gradient": lambda: ForwardGradient(directions=2),
+           # temperature 0 in the parity test: Langevin noise moves the weights off torch's path
+           "sgld": lambda: SGLD(temperature=1e-4, seed=0),
+           "distill": lambda: Distill(gamma=0.9, refit_every=1, horizon=2)}
+CLOSURE_ONLY = {"distill"}     # evaluates the loss at the distilled weights: needs a closure
 BASES = {"sgd": (torch.optim.SGD, dict(lr=0.05, momentum=0.9, weight_decay=1e-3, nesterov=True)),
          "adam": (torch.optim.Adam, dict(lr=1e-2, weight_decay=1e-3))}
 KINDS = ("lr", "momentum", "weight_decay")
@@ -57,7 +62,10 @@ def _step(opt, model, batch, source):
 def _make(model, base, method, source, hyper_lr=None):
     cls, kwargs = BASES[base]
     extra = {} if hyper_lr is None else {"hyper_lr": hyper_lr}
-    return HyperOptimizer(cls, model.parameters(), method=METHODS[method](), tune=KINDS,
+    made = METHODS[method]()
+    if method == "sgld" and hyper_lr == 0:
+        made = SGLD(temperature=0.0)
+    return HyperOptimizer(cls, model.parameters(), method=made, tune=KINDS,
                           update_every=3, curvature="closure" if source == "closure" else "auto",
                           **extra, **kwargs)
 
@@ -66,8 +74,12 @@ def _dtype(device):
     return torch.float64 if device == "cpu" else torch.float32
 
 
-@pytest.mark.parametrize("source", ["graph", "closure"])
-@pytest.mark.parametrize("method", sorted(METHODS))
+# every method with each curvature source it takes
+METHOD_SOURCES = [(m, s) for m in sorted(METHODS) for s in ("graph", "closure")
+                  if not (m in CLOSURE_ONLY and s == "graph")]
+
+
+@pytest.mark.parametrize("method,source", METHOD_SOURCES)
 @pytest.mark.parametrize("base", sorted(BASES))
 @pytest.mark.parametrize("device", DEVICES)
 def test_hyper_lr_zero_follows_torch_in_place(device, base, method, source):
@@ -110,8 +122,7 @@ def _no_sync(device, monkeypatch, allowed):
             yield
 
 
-@pytest.mark.parametrize("source", ["graph", "closure"])
-@pytest.mark.parametrize("method", sorted(METHODS))
+@pytest.mark.parametrize("method,source", METHOD_SOURCES)
 @pytest.mark.parametrize("base", sorted(BASES))
 @pytest.mark.parametrize("device", DEVICES)
 def test_step_makes_no_host_synchronisation(device, base, method, source, monkeypatch):
