@@ -453,7 +453,8 @@ class HyperOptimizer(torch.optim.Optimizer):
         source = self._curvature_source(buckets, closure, rng, loss, records) \
             if needs_source else None
         finite = self._stepper.load_grads(buckets, self._device, getattr(self, "found_inf", None),
-                                          getattr(self, "grad_scale", None))
+                                          getattr(self, "grad_scale", None),
+                                          check_in_place=not isinstance(source, GraphSource))
         self._controller.count_step(finite)
         try:
             if self.val_loss is None:

@@ -30,6 +30,9 @@ from .rules.base import TensorPool, pooled, scratch
 from .tape import TapedParam, TapedStep
 
 
+_DIRECT_MAX = 8     # buckets of at most this many tensors are checked and copied per tensor
+
+
 class Bucket:
     """The trainable parameters of one (param group, device, dtype) with flat scratch."""
 
@@ -175,39 +178,55 @@ class Stepper:
         return hit
 
     def load_grads(self, buckets: list[Bucket], device: torch.device,
-                   found_inf: Tensor | None = None, grad_scale: Tensor | None = None) -> Tensor:
+                   found_inf: Tensor | None = None, grad_scale: Tensor | None = None,
+                   check_in_place: bool = False) -> Tensor:
         """Copy the gradients into the buckets' flat buffers; return whether all are finite (a
         bool on ``device``) and zero the buffers where not.  ``found_inf`` (GradScaler's
         convention: nonzero = skip) and ``grad_scale`` (divide the gradients by it) come from an
         AMP-aware caller, as for torch's fused optimizers.
 
-        Per bucket: one ``torch.cat``; per device: one ``_amp_foreach_non_finite_check_and_unscale_``
-        (GradScaler's own check, exact, one pass); then ``g * ok`` and ``nan_to_num`` in place,
-        which give ``g`` where every gradient is finite and zeros (never NaN) where not."""
-        for b in buckets:
-            torch.cat([p.grad.reshape(-1) for p in b.params], out=b.grad)
-        by_device: dict[torch.device, list[Bucket]] = {}
-        for b in buckets:
-            by_device.setdefault(b.device, []).append(b)
+        The check is GradScaler's own kernel (``_amp_foreach_non_finite_check_and_unscale_``:
+        exact, one pass, one call per device and dtype); the select is ``g * ok`` followed by
+        ``nan_to_num``, which gives ``g`` where every gradient is finite and zeros (never NaN)
+        where not.  A bucket of a few tensors with ``check_in_place`` (the gradients carry no
+        graph and are not rescaled) is checked on ``p.grad`` itself, which the kernel multiplies
+        by 1 (the same values), and copied with the ``* ok`` on the way: three passes instead of
+        four (copy, check, multiply, zero)."""
+        direct = [check_in_place and grad_scale is None and len(b.params) <= _DIRECT_MAX
+                  and all(p.grad.grad_fn is None for p in b.params) for b in buckets]
+        for b, d in zip(buckets, direct):
+            if not d:
+                torch.cat([p.grad.reshape(-1) for p in b.params], out=b.grad)
+        by_device: dict[torch.device, list[tuple[Bucket, bool]]] = {}
+        for b, d in zip(buckets, direct):
+            by_device.setdefault(b.device, []).append((b, d))
         flags = []
         for dev, bs in by_device.items():
             bad, one = self._amp_buffers(dev)
             bad.zero_()
             inv = one if grad_scale is None else grad_scale.to(dev, torch.float32).reciprocal()
-            for dtype in {b.dtype for b in bs}:    # the check takes one dtype per call
-                torch._amp_foreach_non_finite_check_and_unscale_(
-                    [b.grad for b in bs if b.dtype == dtype], bad, inv)
-            flags.append(bad.to(device, non_blocking=True))
+            checked: dict[torch.dtype, list[Tensor]] = {}
+            for b, d in bs:
+                checked.setdefault(b.dtype, []).extend(
+                    [p.grad for p in b.params] if d else [b.grad])
+            for tensors in checked.values():    # the check takes one dtype per call
+                torch._amp_foreach_non_finite_check_and_unscale_(tensors, bad, inv)
+            flags.append(bad if dev == device else bad.to(device, non_blocking=True))
         bad = flags[0] if len(flags) == 1 else torch.stack(flags).amax()
         if found_inf is not None:
             bad = torch.maximum(bad, found_inf.to(device, torch.float32))
         finite = bad == 0
         oks: dict = {}
-        for b in buckets:
+        for b, d in zip(buckets, direct):
             key = (b.device, b.dtype)
             if key not in oks:
                 oks[key] = (1 - bad).to(b.device, b.dtype, non_blocking=True)
-            b.grad.mul_(oks[key]).nan_to_num_(0.0, 0.0, 0.0)
+            if d:
+                for p, view in zip(b.params, b.grads):
+                    torch.mul(p.grad, oks[key], out=view)
+            else:
+                b.grad.mul_(oks[key])
+            b.grad.nan_to_num_(0.0, 0.0, 0.0)
         return finite
 
     def _amp_buffers(self, device) -> tuple[Tensor, Tensor]:
