@@ -289,7 +289,7 @@ def _momentum_toy_derivative(lr, mu, wd, dampening, toy):
     d_var = torch.autograd.grad(cov[0], hp)
     mean_term = (toy.mean - toy.d) * (-A_CURV * toy.c / toy.k ** 2)
     return {"lr": 0.5 * d_var[0] + 0 * toy.c, "momentum": 0.5 * d_var[1] + 0 * toy.c,
-            "weight_decay": 0.5 * d_var[2] + mean_term}, float(cov[0])
+            "weight_decay": 0.5 * d_var[2] + mean_term}, float(cov[0].detach())
 
 
 def test_exact_variant_matches_the_analytic_derivative_momentum():
