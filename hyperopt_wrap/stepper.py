@@ -30,7 +30,11 @@ from .rules.base import TensorPool, pooled, scratch
 from .tape import TapedParam, TapedStep
 
 
-_DIRECT_MAX = 8     # buckets of at most this many tensors are checked and copied per tensor
+# Buckets of at most _DIRECT_MAX tensors, or of tensors of _DIRECT_NUMEL elements on average,
+# are checked and copied tensor by tensor (torch.cat is several times slower than a copy on
+# large CPU tensors); buckets of many small tensors take one cat.
+_DIRECT_MAX = 8
+_DIRECT_NUMEL = 4096
 
 
 class Bucket:
@@ -188,11 +192,12 @@ class Stepper:
         The check is GradScaler's own kernel (``_amp_foreach_non_finite_check_and_unscale_``:
         exact, one pass, one call per device and dtype); the select is ``g * ok`` followed by
         ``nan_to_num``, which gives ``g`` where every gradient is finite and zeros (never NaN)
-        where not.  A bucket of a few tensors with ``check_in_place`` (the gradients carry no
-        graph and are not rescaled) is checked on ``p.grad`` itself, which the kernel multiplies
-        by 1 (the same values), and copied with the ``* ok`` on the way: three passes instead of
-        four (copy, check, multiply, zero)."""
-        direct = [check_in_place and grad_scale is None and len(b.params) <= _DIRECT_MAX
+        where not.  With ``check_in_place`` (the gradients carry no graph and are not rescaled)
+        a bucket of few or large tensors is checked on ``p.grad`` itself, which the kernel
+        multiplies by 1 (the same values), and copied with the ``* ok`` on the way: three passes
+        instead of four (copy, check, multiply, zero)."""
+        direct = [check_in_place and grad_scale is None
+                  and (len(b.params) <= _DIRECT_MAX or b.numel >= _DIRECT_NUMEL * len(b.params))
                   and all(p.grad.grad_fn is None for p in b.params) for b in buckets]
         for b, d in zip(buckets, direct):
             if not d:

@@ -511,3 +511,38 @@ def test_repr_names_the_configuration():
     text = repr(opt)
     assert text.startswith("HyperOptimizer(Adam") and "Greedy" in text
     assert "'lr': 'tensor'" in text and "'momentum': 'global'" in text and "update_every=4" in text
+
+
+@pytest.mark.parametrize("shape,graph", [((3, 3), False), ((64, 80), False), ((64, 80), True)],
+                         ids=["many-small", "many-large", "graph-kept"])
+def test_a_nonfinite_gradient_is_caught_by_every_gradient_path(shape, graph):
+    """Gradients reach the step by one of two copies (one torch.cat for many small tensors; a
+    check on p.grad and a per-tensor copy for few or large ones, when they carry no graph): a
+    NaN or inf in any one tensor skips the step bit-exactly and leaves p.grad's values alone."""
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(shape)) for _ in range(12)]
+    opt = HyperOptimizer(torch.optim.SGD, params, lr=0.1, momentum=0.9)
+
+    def step(bad=None):
+        opt.zero_grad()
+        loss = sum((p.tanh() ** 2).sum() for p in params)
+        loss.backward(create_graph=graph)
+        if bad is not None:
+            with torch.no_grad():
+                params[7].grad[1, 2] = bad
+        grads = [p.grad.detach().clone() for p in params]
+        opt.step()
+        return grads
+    step()
+    for bad in (float("nan"), float("inf")):
+        before = [p.detach().clone() for p in params]
+        grads = step(bad)
+        assert all(torch.equal(a, b) for a, b in zip(params, before))
+        # p.grad as it was (NaN where it was NaN)
+        assert all(torch.equal(p.grad.detach().isnan(), g.isnan())
+                   and torch.equal(p.grad.detach().nan_to_num(), g.nan_to_num())
+                   for p, g in zip(params, grads))
+    assert opt.skipped_steps == 2
+    step()
+    assert all(bool(p.isfinite().all()) for p in params)
+    assert float(opt.hyperparameters()["lr"][0]) > 0
