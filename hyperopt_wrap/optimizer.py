@@ -581,8 +581,10 @@ class HyperOptimizer(torch.optim.Optimizer):
                 "state_dict comes from a different HyperOptimizer configuration "
                 + "; ".join(f"{k}: saved {a!r}, this one {b!r}" for k, (a, b) in diff.items())
                 + ". Construct the HyperOptimizer with the saved configuration before loading")
-        self._controller.check_loadable(hyper["controller"])
         rest = {k: v for k, v in state_dict.items() if k != "hyper"}
+        if "controller" not in hyper:
+            hyper, rest = self._upgrade_v0_1(hyper, rest)
+        self._controller.check_loadable(hyper["controller"])
         super().load_state_dict(rest)
         self._rebind()
         for group in self.param_groups:     # our step counters live on the param's device
@@ -597,6 +599,27 @@ class HyperOptimizer(torch.optim.Optimizer):
         if self._records_steps():
             # recorded steps (graphs, closures) are not saved: the interrupted window restarts
             self._abandon_window()
+
+    def _upgrade_v0_1(self, hyper: dict, rest: dict) -> tuple[dict, dict]:
+        """A checkpoint of hyperopt_wrap 0.1 (before the controller/stepper split): the tuned
+        values, raw values, accumulators, hyper-optimizer state and counters carry over as they
+        are; greedy's pending one-step tangents (kept then in ``state[p]["hyper"]``) are dropped,
+        so the first step after loading adds no hypergradient (the hyper-step it completes
+        averages the rest of its window), and a recording method restarts its window as it
+        always does on resume."""
+        c = hyper["counters"]
+        controller = {k: hyper[k] for k in ("values", "raws", "accums", "last", "hyper_optimizer",
+                                            "skipped")}
+        controller["counters"] = {"contributions": c["contributions"],
+                                  "hypersteps": c["hypersteps"]}
+        if type(self.method).__name__ == "Greedy":
+            controller["counters"]["contributions"] = 0
+        upgraded = {"config": hyper["config"], "controller": controller,
+                    "method": self.method.init_state(self._ctx),
+                    "counters": {"window": c["window"], "steps": c["steps"]}}
+        state = {k: {n: v for n, v in st.items() if n != "hyper"}
+                 for k, st in rest.get("state", {}).items()}
+        return upgraded, dict(rest, state=state)
 
     def _rebind(self) -> None:
         """torch's load_state_dict and __setstate__ rebind ``state`` and ``param_groups``."""

@@ -13,7 +13,7 @@ import pickle
 import pytest
 import torch
 
-from hyperopt_wrap import HyperOptimizer
+from hyperopt_wrap import HyperOptimizer, Implicit
 
 GRANULARITIES = ("global", "group", "tensor", "element")
 
@@ -546,3 +546,35 @@ def test_a_nonfinite_gradient_is_caught_by_every_gradient_path(shape, graph):
     step()
     assert all(bool(p.isfinite().all()) for p in params)
     assert float(opt.hyperparameters()["lr"][0]) > 0
+
+
+@pytest.mark.parametrize("method", ["greedy", "implicit"])
+def test_a_checkpoint_of_version_0_1_loads_and_keeps_its_tuned_values(method):
+    """tests/data/checkpoint_v0_1.pt was written by hyperopt_wrap 0.1 (before the engine split):
+    SGD(lr=0.05, momentum=0.9, weight_decay=1e-3), lr/momentum/weight decay tuned, 6 steps.
+    Nothing the user saved is lost: the tuned values, raws and hyper-optimizer state load as
+    they were, and training goes on from them."""
+    from pathlib import Path
+    saved = torch.load(Path(__file__).parent / "data" / "checkpoint_v0_1.pt",
+                       weights_only=True)[method]
+    torch.manual_seed(5)
+    m = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Tanh(), torch.nn.Linear(7, 3)).double()
+    m.load_state_dict(saved["model"])
+    opt = HyperOptimizer(torch.optim.SGD, m.parameters(), lr=0.05, momentum=0.9,
+                         weight_decay=1e-3, tune=("lr", "momentum", "weight_decay"),
+                         method="greedy" if method == "greedy" else Implicit(3),
+                         **({} if method == "greedy" else {"update_every": 4}))
+    opt.load_state_dict(saved["opt"])
+    hp = opt.hyperparameters()
+    for kind, values in saved["hyper"].items():
+        assert torch.equal(torch.as_tensor(hp[kind][0], dtype=torch.float64),
+                           torch.as_tensor(values[0], dtype=torch.float64)), kind
+    assert all("hyper" not in opt.state[p] for p in m.parameters())
+    assert opt.hypersteps == saved["opt"]["hyper"]["counters"]["hypersteps"]
+    x, y = torch.randn(8, 5, dtype=torch.float64), torch.randn(8, 3, dtype=torch.float64)
+    for _ in range(8):
+        opt.zero_grad()
+        ((m(x) - y) ** 2).mean().backward(create_graph=opt.needs_graph)
+        opt.step()
+    assert opt.skipped_steps == 0 and opt.skipped_hypersteps == 0
+    assert float(opt.hyperparameters()["lr"][0]) != float(hp["lr"][0])
