@@ -73,10 +73,14 @@ class Controller:
     def mark_window(self, finite: Tensor) -> None:
         """The window's hypergradient used a step whose gradient was ``finite`` (a device bool);
         a non-finite one makes the coming hyper-step skip."""
-        self.window_finite &= finite.to(self.window_finite.device)
+        if finite.device != self.window_finite.device:
+            finite = finite.to(self.window_finite.device)
+        self.window_finite &= finite
 
     def count_step(self, finite: Tensor) -> None:
-        self.skipped_steps.add_((~finite).to(self.skipped_steps.device))
+        if finite.device != self.skipped_steps.device:
+            finite = finite.to(self.skipped_steps.device)
+        self.skipped_steps.add_(~finite)
 
     def abandon_window(self) -> None:
         self.contributions = 0
@@ -109,7 +113,7 @@ class Controller:
             torch._amp_foreach_non_finite_check_and_unscale_(
                 [t for t in lasts if t.dtype == dtype], found_inf, self._one(found_inf.device))
         self.window_finite.fill_(True)
-        self.skipped_hypersteps.add_(found_inf.to(self.skipped_hypersteps.dtype))
+        self.skipped_hypersteps.add_(found_inf > 0)
         hyper_opt = self.hyper_optimizer
         if all(isinstance(g["lr"], (int, float)) and g["lr"] == 0 for g in hyper_opt.param_groups):
             return
@@ -136,7 +140,8 @@ class Controller:
                 torch.where(finite, t, old, out=t)
             for raw, old in zip(raws, raws_before):
                 torch.where(finite.to(raw.device), raw, old, out=raw)
-        ok_as: dict[tuple, Tensor] = {}
+        ok = 1 - found_inf
+        ok_as: dict[tuple, Tensor] = {(ok.device, ok.dtype): ok}
         for tk in self.tuned.values():
             lo, hi = tk.raw_bounds
             for raw, value in zip(tk.raws, tk.values):
@@ -144,7 +149,7 @@ class Controller:
                 raw.grad = None
                 key = (value.device, value.dtype)
                 if key not in ok_as:
-                    ok_as[key] = (1 - found_inf).to(device=value.device, dtype=value.dtype)
+                    ok_as[key] = ok.to(device=value.device, dtype=value.dtype)
                 # lerp with a 0/1 weight is an exact select: a skipped hyper-step leaves the
                 # natural values bit-exact
                 value.lerp_(tk.parametrisation.to_value(raw), ok_as[key])

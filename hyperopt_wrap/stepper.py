@@ -145,11 +145,12 @@ class Stepper:
         self._tape_buffers: list[dict] = []
         self._amp: dict = {}
         self._pool = TensorPool()
+        self._oks: dict | None = None     # the factor load_grads made, handed to step()
 
     def __getstate__(self):
         """Pickling and deepcopy leave the caches behind (rebuilt on demand)."""
         state = dict(self.__dict__)
-        state.update(_buckets={}, _work={}, _tape_buffers=[], _amp={}, _pool=TensorPool())
+        state.update(_buckets={}, _work={}, _tape_buffers=[], _amp={}, _pool=TensorPool(), _oks=None)
         return state
 
     def invalidate(self) -> None:
@@ -221,11 +222,13 @@ class Stepper:
         if found_inf is not None:
             bad = torch.maximum(bad, found_inf.to(device, torch.float32))
         finite = bad == 0
-        oks: dict = {}
+        ok = 1 - bad
+        oks = self._oks = {}       # the 0/1 factor per (device, dtype), for the step too
         for b, d in zip(buckets, direct):
             key = (b.device, b.dtype)
             if key not in oks:
-                oks[key] = (1 - bad).to(b.device, b.dtype, non_blocking=True)
+                oks[key] = ok if (ok.device, ok.dtype) == key else \
+                    ok.to(b.device, b.dtype, non_blocking=True)
             if d:
                 for p, view in zip(b.params, b.grads):
                     torch.mul(p.grad, oks[key], out=view)
@@ -269,7 +272,8 @@ class Stepper:
         ``unversioned`` (a recorded gradient graph is kept) the parameters are written through
         ``p.data``."""
         rule = self.rule
-        oks: dict = {}
+        oks: dict = self._oks if self._oks is not None else {}
+        self._oks = None
         tangents = []
         for b, h in zip(buckets, hyper):
             key = (b.device, b.dtype)
