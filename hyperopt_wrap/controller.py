@@ -44,6 +44,8 @@ class Controller:
         self.contributions = 0      # hypergradient contributions in the accumulators
         self.hypersteps = 0
         self._ones: dict = {}
+        self._plan = None            # memoised direct call of the fused hyper-optimizer
+        self._plan_groups = 0
 
     # ------------------------------------------------------------------ set-up
     def kind_hyper_lr(self, kind: str) -> float:
@@ -68,6 +70,7 @@ class Controller:
         for rg in raw_groups:
             if rg["params"]:
                 self.hyper_optimizer.add_param_group(rg)
+        self._plan = None
 
     # ------------------------------------------------------------------ the window
     def mark_window(self, finite: Tensor) -> None:
@@ -117,18 +120,18 @@ class Controller:
         hyper_opt = self.hyper_optimizer
         if all(isinstance(g["lr"], (int, float)) and g["lr"] == 0 for g in hyper_opt.param_groups):
             return
-        raws = [raw for tk in self.tuned.values() for raw in tk.raws]
-        for tk in self.tuned.values():
-            d = tk.parametrisation.dvalue_draw
-            for raw, value, last in zip(tk.raws, tk.values, tk.last):
-                raw.grad = last * d(value)
-        if getattr(hyper_opt, "defaults", {}).get("fused"):
-            # torch's fused kernels skip the whole update on the device when found_inf is set
-            if not _fused_adam_step(hyper_opt, found_inf):
-                hyper_opt.found_inf = found_inf
-                hyper_opt.step()
-                del hyper_opt.found_inf
+        plan = self._fused_plan()
+        if plan is not None:
+            # torch's fused kernel, called directly with the raw-unit gradients (no .grad
+            # round trip); it skips the whole update on the device when found_inf is set
+            _fused_adam_step(plan, found_inf, 1 - found_inf)
+        elif getattr(hyper_opt, "defaults", {}).get("fused"):
+            self._set_raw_grads()
+            hyper_opt.found_inf = found_inf
+            hyper_opt.step()
+            del hyper_opt.found_inf
         else:   # any other torch optimizer: snapshot and select on the device
+            raws = self._set_raw_grads()
             finite = found_inf == 0
             raws_before = [raw.clone() for raw in raws]
             for raw in raws:
@@ -153,6 +156,41 @@ class Controller:
                 # lerp with a 0/1 weight is an exact select: a skipped hyper-step leaves the
                 # natural values bit-exact
                 value.lerp_(tk.parametrisation.to_value(raw), ok_as[key])
+
+    def _set_raw_grads(self) -> list[Tensor]:
+        """``raw.grad = dE/draw = dE/dvalue * dvalue/draw`` for every raw block."""
+        raws = []
+        for tk in self.tuned.values():
+            d = tk.parametrisation.dvalue_draw
+            for raw, value, last in zip(tk.raws, tk.values, tk.last):
+                raw.grad = last * d(value)
+                raws.append(raw)
+        return raws
+
+    def _fused_plan(self):
+        """What a direct call of torch's fused Adam kernel needs, per hyper-optimizer group:
+        the raw blocks, their state tensors and where their hypergradients live (memoised;
+        None until the hyper-optimizer has state, or where the kernel does not apply)."""
+        opt = self.hyper_optimizer
+        if self._plan is not None and self._plan_groups == len(opt.param_groups):
+            return self._plan
+        if not (type(opt) in (torch.optim.Adam, torch.optim.AdamW) and opt.defaults.get("fused")
+                and hasattr(torch, "_fused_adam_")):
+            return None
+        where = {id(raw): (tk, i) for tk in self.tuned.values() for i, raw in enumerate(tk.raws)}
+        plan = []
+        for group in opt.param_groups:
+            params = group["params"]
+            if not params:
+                continue
+            states = [opt.state.get(p) for p in params]
+            if any(not st for st in states) or any(p.device != params[0].device for p in params):
+                return None
+            decoupled = group.get("decoupled_weight_decay", type(opt) is torch.optim.AdamW)
+            plan.append((group, params, [where[id(p)] for p in params], states,
+                         torch._fused_adamw_ if decoupled else torch._fused_adam_))
+        self._plan, self._plan_groups = plan, len(opt.param_groups)
+        return plan
 
     def _one(self, device) -> Tensor:
         one = self._ones.get(device)
@@ -187,6 +225,7 @@ class Controller:
                     for dst, src in zip(getattr(tk, name), saved[name][k]):
                         dst.copy_(src)
         self.hyper_optimizer.load_state_dict(saved["hyper_optimizer"])
+        self._plan = None       # the loaded state tensors are new
         c = saved["counters"]
         self.contributions, self.hypersteps = c["contributions"], c["hypersteps"]
         self.skipped_hypersteps.copy_(saved["skipped"][0])
@@ -194,33 +233,20 @@ class Controller:
         self.window_finite.copy_(saved["skipped"][2])
 
 
-def _fused_adam_step(opt: torch.optim.Optimizer, found_inf: Tensor) -> bool:
-    """``opt.step()`` for a fused torch Adam/AdamW over a few tiny tensors, without the ~0.1 ms
-    of Python bookkeeping ``step()`` spends per call; the same kernels, state and found_inf
-    semantics.  Returns False (and does nothing) when it cannot: an uninitialised state, a
-    tensor lr, or a torch without the kernels; the caller then uses ``opt.step()``."""
-    if type(opt) not in (torch.optim.Adam, torch.optim.AdamW) or not hasattr(torch, "_fused_adam_"):
-        return False
-    calls = []
-    for group in opt.param_groups:
-        params = [p for p in group["params"] if p.grad is not None]
-        if not params:
-            continue
-        states = [opt.state.get(p) for p in params]
-        if (any(not s for s in states) or isinstance(group["lr"], Tensor)
-                or any(p.device != found_inf.device for p in params)):
-            return False
-        calls.append((group, params, states))
-    for group, params, states in calls:
+def _fused_adam_step(plan, found_inf: Tensor, ok: Tensor) -> None:
+    """``opt.step()`` of a fused torch Adam/AdamW over a few tiny tensors, without the Python
+    bookkeeping of ``step()``: the same kernel and state, the gradients passed in directly, and
+    found_inf's semantics (a skipped step leaves everything, its step counter included, as it
+    was: the counters advance by ``1 - found_inf`` before the kernel reads them)."""
+    for group, params, slots, states, kernel in plan:
+        grads = []
+        for tk, i in slots:
+            grads.append(tk.last[i] * tk.parametrisation.dvalue_draw(tk.values[i]))
         steps = [s["step"] for s in states]
-        decoupled = group.get("decoupled_weight_decay", isinstance(opt, torch.optim.AdamW))
-        kernel = torch._fused_adamw_ if decoupled else torch._fused_adam_
-        torch._foreach_add_(steps, 1)
-        kernel(params, [p.grad for p in params], [s["exp_avg"] for s in states],
-               [s["exp_avg_sq"] for s in states],
+        torch._foreach_add_(steps, [ok if ok.device == t.device else ok.to(t.device)
+                                    for t in steps])
+        kernel(params, grads, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
                [s["max_exp_avg_sq"] for s in states] if group["amsgrad"] else [], steps,
                amsgrad=group["amsgrad"], lr=group["lr"], beta1=group["betas"][0],
                beta2=group["betas"][1], weight_decay=group["weight_decay"], eps=group["eps"],
                maximize=group["maximize"], grad_scale=None, found_inf=found_inf)
-        torch._foreach_sub_(steps, [found_inf] * len(steps))
-    return True
