@@ -6,4 +6,5 @@ from .rules import UpdateRule, register_rule
 
 __version__ = "0.2.0"
 __all__ = ["HyperOptimizer", "register_rule", "UpdateRule", "Greedy", "Implicit", "Unroll", "RTRL",
-           "ForwardGradient", "SGLD", "Distill", "FiniteDifferences", "CurvatureError", "__version__"]
+           "ForwardGradient", "SGLD", "Distill", "FiniteDifferences", "CurvatureError",
+           "__version__"]

@@ -150,7 +150,8 @@ class Stepper:
     def __getstate__(self):
         """Pickling and deepcopy leave the caches behind (rebuilt on demand)."""
         state = dict(self.__dict__)
-        state.update(_buckets={}, _work={}, _tape_buffers=[], _amp={}, _pool=TensorPool(), _oks=None)
+        state.update(_buckets={}, _work={}, _tape_buffers=[], _amp={}, _pool=TensorPool(),
+                     _oks=None)
         return state
 
     def invalidate(self) -> None:
@@ -285,8 +286,8 @@ class Stepper:
             states = b.states
             flat_t = {k: b.flat("t_" + k) for k in kinds}
             views = {k: v for k, (_, v) in flat_t.items()}
-            done = foreach[b.group_index] and rule.step_foreach(params, b.grads, states, h, opts, kinds,
-                                                      ok, views)
+            done = foreach[b.group_index] and rule.step_foreach(params, b.grads, states, h, opts,
+                                                                kinds, ok, views)
             if not done:
                 for i, (p, g, st) in enumerate(zip(params, b.grads, states)):
                     hi = _item_hyper(h, i)

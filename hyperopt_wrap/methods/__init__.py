@@ -28,4 +28,5 @@ def resolve_method(method) -> HypergradientMethod:
 
 
 __all__ = ["HypergradientMethod", "Greedy", "Implicit", "Unroll", "RTRL", "ForwardGradient",
-           "SGLD", "Distill", "METHODS", "resolve_method", "MetaGradients", "MethodContext", "RecordingMethod"]
+           "SGLD", "Distill", "METHODS", "resolve_method", "MetaGradients", "MethodContext",
+           "RecordingMethod"]
