@@ -172,7 +172,9 @@ class Controller:
         the raw blocks, their state tensors and where their hypergradients live (memoised;
         None until the hyper-optimizer has state, or where the kernel does not apply)."""
         opt = self.hyper_optimizer
-        if self._plan is not None and self._plan_groups == len(opt.param_groups):
+        if self._plan is not None and self._plan_groups == len(opt.param_groups) and all(
+                opt.state.get(p) is st for _, params, _, states, _ in self._plan
+                for p, st in zip(params, states)):     # (a load replaces the state dicts)
             return self._plan
         if not (type(opt) in (torch.optim.Adam, torch.optim.AdamW) and opt.defaults.get("fused")
                 and hasattr(torch, "_fused_adam_")):
