@@ -34,13 +34,14 @@ minibatches of 8: one window's value is dominated by the minibatch standing for 
 from __future__ import annotations
 
 import copy
-import io
 
 import pytest
 import torch
 
 from problems import SignRule, flat, forbid_host_sync, mlp
 from training import SourceRun, _assert_close, _case, _errors
+
+from tiny import X, Y, reloaded, tiny_batch as _batch, tiny_model as _model
 
 from hyperopt_wrap import (CurvatureError, FiniteDifferences, Greedy, HyperOptimizer, Unroll,
                            register_rule)
@@ -298,21 +299,6 @@ def test_the_distillation_share_of_the_bias():
           f"4 minibatches {sum(four) / len(four):.3g}")
     assert max(one) < 0.02
 # ----------------------------------------------------------------------------- the protocol
-def _model(seed=0):
-    torch.manual_seed(seed)
-    return torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.Tanh(),
-                               torch.nn.Linear(8, 2)).double()
-
-
-X = torch.randn(64, 5, generator=torch.Generator().manual_seed(3), dtype=F64)
-Y = torch.randn(64, 2, generator=torch.Generator().manual_seed(4), dtype=F64)
-
-
-def _batch(i):
-    j = (i * 8) % 64
-    return X[j:j + 8], Y[j:j + 8]
-
-
 def _train(opt, model, steps, start=0, nan_at=None, log=None):
     """Closure steps; ``nan_at = {step: call}`` puts a NaN into the gradient of that closure
     call within the step (0: the user's, 1: the replay at w*)."""
@@ -436,14 +422,7 @@ def test_resume_mid_window_runs_in_lockstep(batch):
     o1 = _make(m1, method=method)
     _train(o1, m1, 7)             # mid-window (update_every=3), after a refit
     assert _method_state(o1)["fits"] == 1
-    buf = io.BytesIO()
-    torch.save({"model": m1.state_dict(), "opt": o1.state_dict()}, buf)
-    buf.seek(0)
-    saved = torch.load(buf, weights_only=True)
-    m2 = _model(seed=9)
-    m2.load_state_dict(saved["model"])
-    o2 = _make(m2, method=method)
-    o2.load_state_dict(saved["opt"])
+    m2, o2, saved = reloaded(m1, o1, lambda m: _make(m, method=method))
     o1.load_state_dict(copy.deepcopy(saved["opt"]))
     s1, s2 = _method_state(o1), _method_state(o2)
     assert torch.equal(s1["t"], s2["t"]) and s1["t"] == 7

@@ -31,7 +31,6 @@ b = 2); measured / predicted variance 1.04, 0.99, 0.98 (Gaussian 0.91); one esti
 from __future__ import annotations
 
 import copy
-import io
 import math
 
 import pytest
@@ -39,6 +38,8 @@ import torch
 
 from problems import DTYPE, flat, forbid_host_sync, linear_regression, mlp, rel_err
 from training import SourceRun, _assert_close, _case, _errors
+
+from tiny import X, Y, reloaded, tiny_batch as _batch, tiny_model as _model, train as _train
 
 from hyperopt_wrap import CurvatureError, FiniteDifferences, HyperOptimizer, Unroll
 from hyperopt_wrap.methods.forward_gradient import ForwardGradient
@@ -243,39 +244,6 @@ def test_mean_converges_and_the_variance_is_as_predicted():
 
 
 # ----------------------------------------------------------------------------- the protocol
-def _model(seed=0):
-    torch.manual_seed(seed)
-    return torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.Tanh(),
-                               torch.nn.Linear(8, 2)).double()
-
-
-X = torch.randn(64, 5, generator=torch.Generator().manual_seed(3), dtype=DTYPE)
-Y = torch.randn(64, 2, generator=torch.Generator().manual_seed(4), dtype=DTYPE)
-
-
-def _batch(i):
-    j = (i * 8) % 64
-    return X[j:j + 8], Y[j:j + 8]
-
-
-def _train(opt, model, steps, start=0, closure=False, graphs=None):
-    for i in range(start, start + steps):
-        x, y = _batch(i)
-
-        def loss_closure(x=x, y=y):
-            opt.zero_grad()
-            loss = ((model(x) - y) ** 2).mean()
-            loss.backward(create_graph=not closure and opt.needs_graph)
-            return loss
-        if graphs is not None:
-            graphs.append(opt.needs_graph)
-        if closure:
-            opt.step(loss_closure)
-        else:
-            loss_closure()
-            opt.step()
-
-
 def _make(model, method=None, **kw):
     return HyperOptimizer(torch.optim.SGD, model.parameters(), lr=0.05, momentum=0.9,
                           weight_decay=1e-3, tune=("lr", "momentum", "weight_decay"),
@@ -330,14 +298,8 @@ def test_resume_mid_window_runs_in_lockstep(closure):
     m1 = _model()
     o1 = _make(m1)
     _train(o1, m1, 4, closure=closure)       # mid-window (update_every=3)
-    buf = io.BytesIO()
-    torch.save({"model": m1.state_dict(), "opt": o1.state_dict()}, buf)
-    buf.seek(0)
-    saved = torch.load(buf, weights_only=True)
-    m2 = _model(seed=9)
-    m2.load_state_dict(saved["model"])
-    o2 = _make(m2, method=ForwardGradient(seed=123))  # the saved generator state wins
-    o2.load_state_dict(saved["opt"])
+    # the saved generator state wins over the new optimizer's seed
+    m2, o2, saved = reloaded(m1, o1, lambda m: _make(m, method=ForwardGradient(seed=123)))
     _train(o1, m1, 7, start=4, closure=closure)       # two more windows: new directions
     _train(o2, m2, 7, start=4, closure=closure)
     for a, b in zip(m1.parameters(), m2.parameters()):

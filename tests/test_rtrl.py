@@ -13,13 +13,14 @@
 from __future__ import annotations
 
 import copy
-import io
 
 import pytest
 import torch
 
 from problems import PROBLEMS, flat, mlp
 from training import SourceRun, _assert_close, _case, _errors
+
+from tiny import X, Y, reloaded, tiny_model as _model, train as _train
 
 from hyperopt_wrap import RTRL, CurvatureError, FiniteDifferences, HyperOptimizer
 
@@ -168,32 +169,6 @@ def test_bad_options_are_clear_errors(kwargs, match):
 
 
 # ----------------------------------------------------------------------------- the protocol
-def _model(seed=0):
-    torch.manual_seed(seed)
-    return torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.Tanh(),
-                               torch.nn.Linear(8, 2)).double()
-
-
-X = torch.randn(64, 5, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
-Y = torch.randn(64, 2, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
-
-
-def _train(opt, model, steps, start=0, closure=False):
-    for i in range(start, start + steps):
-        x, y = X[(i * 8) % 64:(i * 8) % 64 + 8], Y[(i * 8) % 64:(i * 8) % 64 + 8]
-
-        def loss_closure(x=x, y=y):
-            opt.zero_grad()
-            loss = ((model(x) - y) ** 2).mean()
-            loss.backward(create_graph=not closure and opt.needs_graph)
-            return loss
-        if closure:
-            opt.step(loss_closure)
-        else:
-            loss_closure()
-            opt.step()
-
-
 def _make(model, **kw):
     kw.setdefault("method", RTRL())
     return HyperOptimizer(torch.optim.SGD, model.parameters(), lr=0.05, momentum=0.9,
@@ -229,14 +204,7 @@ def test_resume_mid_window_runs_in_lockstep(closure):
     m1 = _model()
     o1 = _make(m1)
     _train(o1, m1, 4, closure=closure)       # mid-window (update_every=3)
-    buf = io.BytesIO()
-    torch.save({"model": m1.state_dict(), "opt": o1.state_dict()}, buf)
-    buf.seek(0)
-    saved = torch.load(buf, weights_only=True)
-    m2 = _model(seed=9)
-    m2.load_state_dict(saved["model"])
-    o2 = _make(m2)
-    o2.load_state_dict(saved["opt"])
+    m2, o2, _ = reloaded(m1, o1, _make)
     _train(o1, m1, 5, start=4, closure=closure)
     _train(o2, m2, 5, start=4, closure=closure)
     for a, b in zip(m1.parameters(), m2.parameters()):

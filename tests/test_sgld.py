@@ -23,7 +23,6 @@ over sqrt(#coordinates).
 """
 from __future__ import annotations
 
-import io
 import math
 
 import pytest
@@ -31,6 +30,8 @@ import torch
 
 from problems import flat, forbid_host_sync, mlp, rel_err
 from training import SourceRun, _assert_close, _case, _groups
+
+from tiny import X, Y, reloaded, tiny_model as _model, train as _train
 
 from hyperopt_wrap import RTRL, FiniteDifferences, HyperOptimizer
 from hyperopt_wrap.methods.sgld import SGLD
@@ -432,32 +433,6 @@ def test_global_granularity_sums_the_coordinates():
 
 
 # ----------------------------------------------------------------------------- the protocol
-def _model(seed=0):
-    torch.manual_seed(seed)
-    return torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.Tanh(),
-                               torch.nn.Linear(8, 2)).double()
-
-
-X = torch.randn(64, 5, generator=torch.Generator().manual_seed(3), dtype=F64)
-Y = torch.randn(64, 2, generator=torch.Generator().manual_seed(4), dtype=F64)
-
-
-def _train(opt, model, steps, start=0, closure=False):
-    for i in range(start, start + steps):
-        x, y = X[(i * 8) % 64:(i * 8) % 64 + 8], Y[(i * 8) % 64:(i * 8) % 64 + 8]
-
-        def loss_closure(x=x, y=y):
-            opt.zero_grad()
-            loss = ((model(x) - y) ** 2).mean()
-            loss.backward(create_graph=not closure and opt.needs_graph)
-            return loss
-        if closure:
-            opt.step(loss_closure)
-        else:
-            loss_closure()
-            opt.step()
-
-
 def _make(model, base=torch.optim.SGD, **kw):
     kw.setdefault("method", SGLD(temperature=1e-3, seed=5))
     settings = dict(lr=0.05, momentum=0.9, weight_decay=1e-3) if base is torch.optim.SGD \
@@ -484,16 +459,10 @@ def test_resume_mid_run_is_bit_exact(base, hessian_free):
     m1 = _model()
     o1 = _make(m1, base, method=method(5))
     _train(o1, m1, 4)                          # mid-window (update_every=3)
-    buf = io.BytesIO()
-    torch.save({"model": m1.state_dict(), "opt": o1.state_dict()}, buf)
-    buf.seek(0)
-    saved = torch.load(buf, weights_only=True)
+    # the saved generator state wins over the new optimizer's seed
+    m2, o2, saved = reloaded(m1, o1, lambda m: _make(m, base, method=method(123)))
     rng = saved["opt"]["hyper"]["method"]["rng"]["cpu"]
     assert isinstance(rng, torch.Tensor) and rng.dtype == torch.uint8
-    m2 = _model(seed=9)
-    m2.load_state_dict(saved["model"])
-    o2 = _make(m2, base, method=method(123))   # the saved generator state wins
-    o2.load_state_dict(saved["opt"])
     _train(o1, m1, 5, start=4)
     _train(o2, m2, 5, start=4)
     for a, b in zip(m1.parameters(), m2.parameters()):
