@@ -467,17 +467,6 @@ def all_cases(nets: Sequence[Net], bases: Sequence[str] = tuple(BASES),
 
 
 # ---------------------------------------------------------------------------- memory
-def _tensors(obj):
-    if isinstance(obj, Tensor):
-        yield obj
-    elif isinstance(obj, dict):
-        for v in obj.values():
-            yield from _tensors(v)
-    elif isinstance(obj, (list, tuple)):
-        for v in obj:
-            yield from _tensors(v)
-
-
 def _distinct_bytes(tensors) -> int:
     seen, total = set(), 0
     for t in tensors:
@@ -490,7 +479,7 @@ def _distinct_bytes(tensors) -> int:
 
 def optimizer_state_bytes(opt: torch.optim.Optimizer) -> int:
     """Bytes of the distinct tensors an optimizer keeps between steps (params and grads excluded)."""
-    tensors = list(_tensors(list(opt.state.values())))
+    tensors = [t for st in opt.state.values() for t in st.values() if isinstance(t, Tensor)]
     if isinstance(opt, HyperOptimizer):
         tensors += opt.scratch_tensors()   # tuned values, hyper-optimizer, method, scratch
     return _distinct_bytes(tensors)

@@ -389,15 +389,8 @@ class HyperOptimizer(torch.optim.Optimizer):
             if slots is None:
                 hyper[kind] = self.rule.read(group, kind)
                 continue
-            if slots[0] == "scalar":
-                value: Any = tk.values[slots[1]][slots[2]]
-            elif slots[0] == "tensor":
-                block = tk.values[slots[1]]
-                value = [block[i] for i in slots[2]]
-            else:
-                value = [tk.values[b] for b in slots[1]]
             scale = scales[gi] if kind == "lr" else 1.0
-            hyper[kind] = _as_rule_reads(value, bucket, scale)
+            hyper[kind] = _as_rule_reads(bucket.tuned_values(kind, tk), bucket, scale)
         return hyper
 
     def _meta_from_val(self, buckets: list[Bucket]) -> MetaGradients:

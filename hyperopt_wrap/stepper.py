@@ -54,6 +54,22 @@ class Bucket:
         self.states: list[dict] | None = None    # the params' state dicts, once initialised
         self.slots: dict[str, Any] = {}          # per tuned kind: TunedKind.slots_of(...)
 
+    def tuned_values(self, kind: str, tuned) -> Any:
+        """This bucket's tuned values of ``kind`` as the rule takes them: one 0-dim view shared
+        by the bucket (global/group), 0-dim views per tensor or the element blocks, memoised
+        (the values are updated in place, so the views stay current)."""
+        key = "values." + kind
+        if key not in self.slots:
+            how, *where = self.slots_of(kind, tuned)
+            if how == "scalar":
+                value: Any = tuned.values[where[0]][where[1]]
+            elif how == "tensor":
+                value = [tuned.values[where[0]][i] for i in where[1]]
+            else:
+                value = [tuned.values[b] for b in where[0]]
+            self.slots[key] = value
+        return self.slots[key]
+
     def slots_of(self, kind: str, tuned) -> Any:
         """``tuned.slots_of`` for this bucket, memoised (layouts change only with the param
         groups, which rebuild the buckets)."""

@@ -268,6 +268,29 @@ class Replay(contextlib.AbstractContextManager):
                            grads=[item.grad for item in step.params])
 
 
+def reverse_pass(ctx: "MethodContext", steps: list[TapedStep], cotangents: dict[int, Tensor]):
+    """Exact reverse mode through the recorded ``steps`` (oldest first), newest first: yields
+    ``(k, step, graph, res)`` for each, ``res`` the step's products (``StepGraph.vjp``, the
+    hyperparameters' ``res[i][3]`` included) for the cotangent ``a`` of its output, which starts
+    at ``cotangents`` (``grad E``, keyed by ``id(param)``) and after each yield but the oldest
+    moves one step back, ``a <- a A_t = a dPhi/dx + H_t (a dPhi/dg)`` (one Hessian-vector
+    product).  The weights are restored when the pass ends (:class:`Replay`)."""
+    a_w, a_s = dict(cotangents), {}
+    with Replay(ctx, steps) as replay:
+        for k, step in enumerate(reversed(steps)):
+            oldest = k == len(steps) - 1
+            ids = [id(item.param) for item in step.params]
+            graph = StepGraph(ctx, step, with_state=True)
+            res = graph.vjp([a_w.get(i) for i in ids], [a_s.get(i, {}) for i in ids],
+                            inputs=not oldest, hyper=True)
+            yield k, step, graph, res
+            if not oldest:
+                hv = replay.hvp(step, [r[1] for r in res])
+                for i, r, h in zip(ids, res, hv):
+                    a_w[i] = r[0] + h     # not in place: autograd may hand back a cotangent
+                    a_s[i] = r[2]
+
+
 def meta_cotangents(meta) -> dict[int, Tensor]:
     """``grad_w E`` keyed by ``id(param)`` (parameters E does not depend on are left out)."""
     return meta.by_param()

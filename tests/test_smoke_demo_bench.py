@@ -125,7 +125,8 @@ def test_summary_profile_attributes_step_time_to_library_functions():
     mlp = summary.Net("mlp", 8)
     text = summary.profile_step(summary.Case("SGD", "greedy global lr", mlp), steps=2)
     assert "opt.step total" in text
-    assert "hyperopt_wrap/optimizer.py" in text, text
+    # the ops are charged to the library's own functions (the stepper, controller, rules)
+    assert re.search(r"hyperopt_wrap/\w+(/\w+)?\.py\(\d+\)", text), text
     # a closure step: the closure's forward/backward is the model's, not the optimizer's
     text = summary.profile_step(summary.Case("SGD", "vanilla closure", mlp), steps=2)
     closure_us = re.search(r"step's closure ops: +(\d+) us", text)

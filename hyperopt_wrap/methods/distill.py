@@ -134,7 +134,7 @@ from torch import Tensor
 
 from ..curvature import BufferGuard, ClosureSource, CurvatureError, step_gradient_at
 from ..rules.base import Tangent, UpdateRule
-from ..tape import Replay, StepGraph, meta_cotangents
+from ..tape import meta_cotangents, reverse_pass
 from .base import MetaGradients, RecordingMethod, _clone
 
 BATCHES = ("current", "distilled")
@@ -488,30 +488,18 @@ class Distill(RecordingMethod):
 
     def _refit(self, ctx, state, meta: MetaGradients) -> None:
         """theta from one reverse pass through the recorded steps (see the module docstring)."""
-        steps = list(ctx.tape)
         alpha = meta_cotangents(meta)
-        a_w, a_s = dict(alpha), {}
         exact = {k: [torch.zeros_like(v) for v in tk.values] for k, tk in ctx.tuned.items()}
         model = {k: [torch.zeros_like(v) for v in tk.values] for k, tk in ctx.tuned.items()}
         finite = None
-        with Replay(ctx, steps) as replay:
-            for k, step in enumerate(reversed(steps)):
-                oldest = k == len(steps) - 1
-                ids = [id(item.param) for item in step.params]
-                graph = StepGraph(ctx, step, with_state=True)
-                res = graph.vjp([a_w.get(i) for i in ids], [a_s.get(i, {}) for i in ids],
-                                inputs=not oldest, hyper=True)
-                # the model's term gamma^k alpha . B^w (the newest step's is the exact one's)
-                mod = res if k == 0 else graph.vjp([alpha.get(i) for i in ids], None,
-                                                   inputs=False, hyper=True)
-                self._to_slots(ctx, step, [r[3] for r in res], exact, 1.0)
-                self._to_slots(ctx, step, [r[3] for r in mod], model, self.gamma ** k)
-                finite = step.finite if finite is None else finite & step.finite
-                if not oldest:
-                    hv = replay.hvp(step, [r[1] for r in res])
-                    for i, r, h in zip(ids, res, hv):
-                        a_w[i] = r[0] + h     # not in place: autograd may hand back a cotangent
-                        a_s[i] = r[2]
+        for k, step, graph, res in reverse_pass(ctx, list(ctx.tape), alpha):
+            # the model's term gamma^k alpha . B^w (the newest step's is the exact one's)
+            ids = [id(item.param) for item in step.params]
+            mod = res if k == 0 else graph.vjp([alpha.get(i) for i in ids], None,
+                                               inputs=False, hyper=True)
+            self._to_slots(ctx, step, [r[3] for r in res], exact, 1.0)
+            self._to_slots(ctx, step, [r[3] for r in mod], model, self.gamma ** k)
+            finite = step.finite if finite is None else finite & step.finite
         sums = {}
         for kind, tk in ctx.tuned.items():
             d = tk.parametrisation.dvalue_draw

@@ -125,21 +125,28 @@ class RTRL(HypergradientMethod):
     def hypergradient(self, ctx, state, meta: MetaGradients) -> int:
         if not (ctx.has_val_loss or ctx.window_complete):
             return 0
-        metas = meta.by_index()
-        used = False
-        for tangent, z in zip(state["tangents"], state["Z"]):
-            kind, block, index = tangent
-            pairs = [(key, metas[key], zw) for key, zw in z["w"].items() if key in metas]
-            if not pairs:
-                continue
-            used = True
-            if block is None:      # per kind: each parameter's block into its own slot
-                ctx.accumulate(kind, [(gi, pi, m, zw, 1.0) for (gi, pi), m, zw in pairs])
-            else:                  # one scalar: every parameter's sensitivity to it
-                total = sum(ctx.sign(gi) * torch.vdot(m.reshape(-1), zw.reshape(-1))
-                            for (gi, pi), m, zw in pairs)
-                ctx.add_to_slot(kind, block, index, total)
+        used = read_out(ctx, state["tangents"], state["Z"], meta)
         state["windows"] += 1
         if self.reset_every is not None and state["windows"] % self.reset_every == 0:
             state["Z"] = [{"w": {}, "s": {}} for _ in state["tangents"]]
         return int(used)
+
+
+def read_out(ctx, tangents: list, sensitivities: list[dict], meta: MetaGradients) -> bool:
+    """``dE/dlam = grad E . Z_w`` into the accumulators, for RTRL's tangents (``(kind, block,
+    index)`` of one tuned scalar, or ``(kind, None, None)`` for a per-kind tangent read block
+    by block); whether anything was added."""
+    metas = meta.by_index()
+    used = False
+    for (kind, block, index), z in zip(tangents, sensitivities):
+        pairs = [(key, metas[key], zw) for key, zw in z["w"].items() if key in metas]
+        if not pairs:
+            continue
+        used = True
+        if block is None:      # per kind: each parameter's block into its own slot
+            ctx.accumulate(kind, [(gi, pi, m, zw, 1.0) for (gi, pi), m, zw in pairs])
+        else:                  # one scalar: every parameter's sensitivity to it
+            total = sum(ctx.sign(gi) * torch.vdot(m.reshape(-1), zw.reshape(-1))
+                        for (gi, pi), m, zw in pairs)
+            ctx.add_to_slot(kind, block, index, total)
+    return used

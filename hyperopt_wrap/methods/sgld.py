@@ -106,7 +106,7 @@ from torch import Tensor
 from ..rules import AdagradRule, AdamRule, RMSpropRule, SGDRule
 from ..rules.base import is_zero
 from .base import HypergradientMethod, MetaGradients
-from .rtrl import RTRL
+from .rtrl import RTRL, read_out
 
 # the coming step's items (parameters with their hyperparameters and state dicts), handed from
 # carry() to observe() within one base step; never saved
@@ -245,21 +245,7 @@ class SGLD(HypergradientMethod):
     def hypergradient(self, ctx, state, meta: MetaGradients) -> int:
         """One sample of the chain average: ``grad E(w_t) . Z_t`` (the hyper-step averages the
         window's samples)."""
-        metas = meta.by_index()
-        used = False
-        for tangent, z in zip(state["tangents"], state["Z"]):
-            kind, block, index = tangent
-            pairs = [(key, metas[key], zw) for key, zw in z["w"].items() if key in metas]
-            if not pairs:
-                continue
-            used = True
-            if block is None:      # per kind: each parameter's block into its own slot
-                ctx.accumulate(kind, [(gi, pi, m, zw, 1.0) for (gi, pi), m, zw in pairs])
-            else:                  # one scalar: every parameter's sensitivity to it
-                total = sum(ctx.sign(gi) * torch.vdot(m.reshape(-1), zw.reshape(-1))
-                            for (gi, pi), m, zw in pairs)
-                ctx.add_to_slot(kind, block, index, total)
-        return int(used)
+        return int(read_out(ctx, state["tangents"], state["Z"], meta))
 
 
 # ---------------------------------------------------------------------------- helpers

@@ -21,7 +21,7 @@ an old closure checks this and raises if the closure reproduces a different loss
 """
 from __future__ import annotations
 
-from ..tape import Replay, StepGraph, add_hypergradient, meta_cotangents
+from ..tape import add_hypergradient, meta_cotangents, reverse_pass
 from .base import MetaGradients, RecordingMethod
 
 
@@ -52,22 +52,8 @@ class Unroll(RecordingMethod):
     def hypergradient(self, ctx, state, meta: MetaGradients) -> int:
         if not self.window_ready(ctx):
             return 0
-        steps = list(ctx.tape)
-        a_w = meta_cotangents(meta)
-        a_s: dict[int, dict] = {}
-        with Replay(ctx, steps) as replay:
-            for k, step in enumerate(reversed(steps)):
-                oldest = k == len(steps) - 1
-                ids = [id(item.param) for item in step.params]
-                graph = StepGraph(ctx, step, with_state=True)
-                res = graph.vjp([a_w.get(i) for i in ids], [a_s.get(i, {}) for i in ids],
-                                inputs=not oldest, hyper=True)
-                add_hypergradient(ctx, step, [r[3] for r in res])
-                ctx.mark_window(step.finite)
-                if not oldest:
-                    hv = replay.hvp(step, [r[1] for r in res])
-                    for i, r, h in zip(ids, res, hv):
-                        a_w[i] = r[0] + h     # not in place: autograd may hand back a cotangent
-                        a_s[i] = r[2]
+        for _, step, _, res in reverse_pass(ctx, list(ctx.tape), meta_cotangents(meta)):
+            add_hypergradient(ctx, step, [r[3] for r in res])
+            ctx.mark_window(step.finite)
         ctx.release_tape()
         return 1

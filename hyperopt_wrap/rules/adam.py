@@ -228,15 +228,9 @@ class AdamRule(UpdateRule):
         coupled = not is_zero(wd) and not options["decoupled"]
         decoupled = not is_zero(wd) and options["decoupled"]
         a = torch.zeros_like(param) if cot_param is None else cot_param
-        g = grad.neg() if maximize else grad
-        if coupled:
-            g = axpy(g, param, wd)
-        m, v = state["exp_avg"], state["exp_avg_sq"]
-        t = state["step"] + 1
-        bc1 = 1 - beta1 ** t
-        bc2s = (1 - beta2 ** t).sqrt()
-        m_new = torch.lerp(m, g, 1 - beta1)
-        root = torch.mul(v, beta2).addcmul_(g, g, value=1 - beta2).sqrt_()     # sqrt(v')
+        g, m, t, bc1, bc2s, m_new, v_new = _primal(param, grad, state, beta1, beta2, wd,
+                                                    coupled, maximize)
+        root = v_new.sqrt_()                                                # sqrt(v')
         denom = torch.div(root, bc2s).add_(eps)
         r = torch.div(m_new, denom)
         a_r = a * (-lr / bc1)                            # cotangent of r
@@ -306,15 +300,8 @@ class AdamRule(UpdateRule):
         sign = -1.0 if options["maximize"] else 1.0
         lams = [hyper_tangents(tan, hyper) for tan in tangents]
         wanted = set().union(*lams)
-        g = grad.neg() if options["maximize"] else grad
-        if coupled:
-            g = axpy(g, param, wd)
-        m, v = state["exp_avg"], state["exp_avg_sq"]
-        t = state["step"] + 1
-        bc1 = 1 - beta1 ** t
-        bc2s = (1 - beta2 ** t).sqrt()
-        m_new = torch.lerp(m, g, 1 - beta1)
-        second = torch.mul(v, beta2).addcmul_(g, g, value=1 - beta2)
+        g, m, t, bc1, bc2s, m_new, second = _primal(param, grad, state, beta1, beta2, wd,
+                                                     coupled, options["maximize"])
         if amsgrad:
             vh = state["max_exp_avg_sq"]
             w_new = (second > vh).to(param.dtype).masked_fill_(second == vh, 0.5)
@@ -359,6 +346,22 @@ class AdamRule(UpdateRule):
                               (lam.get("momentum"), c_b1), (z_m, c_m), (z_second, c_v))
             results.append((or_zeros(z_param, param), new_z_state))
         return results
+
+
+def _primal(param, grad, state, beta1, beta2, wd, coupled: bool, maximize: bool):
+    """The step's own intermediates that the closed-form products are taken at: the direction
+    ``g`` (sign and coupled weight decay applied), ``m``, the new count ``t``, ``bc1``,
+    ``sqrt(bc2)``, ``m'`` and ``v'`` (fresh tensors)."""
+    g = grad.neg() if maximize else grad
+    if coupled:
+        g = axpy(g, param, wd)
+    m, v = state["exp_avg"], state["exp_avg_sq"]
+    t = state["step"] + 1
+    bc1 = 1 - beta1 ** t
+    bc2s = (1 - beta2 ** t).sqrt()
+    m_new = torch.lerp(m, g, 1 - beta1)
+    v_new = torch.mul(v, beta2).addcmul_(g, g, value=1 - beta2)
+    return g, m, t, bc1, bc2s, m_new, v_new
 
 
 def _dot(x: Tensor, y: Tensor, like: float | Tensor, coef: float | Tensor) -> Tensor:
