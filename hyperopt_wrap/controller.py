@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .checkpoint import CheckpointError, check_tensor, require
 from .hyperparams import TunedKind
 
 _FUSED_DEVICES = ("cpu", "cuda", "xpu", "mps")   # where torch's fused Adam kernel runs
@@ -214,11 +215,73 @@ class Controller:
         }
 
     def check_loadable(self, saved: dict[str, Any]) -> None:
-        for k, tk in self.tuned.items():
-            shapes = [tuple(v.shape) for v in tk.values]
-            if [tuple(v.shape) for v in saved["values"][k]] != shapes:
-                raise ValueError(f"state_dict's {k} values have shapes that do not match this "
-                                 "model's parameters; load it into the same model architecture")
+        """Raise (changing nothing) unless ``saved`` fits this controller: every entry, the
+        tuned blocks' shapes, finite tuned values, and a hyper-optimizer state whose tensors
+        are shaped like the raw blocks they belong to (torch's fused kernel trusts them)."""
+        require(saved, ("values", "raws", "accums", "last", "hyper_optimizer", "counters",
+                        "skipped"), "hyper['controller']")
+        for name in ("values", "raws", "accums", "last"):
+            require(saved[name], self.tuned, f"hyper['controller'][{name!r}]")
+            for k, tk in self.tuned.items():
+                blocks, mine = saved[name][k], getattr(tk, name)
+                where = f"hyper['controller'][{name!r}][{k!r}]"
+                if not isinstance(blocks, (list, tuple)) or len(blocks) != len(mine):
+                    raise CheckpointError(
+                        f"{where} must be a list of {len(mine)} tensors (one per tuned block), "
+                        f"got {type(blocks).__name__}"
+                        f"{f' of {len(blocks)}' if isinstance(blocks, (list, tuple)) else ''}; "
+                        "the checkpoint comes from another configuration or model")
+                for i, (src, dst) in enumerate(zip(blocks, mine)):
+                    check_tensor(src, f"{where}[{i}]", dst.shape)
+                    if name in ("values", "raws") and not bool(torch.isfinite(src).all()):
+                        raise CheckpointError(f"{where}[{i}] holds NaN or inf; the checkpoint's "
+                                              f"{k} is corrupt (load an earlier one)")
+                    if name == "values" and not bool(
+                            ((src > 0) & (src < 1) if k == "momentum" else src > 0).all()):
+                        raise CheckpointError(f"{where}[{i}] holds a {k} outside "
+                                              f"{'(0, 1)' if k == 'momentum' else '(0, inf)'}, "
+                                              "where it cannot be tuned; the checkpoint is corrupt")
+        self._check_hyper_optimizer_state(saved["hyper_optimizer"])
+        c = saved["counters"]
+        require(c, ("contributions", "hypersteps"), "hyper['controller']['counters']")
+        if not all(isinstance(c[k], int) and c[k] >= 0 for k in ("contributions", "hypersteps")):
+            raise CheckpointError(f"hyper['controller']['counters'] must hold counts >= 0, got {c}")
+        skipped = saved["skipped"]
+        if not (isinstance(skipped, (list, tuple)) and len(skipped) == 3
+                and all(isinstance(t, Tensor) and t.numel() == 1 and t.device.type != "meta"
+                        for t in skipped)):
+            raise CheckpointError("hyper['controller']['skipped'] must be three 1-element "
+                                  "tensors (skipped hyper-steps, skipped steps, window flag)")
+
+    def _check_hyper_optimizer_state(self, saved: Any) -> None:
+        where = "hyper['controller']['hyper_optimizer']"
+        require(saved, ("state", "param_groups"), where)
+        groups = self.hyper_optimizer.param_groups
+        theirs = saved["param_groups"]
+        if not isinstance(theirs, (list, tuple)) or len(theirs) != len(groups) or any(
+                not isinstance(t, dict) or len(t.get("params", ())) != len(g["params"])
+                for t, g in zip(theirs, groups)):
+            raise CheckpointError(f"{where} has other parameter groups than this optimizer's "
+                                  "hyper-optimizer; the checkpoint comes from another "
+                                  "configuration")
+        ids = {pid: raw for t, g in zip(theirs, groups) for pid, raw in zip(t["params"],
+                                                                             g["params"])}
+        if not isinstance(saved["state"], dict):
+            raise CheckpointError(f"{where}['state'] must be a dict")
+        for pid, st in saved["state"].items():
+            if pid not in ids or not isinstance(st, dict):
+                raise CheckpointError(f"{where}['state'] has an entry {pid!r} for no raw block")
+            raw = ids[pid]
+            for name, value in st.items():
+                here = f"{where}['state'][{pid!r}][{name!r}]"
+                if not isinstance(value, Tensor):
+                    continue
+                if value.dim() == 0 or name == "step":
+                    check_tensor(value, here, floating=False)
+                    if value.numel() != 1:
+                        raise CheckpointError(f"{here} must hold one number")
+                else:
+                    check_tensor(value, here, raw.shape)
 
     def load_state_dict(self, saved: dict[str, Any]) -> None:
         with torch.no_grad():

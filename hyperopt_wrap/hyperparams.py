@@ -90,12 +90,22 @@ def resolve_granularity(granularity, tune: tuple[str, ...]) -> dict[str, str]:
     return granularity
 
 
-def resolve_bounds(bounds, tune: tuple[str, ...]) -> dict[str, tuple[float, float]]:
-    bounds = dict(bounds or {})
+def resolve_bounds(bounds, tune: tuple[str, ...]) -> dict[str, tuple[tuple[float, float], bool]]:
+    """``{kind: ((low, high), given)}`` for every tuned kind; ``given`` is whether the user
+    named the bounds (default bounds widen to contain an initial value, given ones refuse it)."""
+    if bounds is None:
+        bounds = {}
+    if not isinstance(bounds, dict):
+        raise TypeError(f"bounds must be a dict {{kind: (low, high)}}, got {bounds!r}; e.g. "
+                        "bounds={'lr': (1e-6, 1.0)}")
     unknown = set(bounds) - set(DEFAULT_BOUNDS)
     if unknown:
         raise ValueError(f"bounds has unknown kinds {sorted(unknown)}; "
                          f"use keys from {tuple(DEFAULT_BOUNDS)}")
+    untuned = set(bounds) - set(tune)
+    if untuned:
+        raise ValueError(f"bounds names kinds that are not tuned: {sorted(untuned)}; add them "
+                         f"to tune= (now {tune}) or drop them from bounds")
     out = {}
     for kind in tune:
         pair = bounds.get(kind, DEFAULT_BOUNDS[kind])
@@ -106,12 +116,15 @@ def resolve_bounds(bounds, tune: tuple[str, ...]) -> dict[str, tuple[float, floa
                              f"{pair!r}; e.g. bounds={{{kind!r}: (1e-6, 1.0)}}") from None
         if not (lo < hi) or math.isnan(lo) or math.isnan(hi):
             raise ValueError(f"bounds[{kind!r}] must be (low, high) with low < high, got {(lo, hi)}")
-        if kind in ("lr", "weight_decay") and lo <= 0:
-            raise ValueError(f"bounds[{kind!r}] low must be > 0 ({kind} is tuned in log space), "
-                             f"got {lo}; e.g. bounds={{{kind!r}: (1e-10, {hi})}}")
-        if kind == "momentum" and (lo < 0 or hi > 1):
-            raise ValueError(f"bounds['momentum'] must lie in [0, 1], got {(lo, hi)}")
-        out[kind] = (lo, hi)
+        if kind in ("lr", "weight_decay") and (lo <= 0 or math.isinf(hi)):
+            raise ValueError(f"bounds[{kind!r}] must be finite with low > 0 ({kind} is tuned in "
+                             f"log space), got {(lo, hi)}; e.g. bounds={{{kind!r}: (1e-10, 1.0)}}")
+        if kind == "momentum" and not (0 <= lo and hi < 1):
+            raise ValueError(f"bounds['momentum'] must lie in [0, 1) with high < 1, got {(lo, hi)}: "
+                             "momentum is tuned in logit space, where 1 is out of reach (and a "
+                             "value rounded to 1.0 could never move again); e.g. "
+                             "bounds={'momentum': (0.0, 0.9999)}")
+        out[kind] = ((lo, hi), kind in bounds)
     return out
 
 
@@ -125,12 +138,13 @@ class TunedKind:
     ``index`` None for element blocks.
     """
 
-    def __init__(self, kind: str, granularity: str, bounds: tuple[float, float]):
+    def __init__(self, kind: str, granularity: str, bounds: tuple[float, float],
+                 given: bool = True):
         self.kind = kind
         self.granularity = granularity
-        self.bounds = bounds
         self.parametrisation = PARAMETRISATIONS[kind]
-        self.raw_bounds = tuple(self.parametrisation.raw_bound(b) for b in bounds)
+        self.given = given          # bounds named by the user: an initial value outside is refused
+        self._set_bounds(bounds)
         self.values: list[Tensor] = []      # natural units, read by the update rule
         self.raws: list[Tensor] = []        # unconstrained leaves, moved by the hyper-optimizer
         self.accums: list[Tensor] = []      # summed natural-unit hypergradients of the window
@@ -150,22 +164,32 @@ class TunedKind:
         self.last.append(torch.zeros_like(v))
         return raw
 
-    def check_initial(self, value: float) -> None:
+    def _set_bounds(self, bounds: tuple[float, float]) -> None:
+        self.bounds = bounds
+        self.raw_bounds = tuple(self.parametrisation.raw_bound(b) for b in bounds)
+
+    def check_initial(self, value: float) -> tuple[float, float]:
+        """The bounds once ``value`` is a tuned value: default bounds widen to contain it (a
+        user's lr of 2.0 or 1e-12 is honoured), bounds the user named refuse it."""
         lo, hi = self.bounds
-        if not (lo <= value <= hi):
+        if lo <= value <= hi:
+            return self.bounds
+        if self.given:
             raise ValueError(f"initial {self.kind}={value} lies outside bounds[{self.kind!r}]="
                              f"{self.bounds}; pass bounds={{{self.kind!r}: (low, high)}} that "
                              f"contain it, or start from a value inside")
+        return (min(lo, value), max(hi, value))
 
     def add_untuned_group(self) -> None:
         self.group_slots.append(None)
 
     def add_group(self, params: list[Tensor], value: float) -> list[Tensor]:
         """Create the blocks of a new param group; returns the new raw leaves."""
-        self.check_initial(value)
         g, n = self.granularity, len(self.values)
         if not self.values:
             self.initial = value
+        if g != "global" or not self.values:     # (a later global group adds no value)
+            self._set_bounds(self.check_initial(value))
         if g == "global":
             new = [] if self.values else [self._new_block(params[0], value, (1,))]
             self.group_slots.append([(0, 0)] * len(params))

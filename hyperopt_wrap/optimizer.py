@@ -1,6 +1,8 @@
 """HyperOptimizer: a torch.optim.Optimizer whose lr / momentum / weight decay tune themselves."""
 from __future__ import annotations
 
+import collections
+import contextlib
 import copy
 import math
 from typing import Any, Callable
@@ -8,6 +10,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
+from .checkpoint import CheckpointError, check_base_state, require
 from .controller import Controller
 from .curvature import (ClosureSource, CurvatureError, FiniteDifferences, GraphSource,
                         capture_rng, missing_source_message, resolve_curvature, step_hvp)
@@ -19,20 +22,38 @@ from .stepper import Bucket, Stepper
 
 
 
-def _check_value(kind: str, value: Any, where: str, tuned: bool = True) -> None:
+def _number(kind: str, value: Any, where: str) -> float:
+    """A hyperparameter entry as a Python float (a 1-element tensor is read on its device,
+    which for torch's CPU tensor lr makes no synchronisation)."""
     if isinstance(value, Tensor):
-        value = float(value)
-    if kind == "lr" and not (isinstance(value, (int, float)) and math.isfinite(value)
-                             and (value > 0 or (value == 0 and not tuned))):
-        raise ValueError(f"Invalid learning rate {value!r}{where}: lr must be a positive finite "
-                         "number, e.g. lr=0.1")
-    if kind == "momentum" and not (isinstance(value, (int, float)) and 0 <= value < 1):
+        if value.numel() != 1:
+            raise ValueError(f"Tensor {kind} must be 1-element{where}, got shape "
+                             f"{tuple(value.shape)}; pass a float or a 0-dim tensor, e.g. "
+                             f"{kind}=torch.tensor(0.01)")
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{kind} must be a number{where}, got {value!r}; e.g. "
+                        f"{kind}={_EXAMPLE[kind]}")
+    return float(value)
+
+
+_EXAMPLE = {"lr": "0.1", "momentum": "0.9", "weight_decay": "5e-4"}
+
+
+def _check_value(kind: str, value: Any, where: str) -> float:
+    """Validate an lr / momentum / weight decay entry; returns it as a float.  A tuned lr or
+    weight decay of 0 is allowed: that group stays untuned at 0."""
+    value = _number(kind, value, where)
+    if kind == "lr" and not (math.isfinite(value) and value >= 0):
+        raise ValueError(f"Invalid learning rate {value!r}{where}: lr must be a finite number "
+                         ">= 0, e.g. lr=0.1")
+    if kind == "momentum" and not 0 <= value < 1:
         raise ValueError(f"Invalid momentum {value!r}{where}: momentum must lie in [0, 1), "
                          "e.g. momentum=0.9")
-    if kind == "weight_decay" and not (isinstance(value, (int, float)) and value >= 0
-                                       and math.isfinite(value)):
+    if kind == "weight_decay" and not (value >= 0 and math.isfinite(value)):
         raise ValueError(f"Invalid weight_decay {value!r}{where}: weight decay must be a finite "
                          "number >= 0, e.g. weight_decay=5e-4")
+    return value
 
 
 class HyperOptimizer(torch.optim.Optimizer):
@@ -92,6 +113,9 @@ class HyperOptimizer(torch.optim.Optimizer):
         self.optimizer_cls = optimizer_cls
         if isinstance(tune, str):
             tune = (tune,)
+        if not isinstance(tune, (tuple, list)) or not all(isinstance(k, str) for k in tune):
+            raise TypeError(f"tune must be a kind or a tuple of kinds, e.g. tune=('lr',) or "
+                            f"tune=('lr', 'momentum'), got {tune!r}")
         tune = tuple(dict.fromkeys(tune))
         for kind in tune:
             if kind not in KINDS:
@@ -115,7 +139,8 @@ class HyperOptimizer(torch.optim.Optimizer):
         self.update_every = update_every
         for kind in KINDS:
             if kind in optimizer_kwargs and kind in self.rule.kinds:
-                _check_value(kind, optimizer_kwargs[kind], "", tuned=kind in tune)
+                _check_value(kind, optimizer_kwargs[kind], "")
+        _check_hyper_optimizer(hyper_optimizer, hyper_optimizer_kwargs)
         if isinstance(hyper_lr, dict):
             wrong = set(hyper_lr) ^ set(tune)
             if wrong:
@@ -134,6 +159,7 @@ class HyperOptimizer(torch.optim.Optimizer):
         _check_flags(optimizer_cls, inner.defaults)
         self._hyper_ready = False
         super().__init__(inner.param_groups, inner.defaults)
+        eager_state = bool(inner.state)     # e.g. Adagrad creates its state in __init__
         del inner
         for gi, group in enumerate(self.param_groups):
             if not group["params"]:
@@ -142,7 +168,7 @@ class HyperOptimizer(torch.optim.Optimizer):
 
         first = self.param_groups[0]["params"][0]
         self._device = first.device
-        tuned = {k: TunedKind(k, self._granularity[k], self._bounds[k]) for k in tune}
+        tuned = {k: TunedKind(k, self._granularity[k], *self._bounds[k]) for k in tune}
         if hyper_lr is None:
             hyper_lr = self.method.default_hyper_lr
             if isinstance(hyper_lr, dict):
@@ -153,10 +179,11 @@ class HyperOptimizer(torch.optim.Optimizer):
         for gi, group in enumerate(self.param_groups):
             self._init_group_hyper(gi, group, raw_groups)
         for kind, tk in tuned.items():
-            if not tk.values:    # every group starts at 0 (only possible for weight decay)
+            if not tk.values:    # every group starts at 0 (lr or weight decay)
                 raise ValueError(f"cannot tune {kind}: every param group has {kind}=0, which "
                                  f"cannot be tuned in log space; start from a positive value, "
-                                 f"e.g. {kind}=5e-4")
+                                 f"e.g. {kind}={_EXAMPLE[kind]}, or leave {kind!r} out of "
+                                 "tune= (a group at 0 among others stays untuned at 0)")
         self._controller.build(raw_groups)
         self._stepper = Stepper(self.rule, self.state)
         self._flags = ReplayFlags()
@@ -165,9 +192,16 @@ class HyperOptimizer(torch.optim.Optimizer):
                                   val_loss=val_loss is not None, flags=self._flags,
                                   tuned_kinds=self.tuned_kinds)
         self._unversioned = False      # params written through .data while a graph is kept
+        self._seen_entries: list[tuple] = []   # param-group entries as of the last step
         self._steps = 0
         self.method.bind(self._ctx)
         self._method_state = self.method.init_state(self._ctx)
+        if eager_state:
+            for group in self.param_groups:
+                for p in group["params"]:
+                    state = self.rule.init_state(p, self.rule.options(group))
+                    if state:
+                        self.state[p] = state
         self._hyper_ready = True
 
     # ------------------------------------------------------------------ set-up
@@ -181,22 +215,25 @@ class HyperOptimizer(torch.optim.Optimizer):
                 raise ValueError(f"HyperOptimizer needs dense real floating-point parameters, got "
                                  f"{p.dtype}{' sparse' if p.is_sparse else ''}; for complex "
                                  "ones optimise torch.view_as_real(p) instead")
-        if isinstance(group.get("lr"), Tensor):    # torch accepts a tensor lr; we keep a float
-            group["lr"] = float(group["lr"])
+        seen = set()
+        for p in group["params"]:
+            if id(p) in seen:
+                raise ValueError(f"param group {gi} lists the same parameter twice; list each "
+                                 "parameter once (torch.optim would step it twice per step)")
+            seen.add(id(p))
         where = f" in param group {gi}"
+        for kind in self.rule.kinds:
+            if kind not in self.tuned:
+                _check_value(kind, self._entry(group, kind), where)
         plan = {}
         for kind, tk in self.tuned.items():
-            value = self.rule.read(group, kind)
-            _check_value(kind, value, where)
-            if kind == "weight_decay" and value == 0:
-                plan[kind] = None       # a no-decay group: stays untuned at 0
+            value = _check_value(kind, self._entry(group, kind), where)
+            if kind in ("lr", "weight_decay") and value == 0:
+                plan[kind] = None       # a frozen / no-decay group: stays untuned at 0
                 continue
             reason = self.rule.check_tunable(group, kind)
-            if reason is None and kind == "lr" and value <= 0:
-                reason = f"lr={value} cannot be tuned in log space; start from e.g. lr=0.1"
             if reason:
                 raise ValueError(f"cannot tune {kind}{where}: {reason}")
-            tk.check_initial(value)
             if tk.granularity == "global" and tk.values:
                 # One value shared by every group: for lr it is a common factor (each group
                 # keeps its ratio to the first group's lr, like a scheduler scale); momentum and
@@ -209,6 +246,7 @@ class HyperOptimizer(torch.optim.Optimizer):
                         f"use granularity={{{kind!r}: 'group'}}")
                 plan[kind] = (value, shared)
             else:
+                tk.check_initial(value)
                 plan[kind] = (value, value)
         nominal = {}
         for kind, tk in self.tuned.items():
@@ -219,6 +257,10 @@ class HyperOptimizer(torch.optim.Optimizer):
             new = tk.add_group(group["params"], value)
             next(rg for rg in raw_groups if rg["kind"] == kind)["params"].extend(new)
         group["hyper_nominal"] = nominal
+
+    def _entry(self, group: dict, kind: str):
+        """A param group's entry for ``kind`` as written (a tensor lr stays a tensor)."""
+        return group[kind] if kind in group else self.rule.read(group, kind)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
@@ -271,10 +313,13 @@ class HyperOptimizer(torch.optim.Optimizer):
         out: dict[str, list] = {}
         for kind in self.rule.kinds:
             if kind in self.tuned:
-                entries = self.tuned[kind].per_group(self.tuned[kind].values)
+                tk = self.tuned[kind]
+                entries = tk.per_group(tk.values)
                 if kind == "lr":
                     entries = [_scale(e, self._lr_scale(g)) for e, g in zip(entries, self.param_groups)]
-                out[kind] = entries
+                # a frozen / no-decay group keeps its own (untuned) entry
+                out[kind] = [e if tk.is_tuned(gi) else self.rule.read(g, kind)
+                             for gi, (e, g) in enumerate(zip(entries, self.param_groups))]
             else:
                 out[kind] = [self.rule.read(g, kind) for g in self.param_groups]
         return out
@@ -347,34 +392,43 @@ class HyperOptimizer(torch.optim.Optimizer):
         return method.carries(self._ctx, state) and method.carry_curvature(self._ctx, state)
 
     def _lr_scale(self, group: dict) -> float:
-        if "lr" not in self.tuned:
-            return 1.0
-        return float(group["lr"]) / group["hyper_nominal"]["lr"]
+        nominal = group["hyper_nominal"].get("lr")
+        return 1.0 if nominal is None else float(group["lr"]) / nominal
 
     def _sync_group_writes(self) -> list[float]:
-        """Honour writes to param-group entries since the last step (Python floats only)."""
-        scales = []
-        for gi, group in enumerate(self.param_groups):
+        """Honour writes to param-group entries since the last step: validated first (a NaN,
+        inf or negative entry raises with nothing changed), then applied.  Python floats only:
+        the entries are compared with those of the last call, so an unchanged group costs a
+        few float reads."""
+        kinds, groups = self.rule.kinds, self.param_groups
+        seen = self._seen_entries
+        changed = []
+        for gi, group in enumerate(groups):
+            key = tuple(_entry_key(self._entry(group, k)) for k in kinds)
+            if gi >= len(seen) or key != seen[gi]:
+                changed.append((gi, key))
+        for gi, _ in changed:
+            group, where = groups[gi], f" written to param group {gi}"
+            nominal = group["hyper_nominal"]
+            for kind in kinds:
+                value = _check_value(kind, self._entry(group, kind), where)
+                if kind != "lr" and kind in nominal and value != nominal[kind] and value <= 0:
+                    raise ValueError(f"{kind}={value} written to param group {gi} while "
+                                     f"{kind} is tuned (in log/logit space, where 0 is out "
+                                     f"of reach); write a value in "
+                                     f"{'(0, 1)' if kind == 'momentum' else '(0, inf)'}")
+        for gi, key in changed:
+            group = groups[gi]
             nominal = group["hyper_nominal"]
             for kind in self.tuned_kinds:
                 if kind == "lr" or kind not in nominal:    # lr: a scale; not in: untuned group
                     continue
                 value = self.rule.read(group, kind)
                 if value != nominal[kind]:
-                    _check_value(kind, value, f" written to param group {gi}")
-                    if value <= 0:
-                        raise ValueError(f"{kind}={value} written to param group {gi} while "
-                                         f"{kind} is tuned (in log/logit space, where 0 is out "
-                                         f"of reach); write a value in "
-                                         f"{'(0, 1)' if kind == 'momentum' else '(0, inf)'}")
                     self.tuned[kind].fill_group(gi, value)
                     nominal[kind] = value
-            lr = group["lr"]
-            if isinstance(lr, Tensor):
-                raise TypeError("group['lr'] became a Tensor; HyperOptimizer keeps lr tuned itself "
-                                "and takes a float scale in group['lr']")
-            scales.append(self._lr_scale(group))
-        return scales
+            seen[gi:gi + 1] = [key]
+        return [self._lr_scale(g) for g in groups]
 
     def _bucket_hyper(self, bucket: Bucket, scales: list[float]) -> dict[str, Any]:
         """The rule's hyperparameters for a bucket: a float (untuned), one 0-dim tensor shared
@@ -409,6 +463,15 @@ class HyperOptimizer(torch.optim.Optimizer):
                 raise RuntimeError(f"could not differentiate val_loss(): {e}. val_loss must build "
                                    "a fresh graph on each call and must not call backward() "
                                    "itself") from e
+        if all(g is None for g in grads):
+            raise RuntimeError(
+                "val_loss() does not depend on this optimizer's parameters (its graph reaches "
+                "none of them), so every hypergradient would be 0 and tuning would stop. "
+                "Compute it from the model this optimizer steps; after copy.deepcopy(opt) (or "
+                "of the model), set copy.val_loss = lambda: ... on the copy, since the copied "
+                "lambda still reads the original model")
+        # a non-finite validation loss (with a finite gradient) skips the hyper-step
+        self._controller.mark_window(torch.isfinite(loss.detach()))
         flats, i = [], 0
         for b in buckets:
             gs = grads[i:i + len(b.params)]
@@ -551,24 +614,60 @@ class HyperOptimizer(torch.optim.Optimizer):
                 "params_per_group": [len(g["params"]) for g in self.param_groups]}
 
     def state_dict(self) -> dict[str, Any]:
+        """torch's state_dict plus a ``"hyper"`` entry (tuned values, hyper-optimizer, method
+        state, counters).  State-dict hooks see the whole of it."""
+        for pre_hook in self._optimizer_state_dict_pre_hooks.values():
+            pre_hook(self)
         self._sync_group_writes()
-        sd = super().state_dict()
+        with _hooks_off(self, "_optimizer_state_dict_pre_hooks",
+                        "_optimizer_state_dict_post_hooks"):
+            sd = super().state_dict()
         sd["hyper"] = {
             "config": self._fingerprint(),
             "controller": self._controller.state_dict(),
             "method": self.method.state_dict(self._method_state),
-            "counters": {"window": self._ctx.position, "steps": self._steps},
+            # recorded steps (graphs, closures) cannot be saved: a resume restarts the window
+            # when this window has any, as a deepcopy does
+            "counters": {"window": self._ctx.position, "steps": self._steps,
+                         "recorded": len(self._ctx.tape)},
         }
+        for post_hook in self._optimizer_state_dict_post_hooks.values():
+            out = post_hook(self, sd)
+            if out is not None:
+                sd = out
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if "hyper" not in state_dict:
+        """Load a :meth:`state_dict`.  Every part is checked before anything is written: a
+        checkpoint that does not fit (truncated, edited, another configuration or model, NaN
+        tuned values, tensors of the wrong shape) raises with the optimizer unchanged.  Load
+        pre-hooks see (and may replace) the whole checkpoint, ``"hyper"`` included; post-hooks
+        run once the tuned values are restored."""
+        state_dict = dict(state_dict)
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            out = pre_hook(self, state_dict)
+            if out is not None:
+                state_dict = out
+        hyper, rest = self._check_loadable(state_dict)
+        before = self.state_dict()      # torch's part by reference: cheap
+        try:
+            self._load(hyper, rest)
+        except BaseException:
+            self._load(*self._check_loadable(before))
+            raise
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
+
+    def _check_loadable(self, state_dict: dict[str, Any]) -> tuple[dict, dict]:
+        if not isinstance(state_dict, dict) or "hyper" not in state_dict:
             raise ValueError("this state_dict was not saved by HyperOptimizer (no 'hyper' entry); "
                              "load a state_dict from HyperOptimizer.state_dict(), or load a "
                              "torch.optim state_dict into the torch optimizer it came from")
         hyper = state_dict["hyper"]
+        require(hyper, ("config", "counters"), "state_dict['hyper']")
         mine, theirs = self._fingerprint(), hyper["config"]
         if mine != theirs:
+            theirs = theirs if isinstance(theirs, dict) else {}
             diff = {k: (theirs.get(k), mine[k]) for k in mine if theirs.get(k) != mine[k]}
             raise ValueError(
                 "state_dict comes from a different HyperOptimizer configuration "
@@ -577,19 +676,39 @@ class HyperOptimizer(torch.optim.Optimizer):
         rest = {k: v for k, v in state_dict.items() if k != "hyper"}
         if "controller" not in hyper:
             hyper, rest = self._upgrade_v0_1(hyper, rest)
+        require(hyper, ("controller", "method"), "state_dict['hyper']")
+        c = hyper["counters"]
+        require(c, ("window", "steps"), "state_dict['hyper']['counters']")
+        if not all(isinstance(c[k], int) and not isinstance(c[k], bool) and c[k] >= 0
+                   for k in ("window", "steps")):
+            raise CheckpointError(f"state_dict['hyper']['counters'] must hold counts >= 0, "
+                                  f"got {c}")
+        check_base_state(self.rule, self.param_groups, rest)
         self._controller.check_loadable(hyper["controller"])
-        super().load_state_dict(rest)
+        self.method.check_loadable(self._ctx, hyper["method"])
+        return hyper, rest
+
+    def _load(self, hyper: dict, rest: dict) -> None:
+        """Write a checked checkpoint (torch's part, its defaults for entries older torch did
+        not save, then ours)."""
+        with _hooks_off(self, "_optimizer_load_state_dict_pre_hooks",
+                        "_optimizer_load_state_dict_post_hooks"):
+            super().load_state_dict(rest)
         self._rebind()
+        _base_defaults(self.optimizer_cls, self)
         for group in self.param_groups:     # our step counters live on the param's device
             for p in group["params"]:
                 st = self.state.get(p)
                 if st and isinstance(st.get("step"), Tensor) and st["step"].device != p.device:
                     st["step"] = st["step"].to(p.device)
         self._controller.load_state_dict(hyper["controller"])
-        self.method.load_state_dict(self._method_state, hyper["method"])
+        method_state = self.method.init_state(self._ctx)
+        self.method.load_state_dict(method_state, hyper["method"])
+        self._method_state = method_state
         c = hyper["counters"]
         self._ctx.position, self._steps = c["window"], c["steps"]
-        if self._records_steps():
+        self._ctx.release_tape()
+        if c.get("recorded", self._records_steps()):    # (0.1 checkpoints: whether it could)
             # recorded steps (graphs, closures) are not saved: the interrupted window restarts
             self._abandon_window()
 
@@ -618,6 +737,7 @@ class HyperOptimizer(torch.optim.Optimizer):
         """torch's load_state_dict and __setstate__ rebind ``state`` and ``param_groups``."""
         self._stepper.state = self.state
         self._stepper.invalidate()
+        self._seen_entries = []
         self._ctx._groups = self.param_groups
 
     def __getstate__(self) -> dict[str, Any]:
@@ -626,29 +746,58 @@ class HyperOptimizer(torch.optim.Optimizer):
         state = {k: v for k, v in self.__dict__.items() if not k.startswith("_optimizer_")}
         if self._ctx.tape:
             # recorded steps hold graphs and closures, which cannot be copied: the copy
-            # restarts the current window (a second-order method's accumulators are empty
-            # between steps)
+            # restarts the current window, exactly as a resume from state_dict() does
             ctx = copy.copy(self._ctx)
-            ctx.tape, ctx.position = [], 0
+            ctx.tape = []
             state["_ctx"] = ctx
-            controller = copy.copy(self._controller)
-            controller.contributions = 0
-            state["_controller"] = controller
+            state["_restart_window"] = True
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
+        restart = state.pop("_restart_window", False)
         super().__setstate__(state)
         if "_stepper" in state:
             self._ctx._controller = self._controller
             self._rebind()
+            if restart:
+                self._abandon_window()
 
     def _records_steps(self) -> bool:
         return type(self.method).records_step is not HypergradientMethod.records_step
 
     def __repr__(self) -> str:
-        return (f"HyperOptimizer({self.optimizer_cls.__name__}, method={self.method!r}, "
+        head = (f"HyperOptimizer({self.optimizer_cls.__name__}, method={self.method!r}, "
                 f"tune={self.tuned_kinds}, granularity={self._granularity}, "
                 f"update_every={self.update_every})")
+        lines = [head + " ("]        # then the param groups, as torch.optim prints them
+        for i, group in enumerate(self.param_groups):
+            lines.append(f"Parameter Group {i}")
+            lines += [f"    {k}: {group[k]}" for k in sorted(group)
+                      if k not in ("params", "hyper_nominal")]
+        return "\n".join(lines) + "\n)"
+
+
+def _check_hyper_optimizer(cls, kwargs) -> None:
+    if not (isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer)):
+        raise TypeError(f"hyper_optimizer must be a torch.optim.Optimizer class, e.g. "
+                        f"hyper_optimizer=torch.optim.Adam (the default), got {cls!r}")
+    if issubclass(cls, torch.optim.LBFGS):
+        raise ValueError("hyper_optimizer=LBFGS needs a closure that re-evaluates the "
+                         "meta-objective, which a hyper-step does not have; use a first-order "
+                         "torch optimizer such as torch.optim.Adam (the default) or "
+                         "torch.optim.SGD")
+    if kwargs is None:
+        return
+    if not isinstance(kwargs, dict):
+        raise TypeError(f"hyper_optimizer_kwargs must be a dict, got {kwargs!r}; e.g. "
+                        "hyper_optimizer_kwargs={'betas': (0.9, 0.999)}")
+    if "lr" in kwargs:
+        raise ValueError("hyper_optimizer_kwargs={'lr': ...} is not used: the hyper-optimizer's "
+                         "learning rate is hyper_lr=... (a float, or a dict per kind); pass "
+                         f"hyper_lr={kwargs['lr']!r} instead")
+    if "params" in kwargs:
+        raise ValueError("hyper_optimizer_kwargs must not contain 'params': HyperOptimizer "
+                         "hands the hyper-optimizer the raw hyperparameter values itself")
 
 
 def _check_flags(optimizer_cls: type, defaults: dict[str, Any]) -> None:
@@ -670,6 +819,43 @@ def _check_flags(optimizer_cls: type, defaults: dict[str, Any]) -> None:
                          "return the derivatives of the step with respect to the tuned "
                          "hyperparameters; HyperOptimizer runs its own bucketed foreach step "
                          "(foreach=None or True, the default). Drop fused=True")
+
+
+@contextlib.contextmanager
+def _hooks_off(opt, *names):
+    """Run torch's state_dict / load_state_dict without the hooks we run ourselves."""
+    saved = {n: getattr(opt, n) for n in names}
+    try:
+        for n in names:
+            setattr(opt, n, collections.OrderedDict())
+        yield
+    finally:
+        for n, hooks in saved.items():
+            setattr(opt, n, hooks)
+
+
+def _base_defaults(optimizer_cls: type, opt) -> None:
+    """What the base optimizer's ``__setstate__`` fills in for checkpoints of older torch
+    (missing group entries such as ``maximize``, a float ``step``), applied to our param
+    groups and state by running it on a bare instance that shares them."""
+    setstate = getattr(optimizer_cls, "__setstate__", None)
+    if setstate is None or setstate is torch.optim.Optimizer.__setstate__:
+        return
+    bare = optimizer_cls.__new__(optimizer_cls)
+    setstate(bare, {"defaults": opt.defaults, "state": opt.state,
+                    "param_groups": opt.param_groups})
+    for name in ("state", "param_groups"):
+        if getattr(bare, name) is not getattr(opt, name):   # (a __setstate__ that rebuilt them)
+            setattr(opt, name, getattr(bare, name))
+    opt._rebind()
+
+
+def _entry_key(value):
+    """A param-group entry as compared between steps (a tensor by its value; a malformed one
+    never equal, so that it is validated)."""
+    if isinstance(value, Tensor):
+        return value.item() if value.numel() == 1 else object()
+    return value
 
 
 def _as_rule_reads(value, bucket: Bucket, scale: float):

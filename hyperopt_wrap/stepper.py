@@ -52,6 +52,7 @@ class Bucket:
         self._lengths: Tensor | None = None
         self.grad, self.grads = self.flat("grad")
         self.states: list[dict] | None = None    # the params' state dicts, once initialised
+        self.detached: list[tuple[Tensor, dict]] = []  # empty ones, not (yet) in opt.state
         self.slots: dict[str, Any] = {}          # per tuned kind: TunedKind.slots_of(...)
 
     def tuned_values(self, kind: str, tuned) -> Any:
@@ -266,18 +267,33 @@ class Stepper:
         """Create the rule's state where a parameter has none yet (once per bucket)."""
         for b in buckets:
             if b.states is None:
+                states = []
                 for p in b.params:
-                    state = self.state[p]
+                    state = self.state.get(p)
                     if not state:
-                        state.update(self.rule.init_state(p, options[b.group_index]))
-                b.states = [self.state[p] for p in b.params]
+                        state = self.rule.init_state(p, options[b.group_index])
+                        if state:     # as torch: no entry for a stateless step (plain SGD)
+                            self.state[p] = state
+                    states.append(state)
+                b.states = states
+                b.detached = [(p, st) for p, st in zip(b.params, states) if not st]
+
+    def adopt_states(self, buckets: list[Bucket]) -> None:
+        """Enter the state a rule created lazily during the step (SGD's momentum buffer, once
+        a group's momentum is set) into the optimizer's state."""
+        for b in buckets:
+            if b.detached:
+                for p, st in b.detached:
+                    if st and p not in self.state:
+                        self.state[p] = st
+                b.detached = [(p, st) for p, st in b.detached if not st]
 
     def view(self, buckets: list[Bucket], hyper: list[dict[str, Any]], options: list[dict],
              finite: Tensor) -> StepView:
         items = []
         for b, h in zip(buckets, hyper):
             for i, (pi, p, g) in enumerate(zip(b.param_indices, b.params, b.grads)):
-                items.append(StepItem(b.group_index, pi, p, g, self.state[p], _item_hyper(h, i),
+                items.append(StepItem(b.group_index, pi, p, g, b.states[i], _item_hyper(h, i),
                                       options[b.group_index]))
         return StepView(items, finite, self.rule, pool=self._pool)
 
@@ -314,6 +330,7 @@ class Stepper:
                     for k in kinds:
                         views[k][i].copy_(out[k])
             tangents.append({k: flat for k, (flat, _) in flat_t.items()})
+        self.adopt_states(buckets)
         return StepRecord(buckets, tangents, lr_scales, finite)
 
     def _step_out_of_place(self, p, grad, state, hyper, options, kinds, ok) -> dict[str, Tensor]:
@@ -343,7 +360,7 @@ class Stepper:
             gi = b.group_index
             for i, (pi, p, g) in enumerate(zip(b.param_indices, b.params, b.grads)):
                 bufs = self._tape_buffers[position].setdefault(p, {})
-                state = self.state[p]
+                state = b.states[i]
                 copies = {k: (scratch(bufs, "state." + k, v).copy_(v)
                               if isinstance(v, Tensor) else v) for k, v in state.items()}
                 items.append(TapedParam(gi, pi, p, scratch(bufs, "weights", p).copy_(p), copies,

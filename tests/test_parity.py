@@ -14,6 +14,7 @@ the latter.  ``step`` must match exactly.
 """
 from __future__ import annotations
 
+import copy
 import functools
 from dataclasses import dataclass
 
@@ -106,7 +107,10 @@ def _assert_state_matches(ours: Run, theirs: Run) -> None:
         assert set(torchs) <= set(STATE_NAMES), f"unexpected torch state {sorted(torchs)}"
         for name in torchs:
             if name == "step":
-                # ours: float64 on the parameter's device; torch's: float32 on the CPU
+                # ours on the parameter's device, torch's on the CPU; both of torch's dtype
+                # (test_step_counters_have_torchs_dtype)
+                assert mine[name].dtype == torchs[name].dtype, (
+                    f"parameter {i}: step is {mine[name].dtype}, torch's {torchs[name].dtype}")
                 assert float(mine[name]) == float(torchs[name]) == STEPS, (
                     f"parameter {i}: step {float(mine[name])}, torch {float(torchs[name])}")
                 continue
@@ -176,3 +180,84 @@ def test_torch_foreach_kernel_equals_our_rule(case):
     ours, theirs = _our_run(case.id, "element", False), _torch_run(case.id, False, True)
     _assert_parameters_match(ours, theirs)
     _assert_state_matches(ours, theirs)
+
+
+# --- the step counters: torch's dtype ----------------------------------------------------------
+STEP_CASES = [pytest.param(torch.optim.Adam, {}, id="Adam"),
+              pytest.param(torch.optim.AdamW, {}, id="AdamW"),
+              pytest.param(torch.optim.RMSprop, {}, id="RMSprop"),
+              pytest.param(torch.optim.Adagrad, dict(lr_decay=0.01), id="Adagrad")]
+
+
+@pytest.fixture(params=[torch.float32, torch.float64], ids=["default-float32", "default-float64"])
+def default_dtype(request):
+    """Runs the test under this default dtype (what torch's step dtype follows), then restores
+    the previous one."""
+    saved = torch.get_default_dtype()
+    torch.set_default_dtype(request.param)
+    try:
+        yield request.param
+    finally:
+        torch.set_default_dtype(saved)
+
+
+def _step_both(opts_and_weights, steps: int) -> None:
+    for opt, weights in opts_and_weights:
+        for _ in range(steps):
+            opt.zero_grad()
+            sum((w * w).sum() + w.sum() for w in weights).backward()
+            opt.step()
+
+
+def _leaves(seed: int = 0) -> list[Tensor]:
+    """Two small leaves in the default dtype."""
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(3, 4, generator=gen).requires_grad_(),
+            torch.randn(4, generator=gen).requires_grad_()]
+
+
+@pytest.mark.parametrize("foreach", [None, False], ids=["foreach", "per-tensor"])
+@pytest.mark.parametrize("cls,kwargs", STEP_CASES)
+def test_step_counters_have_torchs_dtype(cls, kwargs, foreach, default_dtype):
+    """``opt.state[p]["step"]`` has the dtype of torch's own optimizer's (float32, float64
+    under a float64 default dtype) and its value after every step; the weights match torch's
+    (the bias corrections read the counter in float64, as torch reads ``step.item()``)."""
+    ours, theirs = _leaves(), _leaves()
+    opt = HyperOptimizer(cls, ours, lr=0.01, hyper_lr=0, foreach=foreach, **kwargs)
+    ref = cls(theirs, lr=0.01, foreach=foreach, **kwargs)
+    for t in range(1, 4):
+        _step_both([(opt, ours), (ref, theirs)], 1)
+        for p, q in zip(ours, theirs):
+            mine, torchs = opt.state[p]["step"], ref.state[q]["step"]
+            assert mine.dtype == torchs.dtype == default_dtype, (
+                f"step {t}: our counter is {mine.dtype}, torch's {torchs.dtype}")
+            assert mine.shape == torchs.shape == ()
+            assert mine.item() == torchs.item() == t
+    tol = dict(rtol=1e-13, atol=0) if default_dtype == torch.float64 else {}
+    for p, q in zip(ours, theirs):
+        torch.testing.assert_close(p.detach(), q.detach(), **tol)
+
+
+@pytest.mark.parametrize("foreach", [None, False], ids=["foreach", "per-tensor"])
+@pytest.mark.parametrize("cls,kwargs", STEP_CASES)
+def test_float64_step_counters_of_old_checkpoints_step_bit_exactly_as_before(cls, kwargs, foreach):
+    """Checkpoints written before the counters took torch's dtype hold float64 counters: loaded
+    as they are, they keep counting, and every step is bit-exactly the float32 counters'."""
+    ours = _leaves()
+    opt = HyperOptimizer(cls, ours, lr=0.01, hyper_lr=0, foreach=foreach, **kwargs)
+    _step_both([(opt, ours)], 2)
+    saved = copy.deepcopy(opt.state_dict())
+    for st in saved["state"].values():
+        st["step"] = st["step"].to(torch.float64)
+    old = [w.detach().clone().requires_grad_() for w in ours]
+    resumed = HyperOptimizer(cls, old, lr=0.01, hyper_lr=0, foreach=foreach, **kwargs)
+    resumed.load_state_dict(saved)
+    _step_both([(opt, ours), (resumed, old)], 3)
+    for p, q in zip(ours, old):
+        assert opt.state[p]["step"].dtype == torch.float32
+        assert resumed.state[q]["step"].dtype == torch.float64
+        assert opt.state[p]["step"].item() == resumed.state[q]["step"].item() == 5
+        assert torch.equal(p, q)
+        for name, value in opt.state[p].items():
+            if name != "step" and isinstance(value, Tensor):
+                assert torch.equal(value, resumed.state[q][name]), name

@@ -34,6 +34,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
+from ..checkpoint import check_method_state
 from ..hyperparams import TunedKind
 from ..rules import UpdateRule
 from ..rules.base import Tangent
@@ -208,6 +209,12 @@ class HypergradientMethod:
 
     def state_dict(self, state: dict) -> dict[str, Any]:
         return _clone(state)
+
+    def check_loadable(self, ctx: MethodContext, saved: Any) -> None:
+        """Raise (a ``CheckpointError``) unless ``saved``, a :meth:`state_dict` of this
+        method, fits the optimizer's parameters; called before anything is loaded.  The default
+        checks the tensors kept per parameter (under ``(group, index)`` keys) for shape."""
+        check_method_state([ctx.group_params(gi) for gi in range(ctx.num_groups)], saved)
 
     def load_state_dict(self, state: dict, saved: dict[str, Any]) -> None:
         state.clear()

@@ -16,6 +16,7 @@ whether it was taken.
 """
 from __future__ import annotations
 
+from ..checkpoint import CheckpointError, require
 from .base import HypergradientMethod, MetaGradients
 
 
@@ -26,6 +27,26 @@ class Greedy(HypergradientMethod):
 
     def init_state(self, ctx):
         return {"pending": None}
+
+    def check_loadable(self, ctx, saved) -> None:
+        require(saved, ("pending",), "hyper['method']")
+        pending = saved["pending"]
+        if pending is None:
+            return
+        require(pending, ("layout", "tangents", "scales", "finite"), "hyper['method']['pending']")
+        layout, tangents = pending["layout"], pending["tangents"]
+        try:
+            numels = [sum(ctx.group_params(gi)[pi].numel() for pi in pis) for gi, pis in layout]
+        except (TypeError, ValueError, IndexError):
+            raise CheckpointError("hyper['method']['pending'] names parameters this optimizer "
+                                  "does not have; load it into the same model architecture") from None
+        if len(tangents) != len(numels) or any(
+                not isinstance(t, dict) or any(not hasattr(v, "numel") or v.numel() != n
+                                               for v in t.values())
+                for t, n in zip(tangents, numels)):
+            raise CheckpointError("hyper['method']['pending'] holds tangents of another size "
+                                  "than this model's parameters; load it into the same "
+                                  "model architecture")
 
     def tangent_kinds(self, ctx, state, ends_window):
         if not ctx.has_val_loss or ends_window:

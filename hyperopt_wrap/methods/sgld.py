@@ -104,7 +104,7 @@ import torch
 from torch import Tensor
 
 from ..rules import AdagradRule, AdamRule, RMSpropRule, SGDRule
-from ..rules.base import is_zero
+from ..rules.base import is_zero, step_count_as_float64
 from .base import HypergradientMethod, MetaGradients
 from .rtrl import RTRL, read_out
 
@@ -302,7 +302,8 @@ def _step_scale(rule, item):
             gain = gain * ((1.0 - opts["dampening"]) if damped else 1.0) * inv
     if isinstance(rule, AdamRule):
         second = st["max_exp_avg_sq"] if opts["amsgrad"] else st["exp_avg_sq"]
-        bias_correction2_sqrt = (1 - opts["beta2"] ** st["step"].clamp(min=1)).sqrt()
+        t = step_count_as_float64(st["step"]).clamp(min=1)
+        bias_correction2_sqrt = (1 - opts["beta2"] ** t).sqrt()
         denom = second.sqrt().div_(bias_correction2_sqrt).add_(opts["eps"])
         return gain, _seen(denom.reciprocal_(), second), dlog
     if isinstance(rule, RMSpropRule):
@@ -311,7 +312,8 @@ def _step_scale(rule, item):
             v = torch.addcmul(v, st["grad_avg"], st["grad_avg"], value=-1).clamp_(min=0)
         return gain, _seen(v.sqrt().add_(opts["eps"]).reciprocal_(), st["square_avg"]), dlog
     if isinstance(rule, AdagradRule):
-        gain = gain / (1 + (st["step"].clamp(min=1) - 1) * opts["lr_decay"])
+        gain = gain / (1 + (step_count_as_float64(st["step"]).clamp(min=1) - 1)
+                       * opts["lr_decay"])
         return gain, _seen(st["sum"].sqrt().add_(opts["eps"]).reciprocal_(), st["sum"]), dlog
     return gain, None, dlog
 

@@ -309,7 +309,8 @@ def div_into(out: list[Tensor], xs: list[Tensor], ys: list[Tensor], c,
 
 
 def add_count_(steps: list[Tensor], ok: Tensor) -> None:
-    """The step counters += ok (0-dim tensors, maybe of another dtype than ``ok``)."""
+    """The step counters += ok (0-dim tensors of torch's step dtype, float32 or float64, maybe
+    another dtype than ``ok``; 0 and 1 are exact in every float dtype)."""
     add_(steps, ok if ok.dtype == steps[0].dtype else ok.to(steps[0].dtype))
 
 

@@ -15,6 +15,7 @@ from torch import Tensor
 
 from . import _foreach as F
 from .base import Hyper, State, UpdateRule, gated, is_zero, new_step_count, scratch
+from .base import step_count_as_float64
 from .base import axpy, hyper_tangents, lincomb, or_zeros
 
 
@@ -38,7 +39,7 @@ class AdagradRule(UpdateRule):
             g = g + wd * param
         step = state["step"] + 1
         total = state["sum"] + g * g
-        clr = lr / (1 + (step - 1) * options["lr_decay"])
+        clr = lr / (1 + (step_count_as_float64(step) - 1) * options["lr_decay"])
         return param - clr * g / (total.sqrt() + options["eps"]), {"step": step, "sum": total}
 
     def step_(self, param, grad, state, hyper, options, kinds, ok, work):
@@ -56,7 +57,7 @@ class AdagradRule(UpdateRule):
             t_wd.div_(root).nan_to_num_(0.0)
         std = root.add_(options["eps"])
         scaled = torch.div(g, std, out=scratch(work, "scaled", param))
-        decay = 1 + (step - 1) * options["lr_decay"]
+        decay = 1 + (step_count_as_float64(step) - 1) * options["lr_decay"]
         clr = lr / decay
         tangents = {}
         for kind in kinds:
@@ -100,7 +101,8 @@ class AdagradRule(UpdateRule):
         scaled = g
         torch._foreach_div_(scaled, std)
         lr_decay = options["lr_decay"]
-        decay = 1.0 if lr_decay == 0 else 1 + (torch.stack(steps) - 1) * lr_decay
+        decay = (1.0 if lr_decay == 0
+                 else 1 + (step_count_as_float64(torch.stack(steps)) - 1) * lr_decay)
         clr = F.Coef(lr) / F.Coef(decay)
         if t_wd is not None:            # (w - scaled d std) / std, times -clr
             torch._foreach_mul_(t_wd, scaled)
@@ -134,7 +136,7 @@ class AdagradRule(UpdateRule):
         root = torch.addcmul(state["sum"], g, g).sqrt_()
         inv_c = torch.add(root, options["eps"]).reciprocal_()
         scaled = g * inv_c
-        decay = 1 + state["step"] * options["lr_decay"]
+        decay = 1 + step_count_as_float64(state["step"]) * options["lr_decay"]
         clr = lr / decay
         c_g = inv_c * -clr                                  # of dg in Z_w'
         # of Z_S' in Z_w': clr y / (2 sqrt(S') c), 0 where S' = 0 (the limit)

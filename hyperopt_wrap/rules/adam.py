@@ -17,7 +17,7 @@ from torch import Tensor
 
 from . import _foreach as F
 from .base import (Hyper, State, UpdateRule, add_scaled_, axpy, gated, is_zero, kept,
-                   new_step_count, reduce_like, scratch)
+                   new_step_count, reduce_like, scratch, step_count_as_float64)
 from .base import hyper_tangents, lincomb, or_zeros
 
 
@@ -63,8 +63,9 @@ class AdamRule(UpdateRule):
         exp_avg = state["exp_avg"] + (1 - beta1) * (g - state["exp_avg"])
         exp_avg_sq = beta2 * state["exp_avg_sq"] + (1 - beta2) * g * g
         new_state = {"step": step, "exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}
-        bias_correction1 = 1 - beta1 ** step
-        bias_correction2_sqrt = (1 - beta2 ** step).sqrt()
+        t = step_count_as_float64(step)
+        bias_correction1 = 1 - beta1 ** t
+        bias_correction2_sqrt = (1 - beta2 ** t).sqrt()
         second = exp_avg_sq
         if options["amsgrad"]:
             second = torch.maximum(state["max_exp_avg_sq"], exp_avg_sq)
@@ -89,7 +90,7 @@ class AdamRule(UpdateRule):
         exp_avg.lerp_(g, gated(ok, 1 - beta1))
         exp_avg_sq.mul_(kept(ok, beta2, 1.0)).addcmul_(g, g, value=1 - beta2)
         step.add_(ok)
-        t = step.clamp(min=1)
+        t = step_count_as_float64(step).clamp(min=1)
         bias_correction1 = 1 - beta1 ** t
         bias_correction2_sqrt = (1 - beta2 ** t).sqrt()
         second = exp_avg_sq
@@ -163,7 +164,7 @@ class AdamRule(UpdateRule):
         F.mul_(v, F.keep(ok, beta2, 1.0))
         torch._foreach_addcmul_(v, g, g, value=1 - beta2)
         F.add_count_(steps, ok)
-        t = torch.stack(steps).clamp_(min=1)     # the counters as one vector
+        t = step_count_as_float64(torch.stack(steps)).clamp_(min=1)  # the counters, one vector
         bc2s = F.Coef((1 - beta2 ** t).sqrt())
         t, okc = F.Coef(t), F.Coef(ok)
         bc1 = 1 - b1 ** t
@@ -356,7 +357,7 @@ def _primal(param, grad, state, beta1, beta2, wd, coupled: bool, maximize: bool)
     if coupled:
         g = axpy(g, param, wd)
     m, v = state["exp_avg"], state["exp_avg_sq"]
-    t = state["step"] + 1
+    t = step_count_as_float64(state["step"]) + 1
     bc1 = 1 - beta1 ** t
     bc2s = (1 - beta2 ** t).sqrt()
     m_new = torch.lerp(m, g, 1 - beta1)

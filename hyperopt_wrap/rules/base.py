@@ -36,6 +36,12 @@ import torch
 import torch.autograd.forward_ad as fwAD
 from torch import Tensor
 
+try:
+    from torch.optim.optimizer import _get_scalar_dtype
+except ImportError:     # private in torch; the same rule as torch's for non-fused optimizers
+    def _get_scalar_dtype() -> torch.dtype:
+        return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+
 Hyper = dict[str, "float | Tensor"]
 State = dict[str, Tensor]
 
@@ -413,12 +419,26 @@ def add_scaled_(x: Tensor, y: Tensor, scale: float | Tensor) -> Tensor:
 
 
 def new_step_count(param: Tensor) -> Tensor:
-    """torch.optim's ``state["step"]``: a 0-dim float tensor on the CPU.
+    """torch.optim's ``state["step"]``: a 0-dim tensor of torch's own dtype
+    (``torch.optim.optimizer._get_scalar_dtype()``: float32, float64 when the default dtype
+    is float64; float32 always on MPS, which has no float64).
 
-    We keep it on the parameter's device instead, so that bias corrections are
-    tensor arithmetic and never need a host synchronisation, and in float64
-    (where the device has it), so that ``1 - beta2 ** step`` is as exact as
-    torch's Python-float arithmetic.
+    torch keeps it on the CPU; we keep it on the parameter's device instead, so that bias
+    corrections are tensor arithmetic and never need a host synchronisation.  Read it through
+    :func:`step_count_as_float64` for arithmetic.
     """
-    dtype = torch.float32 if param.device.type == "mps" else torch.float64
+    dtype = torch.float32 if param.device.type == "mps" else _get_scalar_dtype()
     return torch.zeros((), dtype=dtype, device=param.device)
+
+
+def step_count_as_float64(step: Tensor) -> Tensor:
+    """A step counter (or a vector of them, e.g. ``torch.stack(steps)``) for arithmetic: in
+    float64 where the device has it (not MPS), so that ``1 - beta2 ** step`` and the like are
+    the numbers torch computes in Python floats from ``step.item()``, whatever dtype the
+    counter itself has (float32 by torch's default, float64 under a float64 default or from
+    an old checkpoint).  Integer counts are exact in float32 up to 2**24, so the cast changes
+    no value.  A float64 counter (or any counter on MPS) comes back as itself, not a copy:
+    do not modify the result in place."""
+    if step.dtype == torch.float64 or step.device.type == "mps":
+        return step
+    return step.to(torch.float64)
