@@ -78,19 +78,35 @@ def check_base_state(rule, param_groups: list[dict], saved: dict[str, Any]) -> N
         try:
             template = rule.init_state(torch.empty_like(p, device="meta"),
                                        rule.options(options[pid]))
-        except Exception:       # a registered rule that cannot build state on meta: no check
-            continue
-        for name, like in template.items():
-            if name not in st or not isinstance(like, Tensor):
-                continue
-            value = st[name]
+        except Exception:       # a registered rule that cannot build state on meta
+            template = {}
+        for name, value in st.items():
             where = f"state_dict['state'][{pid!r}][{name!r}]"
+            like = template.get(name)
             if name == "step":
                 if not isinstance(value, (int, float)) and check_tensor(
                         value, where, floating=False).numel() != 1:
                     raise CheckpointError(f"{where} must be a number or a 1-element tensor")
-            else:
+            elif isinstance(like, Tensor):
                 check_tensor(value, where, like.shape, floating=like.is_floating_point())
+            elif rule.param_shaped_state and isinstance(value, Tensor):
+                check_tensor(value, where, p.shape)     # e.g. SGD's lazily made momentum buffer
+
+
+def check_shapes(saved: Any, param_groups: list[dict]) -> None:
+    """The parameter shapes a checkpoint was saved with (newer checkpoints keep them) against
+    ours: a model of another width is refused even where no state tensor would show it."""
+    if saved is None:
+        return
+    mine = [[list(p.shape) for p in g["params"]] for g in param_groups]
+    theirs = [[list(s) for s in g] for g in saved] if isinstance(saved, (list, tuple)) else saved
+    if theirs != mine:
+        bad = next(((gi, pi, t, m) for gi, (tg, mg) in enumerate(zip(theirs, mine))
+                    for pi, (t, m) in enumerate(zip(tg, mg)) if t != m), None)
+        where = (f": parameter {bad[1]} of group {bad[0]} was {tuple(bad[2])}, here "
+                 f"{tuple(bad[3])}") if bad else ""
+        raise CheckpointError(f"the checkpoint comes from a model with other parameter shapes"
+                              f"{where}; load it into the same model architecture")
 
 
 def check_method_state(params: list[list[Tensor]], saved: Any, where: str = "hyper['method']"

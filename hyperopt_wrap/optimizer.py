@@ -10,7 +10,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from .checkpoint import CheckpointError, check_base_state, require
+from .checkpoint import CheckpointError, check_base_state, check_shapes, require
 from .controller import Controller
 from .curvature import (ClosureSource, CurvatureError, FiniteDifferences, GraphSource,
                         capture_rng, missing_source_message, resolve_curvature, step_hvp)
@@ -630,6 +630,7 @@ class HyperOptimizer(torch.optim.Optimizer):
             # when this window has any, as a deepcopy does
             "counters": {"window": self._ctx.position, "steps": self._steps,
                          "recorded": len(self._ctx.tape)},
+            "shapes": [[list(p.shape) for p in g["params"]] for g in self.param_groups],
         }
         for post_hook in self._optimizer_state_dict_post_hooks.values():
             out = post_hook(self, sd)
@@ -683,6 +684,7 @@ class HyperOptimizer(torch.optim.Optimizer):
                    for k in ("window", "steps")):
             raise CheckpointError(f"state_dict['hyper']['counters'] must hold counts >= 0, "
                                   f"got {c}")
+        check_shapes(hyper.get("shapes"), self.param_groups)
         check_base_state(self.rule, self.param_groups, rest)
         self._controller.check_loadable(hyper["controller"])
         self.method.check_loadable(self._ctx, hyper["method"])

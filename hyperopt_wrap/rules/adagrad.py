@@ -21,6 +21,7 @@ from .base import axpy, hyper_tangents, lincomb, or_zeros
 
 class AdagradRule(UpdateRule):
     kinds = ("lr", "weight_decay")
+    param_shaped_state = True
 
     def options(self, group: dict[str, Any]) -> dict[str, Any]:
         return {"lr_decay": group["lr_decay"], "eps": group["eps"], "maximize": group["maximize"],

@@ -23,6 +23,7 @@ from .base import hyper_tangents, lincomb, or_zeros
 
 class AdamRule(UpdateRule):
     kinds = ("lr", "momentum", "weight_decay")
+    param_shaped_state = True
 
     def __init__(self, decoupled_weight_decay: bool = False):
         self.decoupled_weight_decay = decoupled_weight_decay

@@ -81,6 +81,9 @@ class UpdateRule:
     """
 
     kinds: tuple[str, ...] = ("lr", "weight_decay")
+    #: every state tensor but ``step`` is shaped like its parameter (checked when a checkpoint
+    #: is loaded; a registered rule with other state shapes leaves this False)
+    param_shaped_state: bool = False
 
     def read(self, group: dict[str, Any], kind: str) -> float:
         return float(group[kind])

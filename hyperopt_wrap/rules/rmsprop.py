@@ -23,6 +23,7 @@ from .base import axpy, hyper_tangents, lincomb, or_zeros
 
 class RMSpropRule(UpdateRule):
     kinds = ("lr", "momentum", "weight_decay")
+    param_shaped_state = True
 
     def options(self, group: dict[str, Any]) -> dict[str, Any]:
         return {"alpha": group["alpha"], "eps": group["eps"], "centered": group["centered"],

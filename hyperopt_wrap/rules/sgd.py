@@ -24,6 +24,7 @@ from .base import hyper_tangents, lincomb, or_zeros
 
 class SGDRule(UpdateRule):
     kinds = ("lr", "momentum", "weight_decay")
+    param_shaped_state = True
 
     def options(self, group: dict[str, Any]) -> dict[str, Any]:
         return {"dampening": group["dampening"], "nesterov": group["nesterov"],
