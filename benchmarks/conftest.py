@@ -1,4 +1,5 @@
-"""pytest-benchmark suite: ``python -m pytest benchmarks --benchmark-only``.
+"""pytest-benchmark suite: ``python -m pytest benchmarks --benchmark-only`` (once, untimed:
+``--benchmark-disable``).
 
 Not collected by ``python -m pytest tests`` (it lives outside ``tests/``).  Environment:
 
@@ -15,21 +16,17 @@ Not collected by ``python -m pytest tests`` (it lives outside ``tests/``).  Envi
 * ``HYPEROPT_BENCH_GPT_WIDTHS``: comma-separated model widths of the transformer language model
   (default ``256``; empty for none).
 
-Each network is measured with its kind's variants (``summary.KIND_VARIANTS``).
+Each network is measured with its kind's variants (``benchmarks.summary.KIND_VARIANTS``).
 
 A case's iterations per round are rounded up to whole windows of its ``update_every``.
 """
 from __future__ import annotations
 
 import os
-import sys
-from pathlib import Path
 
 import pytest
 
-# test_overhead.py builds its cases with summary.py's code, so both measure the same thing.
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from summary import measuring  # noqa: E402
+from benchmarks.timing import measuring
 
 
 def _env_int(name: str, default: int) -> int:
@@ -54,6 +51,6 @@ GPT_WIDTHS = _env_ints("HYPEROPT_BENCH_GPT_WIDTHS", "256")
 @pytest.fixture(scope="session", autouse=True)
 def bench_threads():
     """The same thread count for every case, and denormals flushed to zero (a precaution, see
-    summary.py); both restored afterwards."""
+    ``benchmarks.timing.measuring``); both restored afterwards."""
     with measuring(THREADS):
         yield THREADS

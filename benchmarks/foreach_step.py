@@ -1,7 +1,7 @@
 """The rules' bucketed step, ``UpdateRule.step_foreach``, against the per-tensor ``step_`` loop
 and torch.optim's own ``foreach=True`` step on the same tensors (float32, one thread).
 
-    python benchmarks/foreach_step.py [--repeats 300]
+    python -m benchmarks.foreach_step [--repeats 300]
 
 Cases: 200 tensors of 16x16 (a deep model's many small tensors: where the per-tensor Python
 loop costs most) and an MLP 784-256-10 (4 tensors, arithmetic-bound).  SGD momentum 0.9 and Adam

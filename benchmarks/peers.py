@@ -1,17 +1,18 @@
 """Side by side with peer implementations: step time and memory of the same hypergradient work
 in hyperopt_wrap and in gdtuo, higher and torchopt (the optional extra ``peers``).
 
-    python benchmarks/peers.py                 # writes section "peers" of benchmarks/RESULTS.md
-    python benchmarks/peers.py --quick         # a look in well under a minute, printed only
-    python benchmarks/peers.py --widths 256 --cnn-widths 16 --rounds 11 --out /tmp/r.md
-    python benchmarks/peers.py --profile "higher K=5" SGD 256      # where one case's time goes
+    python -m benchmarks.peers                 # writes section "peers" of benchmarks/RESULTS.md
+    python -m benchmarks.peers --quick         # a look in well under a minute, printed only
+    python -m benchmarks.peers --widths 256 --cnn-widths 16 --rounds 11 --out /tmp/r.md
+    python -m benchmarks.peers --profile "higher K=5" SGD 256    # where one case's time goes
 
-Networks, minibatches and the measuring protocol are summary.py's (``Net``, ``measuring``,
-``step_peak_bytes``): an MLP 784-H-10 (batch 128) and a CNN 1-C/2-C (batch 64), float32, one
-thread; every case of a network is built from the same initial weights, warmed up, then timed
-in interleaved rounds (order rotating), each case's steps per round rounded up to whole windows;
-reported: the median over rounds of the mean step time and the median of the per-round ratio
-to vanilla (torch's optimizer, plain ``loss.backward(); opt.step()``) of the same base.
+Networks, minibatches and the measuring protocol are the overhead summary's (``models.Net``,
+``timing``, ``memory.step_peak_bytes``): an MLP 784-H-10 (batch 128) and a CNN 1-C/2-C (batch
+64), float32, one thread; every case of a network is built from the same initial weights,
+warmed up, then timed in interleaved rounds (order rotating), each case's steps per round
+rounded up to whole windows; reported: the median over rounds of the mean step time and the
+median of the per-round ratio to vanilla (torch's optimizer, plain ``loss.backward();
+opt.step()``) of the same base.
 
 The same work per step (every case tunes the same hyperparameters with the same hypergradient):
 
@@ -38,25 +39,23 @@ import argparse
 import itertools
 import math
 import statistics
-import sys
-import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import replace
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 from torch import Tensor, nn
 
-HERE = Path(__file__).resolve().parent
-if str(HERE) not in sys.path:
-    sys.path.insert(0, str(HERE))
+from hyperopt_wrap import HyperOptimizer, Unroll
 
-from report import RESULTS as DEFAULT_OUT, machine_info, machine_lines, write_section  # noqa: E402
-from summary import (Net, format_bytes, make_nets, measuring, step_peak_bytes,  # noqa: E402
-                     training_step)
-
-from hyperopt_wrap import HyperOptimizer, Unroll  # noqa: E402
+from .memory import step_peak_bytes
+from .models import Net, make_nets
+from .profiling import ops_table, profiled
+from .report import RESULTS as DEFAULT_OUT, format_bytes, grid, machine_info, machine_lines, \
+    write_section
+from .timing import Built, Case, check_protocol, interleaved, measuring, median_ratio, \
+    training_step, warm_up
 
 K = 5
 BASES: dict[str, tuple[type, dict]] = {
@@ -91,15 +90,6 @@ def _peers():
     return gdtuo, higher, torchopt
 
 
-@dataclass
-class Built:
-    base: str
-    case: str
-    net: Net
-    step: Callable[[], Tensor]
-    window: int
-
-
 def _batches(net: Net, seed: int = 0):
     return itertools.cycle(net.batches(seed=seed))
 
@@ -117,7 +107,9 @@ class _LogLr:
         self.raw = torch.tensor(math.log(lr), requires_grad=True)
         self.opt = torch.optim.Adam([self.raw], lr=HYPER_LR)
 
-    def step(self, d_lr: Tensor) -> None:
+    def step(self, meta: Tensor) -> None:
+        """One Adam step on log lr down the gradient of the meta-objective ``meta``."""
+        (d_lr,) = torch.autograd.grad(meta, [self.lr])
         self.raw.grad = d_lr.detach() * self.lr.detach()
         self.opt.step()
         with torch.no_grad():
@@ -127,6 +119,7 @@ class _LogLr:
 def build(base: str, case: str, net: Net, seed: int = 0) -> Built:
     """One case: a function doing one full training step on the next minibatch."""
     gdtuo, higher, torchopt = _peers()
+    key = Case(base, case, net)
     model = net.model(seed)
     cls, kwargs = BASES[base]
     batches = _batches(net, seed)
@@ -135,12 +128,12 @@ def build(base: str, case: str, net: Net, seed: int = 0) -> Built:
 
     if case == "vanilla":
         opt = cls(model.parameters(), **kwargs)
-        return Built(base, case, net, training_step(opt, model, batches), 1)
+        return Built(key, training_step(opt, model, batches), 1)
 
     if case == "ours greedy":
         tune = ("lr", "momentum") if base == "SGD" else ("lr",)
         opt = HyperOptimizer(cls, model.parameters(), method="greedy", tune=tune, **kwargs)
-        return Built(base, case, net, training_step(opt, model, batches), 1)
+        return Built(key, training_step(opt, model, batches), 1)
 
     if case == "gdtuo":
         lr = kwargs["lr"]
@@ -160,7 +153,7 @@ def build(base: str, case: str, net: Net, seed: int = 0) -> Built:
             loss.backward()
             wrapper.step()
             return loss
-        return Built(base, case, net, step, 1)
+        return Built(key, step, 1)
 
     if case.startswith("ours unroll"):
         closure_style = case.endswith("closure")
@@ -169,7 +162,7 @@ def build(base: str, case: str, net: Net, seed: int = 0) -> Built:
                              curvature="closure" if closure_style else "graph",
                              val_loss=lambda: loss_fn(model(xv), yv), **kwargs)
         step = training_step(opt, model, batches, "closure" if closure_style else "graph")
-        return Built(base, case, net, step, K)
+        return Built(key, step, K)
 
     if case == "higher K=5":
         base_opt = cls(model.parameters(), **kwargs)
@@ -188,9 +181,7 @@ def build(base: str, case: str, net: Net, seed: int = 0) -> Built:
             diffopt.step(loss)
             run["i"] += 1
             if run["i"] == K:
-                meta = loss_fn(fmodel(xv), yv)
-                (d_lr,) = torch.autograd.grad(meta, [lr.lr])
-                lr.step(d_lr)
+                lr.step(loss_fn(fmodel(xv), yv))
                 with torch.no_grad():      # carry on from the window's end
                     for p, fast in zip(params, fmodel.parameters()):
                         p.copy_(fast)
@@ -201,7 +192,7 @@ def build(base: str, case: str, net: Net, seed: int = 0) -> Built:
                                 for k, v in diffopt.state[gi][pi].items()}
                 run.update(i=0, fmodel=None, diffopt=None)
             return loss.detach()
-        return Built(base, case, net, step, K)
+        return Built(key, step, K)
 
     if case == "torchopt K=5":
         lr = _LogLr(kwargs["lr"])
@@ -217,28 +208,21 @@ def build(base: str, case: str, net: Net, seed: int = 0) -> Built:
             opt.step(loss)
             run["i"] += 1
             if run["i"] == K:
-                meta = loss_fn(model(xv), yv)
-                (d_lr,) = torch.autograd.grad(meta, [lr.lr])
-                lr.step(d_lr)
+                lr.step(loss_fn(model(xv), yv))
                 torchopt.stop_gradient(model)
                 torchopt.stop_gradient(opt)
                 run["i"] = 0
             return loss.detach()
-        return Built(base, case, net, step, K)
+        return Built(key, step, K)
 
     raise ValueError(f"unknown case {case!r}; choose from {CASES}")
-
-
-def whole_windows(steps: int, window: int) -> int:
-    return -(-steps // window) * window
 
 
 def measure(nets: Sequence[Net], rounds: int = 11, steps: int = 20, warmup: int = 10,
             threads: int = 1, bases: Sequence[str] = tuple(BASES),
             cases: Sequence[str] = CASES, memory: bool = True) -> list[dict]:
     """Interleaved timings (and step peak memory over a window) of every case; one dict each."""
-    if rounds < 1 or steps < 1 or warmup < 0:
-        raise ValueError(f"need rounds >= 1, steps >= 1, warmup >= 0; got {rounds}, {steps}, {warmup}")
+    check_protocol(rounds, steps, warmup)
     cases = ["vanilla", *[c for c in cases if c != "vanilla"]]
     results = []
     with measuring(threads), warnings.catch_warnings():
@@ -246,25 +230,15 @@ def measure(nets: Sequence[Net], rounds: int = 11, steps: int = 20, warmup: int 
         warnings.filterwarnings("ignore", category=FutureWarning)
         for net in nets:
             built = [build(b, c, net) for b in bases for c in cases]
+            warm_up(built, max(warmup, 1), whole=True)
+            times, _ = interleaved(built, rounds, steps)
             for b in built:
-                for _ in range(whole_windows(max(warmup, 1), b.window)):
-                    b.step()
-            times: dict[tuple[str, str], list[float]] = {(b.base, b.case): [] for b in built}
-            for r in range(rounds):
-                k = r % len(built)
-                for b in built[k:] + built[:k]:
-                    n = whole_windows(steps, b.window)
-                    start = time.perf_counter()
-                    for _ in range(n):
-                        b.step()
-                    times[(b.base, b.case)].append((time.perf_counter() - start) / n)
-            for b in built:
-                own, ref = times[(b.base, b.case)], times[(b.base, "vanilla")]
+                own, ref = times[b.case], times[replace(b.case, variant="vanilla")]
                 losses = [float(b.step().detach()) for _ in range(b.window)]
                 results.append({
-                    "base": b.base, "case": b.case, "net": net.label,
+                    "base": b.case.base, "case": b.case.variant, "net": net.label,
                     "median_s": statistics.median(own),
-                    "ratio": statistics.median(t / v for t, v in zip(own, ref)),
+                    "ratio": median_ratio(own, ref),
                     "times_s": own,
                     "step_peak_bytes": step_peak_bytes(b.step, b.window) if memory else None,
                     "final_loss": losses[-1]})
@@ -273,24 +247,13 @@ def measure(nets: Sequence[Net], rounds: int = 11, steps: int = 20, warmup: int 
 
 def profile_case(base: str, case: str, net: Net, steps: int = 40, top: int = 20) -> str:
     """torch.profiler's table of one case (aten ops and Python-visible calls, self CPU time)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with measuring(1), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        b = build(base, case, net)
-        for _ in range(whole_windows(10, b.window)):
-            b.step()
-        steps = whole_windows(steps, b.window)
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
-            for _ in range(steps):
-                b.step()
-    return (f"{base} {case} {net.label}: {steps} steps profiled\n"
-            + prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=top))
+    prof, steps = profiled(lambda: build(base, case, net), steps, warmup=10)
+    return ops_table(prof, steps, f"{base} {case} {net.label}", top)
 
 
 def format_markdown(results: list[dict], info: dict[str, str], settings: dict) -> str:
     lines = ["## Side by side with peer implementations", "",
-             f"Generated by `python benchmarks/peers.py` on {info['date']}.", "",
+             f"Generated by `python -m benchmarks.peers` on {info['date']}.", "",
              *machine_lines(info),
              "- step: one training step on float32 networks (summary.py's MLP 784-H-10, batch "
              "128, and CNN 1-C/2-C, batch 64); "
@@ -311,23 +274,24 @@ def format_markdown(results: list[dict], info: dict[str, str], settings: dict) -
                      f"{r['ratio']:.2f}x | {format_bytes(r['step_peak_bytes'])} |")
     by = {(r["base"], r["case"], r["net"]): r for r in results}
     nets = list(dict.fromkeys(r["net"] for r in results))
+
+    def against(base: str, ours: str, peer: str, net: str) -> str:
+        a, b = by.get((base, ours, net)), by.get((base, peer, net))
+        return f"{a['median_s'] / b['median_s']:.2f}" if a and b else ""
+
     lines += ["", "### Ours against each peer (ratio of median step times; < 1: we are faster)",
-              "", "| base | comparison | " + " | ".join(nets) + " |",
-              "|---|---|" + "---:|" * len(nets)]
-    for base in dict.fromkeys(r["base"] for r in results):
-        for ours, peer in (("ours greedy", "gdtuo"), ("ours unroll K=5", "higher K=5"),
-                           ("ours unroll K=5", "torchopt K=5")):
-            cells = []
-            for n in nets:
-                a, b = by.get((base, ours, n)), by.get((base, peer, n))
-                cells.append(f"{a['median_s'] / b['median_s']:.2f}" if a and b else "")
-            if any(cells):
-                lines.append(f"| {base} | {ours} / {peer} | " + " | ".join(cells) + " |")
+              ""]
+    lines += grid(["base", "comparison"], nets,
+                  (([base, f"{ours} / {peer}"], [against(base, ours, peer, n) for n in nets])
+                   for base in dict.fromkeys(r["base"] for r in results)
+                   for ours, peer in (("ours greedy", "gdtuo"), ("ours unroll K=5", "higher K=5"),
+                                      ("ours unroll K=5", "torchopt K=5"))))
     return "\n".join(lines) + "\n"
 
 
 def main(argv: Sequence[str] | None = None) -> list[dict]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.peers",
+                                     description=__doc__.split("\n\n")[0])
     parser.add_argument("--widths", type=int, nargs="*", default=[256])
     parser.add_argument("--cnn-widths", type=int, nargs="*", default=[16])
     parser.add_argument("--bases", nargs="*", default=list(BASES), choices=list(BASES))

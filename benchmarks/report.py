@@ -2,8 +2,9 @@
 (``benchmarks/RESULTS.md``) that several scripts write, each into its own section.
 
 A section is the text between ``<!-- begin KEY -->`` and ``<!-- end KEY -->``; writing it again
-replaces just that text, so ``summary.py`` (overhead), ``study.py`` (tuning quality) and
-``peers.py`` (side by side with peer libraries) can be rerun independently.
+replaces just that text, so ``benchmarks.summary`` (overhead), ``benchmarks.study`` (tuning
+quality) and ``benchmarks.peers`` (side by side with peer libraries) can be rerun
+independently.  Also the markdown helpers they share (``format_bytes``, ``row``, ``grid``).
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import platform
 import re
 import subprocess
 from pathlib import Path
+from typing import Iterable, Sequence
 
 import torch
 
@@ -47,6 +49,30 @@ def machine_info(threads: int | None = None) -> dict[str, str]:
             "torch": torch.__version__,
             "threads": str(threads if threads is not None else torch.get_num_threads()),
             "python": platform.python_version(), "commit": commit or "unknown"}
+
+
+def format_bytes(n: int | None) -> str:
+    if n is None:
+        return "n/a"
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def row(cells: Sequence[str]) -> str:
+    """One markdown table row."""
+    return "| " + " | ".join(cells) + " |"
+
+
+def grid(heads: Sequence[str], columns: Sequence[str],
+         rows: Iterable[tuple[Sequence[str], Sequence[str]]]) -> list[str]:
+    """A markdown table: the leading columns ``heads``, then a right-aligned column per entry of
+    ``columns``; ``rows`` gives (leading cells, a cell per column), and a row whose column cells
+    are all empty is left out."""
+    lines = [row([*heads, *columns]), "|" + "---|" * len(heads) + "---:|" * len(columns)]
+    return lines + [row([*lead, *cells]) for lead, cells in rows if any(cells)]
 
 
 def machine_lines(info: dict[str, str]) -> list[str]:

@@ -1,13 +1,15 @@
 """Tuning-quality study: one run from a random initialisation against random search and the
 learning-rate-free optimizers (protocol after Clarke, Oldewage & Hernandez-Lobato, ICLR 2022).
 
-    python benchmarks/study.py                    # the full study (about 20 minutes, --jobs 2)
-    python benchmarks/study.py --quick            # tiny sizes, seconds
-    python benchmarks/study.py --tasks digits --methods fixed,greedy --inits 5 --no-plots
+    python -m benchmarks.study                    # the full study (about 20 minutes, --jobs 2)
+    python -m benchmarks.study --quick            # tiny sizes, seconds
+    python -m benchmarks.study --tasks digits --methods fixed,greedy --inits 5 --no-plots
 
-For each task, N random initialisations are drawn (log10 lr ~ U(-6, -1), log10 weight decay ~
-U(-7, -2), momentum ~ U(0, 1); the i-th also fixes the initial weights and the minibatch order)
-and every method trains once from each of them with the same step budget:
+The tasks (data, models, minibatches, losses) are ``benchmarks.tasks.TASKS``; the methods are
+the table ``METHODS`` below.  For each task, N random initialisations are drawn (log10 lr ~
+U(-6, -1), log10 weight decay ~ U(-7, -2), momentum ~ U(0, 1); the i-th also fixes the initial
+weights and the minibatch order) and every method trains once from each of them with the same
+step budget:
 
 * ``fixed``: plain ``torch.optim.SGD`` at the initial hyperparameters.  The N fixed runs are also
   the N trials of random search: best-of-N picks the run with the lowest final validation loss.
@@ -33,24 +35,21 @@ import sys
 import time
 import traceback
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
-from torch import Tensor, nn
+from torch import nn
+
+from hyperopt_wrap import HyperOptimizer
+
+from . import report, tasks
+from .tasks import TASKS, Task
+from .timing import training_step
 
 HERE = Path(__file__).resolve().parent
-if str(HERE) not in sys.path:              # report.py is a sibling, not a package module
-    sys.path.insert(0, str(HERE))
-if str(HERE.parent) not in sys.path:       # run from a checkout without installing
-    sys.path.insert(0, str(HERE.parent))
-
-import report  # noqa: E402
-from hyperopt_wrap import HyperOptimizer  # noqa: E402
-from hyperopt_wrap.demo import Split, load_digits_split, make_model, minibatches  # noqa: E402
-
-SEED = 0                 # the data splits and the draw of the initialisations
+SEED = 0                 # the draw of the initialisations (the data splits: tasks.SEED)
 INITS = 20
 TOLERANCE = 0.02         # "no worse than best-of-N": median test loss <= best-of-N * (1 + this)
 BEST_OF_K = (5,)         # expected best-of-k random search, exact over all k-subsets of the N
@@ -72,237 +71,6 @@ BUDGET_NOTE = (
     "measured alone, one of its steps costs about 2.5 ms (digits), 3 ms (diabetes) and 17 ms "
     "(LSTM, Hessian-vector products from the closure), about 5 more minutes with 2 workers; "
     "like implicit and unroll it makes a hyper-step every 10 steps")
-
-
-# ============================================================================ tasks
-@dataclass
-class Task:
-    """A training problem: data, model, minibatches, losses.  ``build(settings)`` returns the
-    data object every other hook receives."""
-    name: str
-    title: str
-    steps: int                       # default step budget
-    quick_steps: int
-    describe: Callable[[dict], str]
-    build: Callable[[dict], object]
-    model: Callable[[object, int], nn.Module]
-    batches: Callable[[object, int, int], list]          # (data, steps, seed) -> batches
-    train_loss: Callable[[nn.Module, object, object], Tensor]
-    val_loss: Callable[[nn.Module, object, int], Callable[[], Tensor]]   # meta-objective
-    evaluate: Callable[[nn.Module, object, str], float]  # full split loss, no grad
-    metric: str | None = None                            # "perplexity" for language models
-    # where implicit, unroll and rtrl take Hessian-vector products: "graph" (double backward,
-    # exact) or "closure" (finite differences, one gradient each; far cheaper for an LSTM)
-    curvature: str = "graph"
-
-
-_CACHE: dict = {}
-
-
-def _built(task: Task, settings: dict):
-    key = (task.name, settings["quick"])
-    if key not in _CACHE:
-        _CACHE[key] = task.build(settings)
-    return _CACHE[key]
-
-
-# ---------------------------------------------------------------------------- digits
-def _digits_build(settings):
-    return load_digits_split(SEED)           # the demo's seeded 60/20/20 split, standardised
-
-
-def _digits_model(data, seed):
-    return make_model(seed, 50, "tanh")      # the demo's MLP 64-50-10
-
-
-def _digits_batches(data, steps, seed):
-    return list(minibatches(len(data.x_train), steps, 50, seed))
-
-
-_ce = nn.CrossEntropyLoss()
-_mse = nn.MSELoss()
-
-
-def _digits_train_loss(model, data, idx):
-    return _ce(model(data.x_train[idx]), data.y_train[idx])
-
-
-def _digits_val_loss(model, data, seed):
-    return lambda: _ce(model(data.x_val), data.y_val)       # the whole validation set (359)
-
-
-def _digits_evaluate(model, data, split):
-    x, y = {"val": (data.x_val, data.y_val), "test": (data.x_test, data.y_test)}[split]
-    return float(_ce(model(x), y))
-
-
-# ---------------------------------------------------------------------------- diabetes
-def _diabetes_build(settings):
-    """sklearn's diabetes, split 60/20/20 by a seeded permutation, inputs and target
-    standardised with the training statistics."""
-    from sklearn.datasets import load_diabetes
-
-    x, y = load_diabetes(return_X_y=True)
-    x = torch.as_tensor(x, dtype=torch.float32)
-    y = torch.as_tensor(y, dtype=torch.float32).unsqueeze(1)
-    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(SEED))
-    n_train, n_val = int(0.6 * len(x)), int(0.2 * len(x))
-    tr, va, te = order[:n_train], order[n_train:n_train + n_val], order[n_train + n_val:]
-    x = (x - x[tr].mean(0)) / x[tr].std(0)
-    y = (y - y[tr].mean(0)) / y[tr].std(0)
-    return Split(x[tr], y[tr], x[va], y[va], x[te], y[te])
-
-
-def _diabetes_model(data, seed):
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(data.x_train.shape[1], 50), nn.ReLU(), nn.Linear(50, 1))
-
-
-def _diabetes_batches(data, steps, seed):
-    return [None] * steps                    # full batch
-
-
-def _diabetes_train_loss(model, data, _):
-    return _mse(model(data.x_train), data.y_train)
-
-
-def _diabetes_val_loss(model, data, seed):
-    return lambda: _mse(model(data.x_val), data.y_val)
-
-
-def _diabetes_evaluate(model, data, split):
-    x, y = {"val": (data.x_val, data.y_val), "test": (data.x_test, data.y_test)}[split]
-    return float(_mse(model(x), y))
-
-
-# ---------------------------------------------------------------------------- char LSTM
-LSTM = {"embed": 16, "hidden": 64, "seq": 32, "batch": 32, "eval_chars": None}
-LSTM_QUICK = {"embed": 8, "hidden": 16, "seq": 16, "batch": 8, "eval_chars": 2048}
-
-
-@dataclass
-class Corpus:
-    train: Tensor
-    val: Tensor
-    test: Tensor
-    vocab: int
-    cfg: dict
-    val_starts: Tensor = field(default=None)
-
-
-class CharLSTM(nn.Module):
-    def __init__(self, vocab: int, embed: int, hidden: int):
-        super().__init__()
-        self.embed = nn.Embedding(vocab, embed)
-        self.lstm = nn.LSTM(embed, hidden, batch_first=True)
-        self.out = nn.Linear(hidden, vocab)
-
-    def forward(self, x: Tensor) -> Tensor:
-        h, _ = self.lstm(self.embed(x))
-        return self.out(h)
-
-
-def _lstm_build(settings):
-    """Python's own documentation (``pydoc_data.topics``, shipped with Python): the topics in
-    sorted order, concatenated and split by contiguous spans 80/10/10."""
-    from pydoc_data.topics import topics
-
-    text = "".join(topics[k] for k in sorted(topics))
-    chars = sorted(set(text))
-    index = {c: i for i, c in enumerate(chars)}
-    ids = torch.tensor([index[c] for c in text], dtype=torch.int64)
-    n = len(ids)
-    a, b = int(0.8 * n), int(0.9 * n)
-    cfg = dict(LSTM_QUICK if settings["quick"] else LSTM)
-    train, val, test = ids[:a], ids[a:b], ids[b:]
-    if cfg["eval_chars"]:
-        val, test = val[:cfg["eval_chars"]], test[:cfg["eval_chars"]]
-    return Corpus(train, val, test, len(chars), cfg)
-
-
-def _lstm_model(data, seed):
-    torch.manual_seed(seed)
-    c = data.cfg
-    return CharLSTM(data.vocab, c["embed"], c["hidden"])
-
-
-def _windows(ids: Tensor, starts: Tensor, seq: int) -> tuple[Tensor, Tensor]:
-    rows = starts.unsqueeze(1) + torch.arange(seq + 1)
-    w = ids[rows]
-    return w[:, :-1], w[:, 1:]
-
-
-def _lstm_batches(data, steps, seed):
-    """Seeded random windows of seq+1 characters from the training text, batch at a time."""
-    c = data.cfg
-    gen = torch.Generator().manual_seed(seed + 1)
-    starts = torch.randint(0, len(data.train) - c["seq"] - 1, (steps, c["batch"]), generator=gen)
-    return list(starts)
-
-
-def _lstm_train_loss(model, data, starts):
-    x, y = _windows(data.train, starts, data.cfg["seq"])
-    return _ce(model(x).flatten(0, 1), y.flatten())
-
-
-def _lstm_val_loss(model, data, seed):
-    """The meta-objective: a fresh seeded validation minibatch (same size as a training
-    batch) at every call."""
-    c = data.cfg
-    gen = torch.Generator().manual_seed(seed + 2)
-    high = len(data.val) - c["seq"] - 1
-
-    def val_loss():
-        starts = torch.randint(0, high, (c["batch"],), generator=gen)
-        x, y = _windows(data.val, starts, c["seq"])
-        return _ce(model(x).flatten(0, 1), y.flatten())
-    return val_loss
-
-
-def _lstm_evaluate(model, data, split):
-    """Mean per-character cross-entropy over the whole split, cut into non-overlapping
-    sequences of the training length (state reset at each)."""
-    ids = {"val": data.val, "test": data.test}[split]
-    seq = data.cfg["seq"]
-    n = (len(ids) - 1) // seq
-    x = ids[:n * seq].view(n, seq)
-    y = ids[1:n * seq + 1].view(n, seq)
-    total = 0.0
-    for i in range(0, n, 256):
-        total += float(nn.functional.cross_entropy(model(x[i:i + 256]).flatten(0, 1),
-                                                   y[i:i + 256].flatten(), reduction="sum"))
-    return total / (n * seq)
-
-
-TASKS: dict[str, Task] = {t.name: t for t in (
-    Task("digits", "sklearn digits, MLP 64-50-10 (tanh), minibatch 50, cross-entropy",
-         steps=1500, quick_steps=12,
-         describe=lambda s: ("1797 8x8 digits, the demo's seeded 60/20/20 split (1078 / 359 / "
-                             "360), standardised on train; meta-objective: the whole validation "
-                             "set"),
-         build=_digits_build, model=_digits_model, batches=_digits_batches,
-         train_loss=_digits_train_loss, val_loss=_digits_val_loss, evaluate=_digits_evaluate),
-    Task("diabetes", "sklearn diabetes, MLP 10-50-1 (ReLU), full batch, MSE",
-         steps=4000, quick_steps=12,
-         describe=lambda s: ("442 patients, seeded 60/20/20 split (265 / 88 / 89), inputs and "
-                             "target standardised on train (losses in units of the target's "
-                             "variance); meta-objective: the whole validation set"),
-         build=_diabetes_build, model=_diabetes_model, batches=_diabetes_batches,
-         train_loss=_diabetes_train_loss, val_loss=_diabetes_val_loss,
-         evaluate=_diabetes_evaluate),
-    Task("lstm", "character LSTM language model on pydoc_data.topics",
-         steps=800, quick_steps=12, metric="perplexity", curvature="closure",
-         describe=lambda s: (
-             "Python's bundled documentation topics (79 strings, 464,970 characters, 103 "
-             "symbols), concatenated in sorted order and split 80/10/10 by contiguous spans; "
-             "embedding {embed}, LSTM {hidden}, linear to the vocabulary; batches of {batch} "
-             "random windows of {seq} characters; evaluation on the whole validation / test "
-             "span in non-overlapping {seq}-character sequences; meta-objective: a fresh "
-             "validation batch of the training batch's size at every call".format(
-                 **(LSTM_QUICK if s["quick"] else LSTM))),
-         build=_lstm_build, model=_lstm_model, batches=_lstm_batches,
-         train_loss=_lstm_train_loss, val_loss=_lstm_val_loss, evaluate=_lstm_evaluate),
-)}
 
 
 # ============================================================================ methods
@@ -462,13 +230,17 @@ def run_one(task_name: str, method_name: str, index: int, settings: dict) -> dic
         h = settings["inits"][index]
         steps = settings["steps"][task_name]
         seed = settings["seed"] * 1000 + index
-        data = _built(task, settings)
+        data = tasks.built(task, settings)
         model = task.model(data, seed)
         batches = task.batches(data, steps, seed)
         opt = method.make(model.parameters(), h, task.val_loss(model, data, seed))
         ours = isinstance(opt, HyperOptimizer)
         closure_steps = ours and (method.closure
                                   or (method.curvature and task.curvature == "closure"))
+        # the graph is built only on the steps a second-order method records
+        step = training_step(opt, model, iter(batches),
+                             "closure" if closure_steps else "graph" if ours else "plain",
+                             loss=lambda model, batch: task.train_loss(model, data, batch))
         record_every = max(1, steps // settings["points"])
         traj = {"step": [], "train_loss": [], **{k: [] for k in KINDS}} if ours else None
         if method.train_mode:
@@ -479,20 +251,8 @@ def run_one(task_name: str, method_name: str, index: int, settings: dict) -> dic
         while done < steps:
             n = min(record_every, steps - done)
             start = time.perf_counter()
-            for i in range(done, done + n):
-                if closure_steps:
-                    def closure(batch=batches[i]):       # binds its batch: may be replayed
-                        opt.zero_grad()
-                        loss = task.train_loss(model, data, batch)
-                        loss.backward()
-                        return loss
-                    loss = opt.step(closure)
-                    continue
-                opt.zero_grad()
-                loss = task.train_loss(model, data, batches[i])
-                # the graph is built only on the steps a second-order method records
-                loss.backward(create_graph=getattr(opt, "needs_graph", False))
-                opt.step()
+            for _ in range(n):
+                loss = step()
             seconds += time.perf_counter() - start
             done += n
             last = float(loss.detach())
@@ -765,7 +525,7 @@ def render(settings: dict, methods: list[Method], skipped: list[str], results: d
     info = report.machine_info(threads=1)
     n = settings["n_inits"]
     lines = ["## Tuning quality: one run from a random initialisation", "",
-             f"Generated by `python benchmarks/study.py{settings['argv']}` on {info['date']} "
+             f"Generated by `python -m benchmarks.study{settings['argv']}` on {info['date']} "
              f"in {wall / 60:.1f} min wall time ({jobs} worker process(es), 1 torch thread "
              "each).", ""]
     lines += report.machine_lines(info)
@@ -1002,7 +762,7 @@ def _parse_steps(text: str | None, tasks: list[str], quick: bool) -> dict[str, i
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python benchmarks/study.py",
+    p = argparse.ArgumentParser(prog="python -m benchmarks.study",
                                 description=__doc__.split("\n")[0])
     p.add_argument("--tasks", default=",".join(TASKS),
                    help=f"comma-separated, of {', '.join(TASKS)} (default: all)")

@@ -29,11 +29,8 @@ kinds and steps/windows of a test stacked into one vector; each test prints its 
 from __future__ import annotations
 
 import copy
-import importlib.util
 import math
 import re
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -563,28 +560,15 @@ def test_implicit_equals_torchopt_custom_root():
     assert err_wd <= 1e-10
 
 
-# ---------------------------------------------------------------------------- peers.py smoke
-PEERS = Path(__file__).resolve().parents[1] / "benchmarks" / "peers.py"
-
-
-def _load_peers():
-    if str(PEERS.parent) not in sys.path:      # peers.py imports summary.py and report.py
-        sys.path.insert(0, str(PEERS.parent))
-    spec = importlib.util.spec_from_file_location("hyperopt_wrap_benchmark_peers", PEERS)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
+# ---------------------------------------------------------------------------- benchmarks.peers
 def test_peers_script_smoke(tmp_path, capsys):
-    """``python benchmarks/peers.py`` at tiny sizes: every case runs, times are finite, the
+    """``python -m benchmarks.peers`` at tiny sizes: every case runs, times are finite, the
     markdown section is written."""
-    peers = _load_peers()
+    from benchmarks import peers, report
+
     out = tmp_path / "RESULTS.md"
     peers.main(["--widths", "8", "--cnn-widths", "2", "--bases", "SGD", "--rounds", "1",
                 "--steps", "2", "--warmup", "1", "--no-memory", "--out", str(out)])
-    report = sys.modules["report"]
     text = report.read_section("peers", out)
     assert text is not None and "CPU:" in text and "torch" in text
     rows = [[c.strip() for c in line.strip("|").split("|")]

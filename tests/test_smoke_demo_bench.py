@@ -1,10 +1,11 @@
 """Smoke tests of the demo (``python -m hyperopt_wrap.demo``) and of the benchmark summary
-(``python benchmarks/summary.py``) at tiny sizes: they run, print/write finite numbers."""
+(``python -m benchmarks.summary``) at tiny sizes: they run, print/write finite numbers."""
 from __future__ import annotations
 
-import importlib.util
 import math
+import os
 import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -12,19 +13,10 @@ import pytest
 
 pytest.importorskip("sklearn")
 
+from benchmarks import report, summary  # noqa: E402
+from benchmarks.models import Net  # noqa: E402
+from benchmarks.timing import Case  # noqa: E402
 from hyperopt_wrap import demo  # noqa: E402
-
-SUMMARY = Path(__file__).resolve().parents[1] / "benchmarks" / "summary.py"
-
-
-def _load_summary():
-    if str(SUMMARY.parent) not in sys.path:     # summary.py imports its sibling report.py
-        sys.path.insert(0, str(SUMMARY.parent))
-    spec = importlib.util.spec_from_file_location("hyperopt_wrap_benchmark_summary", SUMMARY)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module          # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
 
 
 def _table_rows(text: str) -> list[list[str]]:
@@ -76,8 +68,7 @@ def test_demo_rejects_bad_arguments():
 
 
 def test_summary_measures_and_writes_markdown(tmp_path, capsys):
-    summary = _load_summary()
-    mlp = summary.Net("mlp", 8)
+    mlp = Net("mlp", 8)
     results = summary.measure([mlp], rounds=1, steps=2, warmup=1, bases=["SGD"], memory=True)
     by_key = {(r["base"], r["variant"]): r for r in results}
     assert set(by_key) == {("SGD", v) for v in summary.VARIANTS}
@@ -103,11 +94,9 @@ def test_summary_measures_and_writes_markdown(tmp_path, capsys):
     summary.main(["--widths", "8", "--cnn-widths", "2", "--lstm-widths", "3",
                   "--many-tensors", "3", "--gpt-widths", "8", "--rounds", "1", "--steps", "2",
                   "--warmup", "1", "--no-memory", "--variants", *variants, "--out", str(out)])
-    report = sys.modules["report"]
     text = report.read_section("overhead", out)
     assert text == capsys.readouterr().out.split("written to")[0].rstrip("\n") + "\n"
-    for net in (mlp, summary.Net("cnn", 2), summary.Net("lstm", 3), summary.Net("many", 3),
-                summary.Net("gpt", 8)):
+    for net in (mlp, Net("cnn", 2), Net("lstm", 3), Net("many", 3), Net("gpt", 8)):
         rows = [r for r in _table_rows(text) if r[0] == net.label]
         # every base, and the references of the ratios are measured too
         assert [r[1:3] for r in rows] == [[b, v] for b in summary.BASES
@@ -121,21 +110,36 @@ def test_summary_measures_and_writes_markdown(tmp_path, capsys):
 
 
 def test_summary_profile_attributes_step_time_to_library_functions():
-    summary = _load_summary()
-    mlp = summary.Net("mlp", 8)
-    text = summary.profile_step(summary.Case("SGD", "greedy global lr", mlp), steps=2)
+    mlp = Net("mlp", 8)
+    text = summary.profile_step(Case("SGD", "greedy global lr", mlp), steps=2)
     assert "opt.step total" in text
     # the ops are charged to the library's own functions (the stepper, controller, rules)
     assert re.search(r"hyperopt_wrap/\w+(/\w+)?\.py\(\d+\)", text), text
     # a closure step: the closure's forward/backward is the model's, not the optimizer's
-    text = summary.profile_step(summary.Case("SGD", "vanilla closure", mlp), steps=2)
+    text = summary.profile_step(Case("SGD", "vanilla closure", mlp), steps=2)
     closure_us = re.search(r"step's closure ops: +(\d+) us", text)
     assert closure_us and int(closure_us.group(1)) > 0, text
 
 
+def test_pytest_benchmark_suite_runs_once():
+    """``python -m pytest benchmarks --benchmark-disable`` (each case run once, untimed) on the
+    MLP 784-8-10 only: the suite's files collect, build their cases and take finite steps."""
+    pytest.importorskip("pytest_benchmark")
+    tiny = {"HYPEROPT_BENCH_WIDTHS": "8", "HYPEROPT_BENCH_CNN_WIDTHS": "",
+            "HYPEROPT_BENCH_LSTM_WIDTHS": "", "HYPEROPT_BENCH_MANY_TENSORS": "",
+            "HYPEROPT_BENCH_GPT_WIDTHS": "", "HYPEROPT_BENCH_ROUNDS": "1",
+            "HYPEROPT_BENCH_ITERATIONS": "1"}
+    run = subprocess.run([sys.executable, "-m", "pytest", "benchmarks", "--benchmark-disable",
+                          "-q", "-p", "no:cacheprovider", "-rs"],
+                         cwd=Path(__file__).resolve().parents[1], env={**os.environ, **tiny},
+                         capture_output=True, text=True, timeout=300)
+    tail = (run.stdout + run.stderr)[-3000:]
+    assert run.returncode == 0, tail
+    passed = re.search(r"(\d+) passed", run.stdout)
+    assert passed and int(passed.group(1)) >= 2 * len(summary.VARIANTS), tail
+
+
 def test_report_sections_are_replaced_independently(tmp_path):
-    _load_summary()
-    report = sys.modules["report"]
     path = tmp_path / "RESULTS.md"
     report.write_section("study", "study v1", path)
     report.write_section("overhead", "overhead v1\n", path)      # goes before the study

@@ -1,36 +1,17 @@
-"""Smoke test of the tuning-quality study (``python benchmarks/study.py``) at tiny sizes: every
+"""Smoke test of the tuning-quality study (``python -m benchmarks.study``) at tiny sizes: every
 task and every method (the learning-rate-free ones when their packages are installed) runs,
 the section "study" is written with one table per task, finite numbers where no run diverged,
 NaN counts, random search, a verdict per task, and the plots."""
 from __future__ import annotations
 
-import importlib.util
 import math
 import re
-import sys
-from pathlib import Path
 
 import pytest
 
 pytest.importorskip("sklearn")
 
-STUDY = Path(__file__).resolve().parents[1] / "benchmarks" / "study.py"
-
-
-def _load_study():
-    if str(STUDY.parent) not in sys.path:        # study.py imports its sibling report.py
-        sys.path.insert(0, str(STUDY.parent))
-    name = "hyperopt_wrap_benchmark_study"
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, STUDY)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module               # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
-study = _load_study()
+from benchmarks import report, study  # noqa: E402
 
 
 def _tables(section: str) -> dict[str, list[list[str]]]:
@@ -64,7 +45,7 @@ def test_every_method_row_for_every_task(quick):
     res, out, _ = quick
     text = out.read_text()
     assert "keep me" in text, "another section was overwritten"
-    section = study.report.read_section("study", out)
+    section = report.read_section("study", out)
     assert section is not None and section == res["text"].rstrip() + "\n"
     expected = [m.name for m in study.METHODS.values() if study.available(m)]
     missing = [m.name for m in study.METHODS.values() if not study.available(m)]
@@ -188,7 +169,7 @@ def test_a_missing_package_skips_its_rows_with_a_message(tmp_path, monkeypatch, 
                       "--methods", "fixed,ghost", "--no-plots", "--out", str(out)])
     err = capsys.readouterr().err
     assert "skipping ghost" in err and "not installed" in err
-    section = study.report.read_section("study", out)
+    section = report.read_section("study", out)
     assert "skipped: ghost" in section
     assert [r[0] for r in _tables(section)["diabetes"]][:1] == ["fixed"]
     assert not any(r[0] == "ghost" for r in _tables(section)["diabetes"])
