@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from hyperopt_wrap import HyperOptimizer
 
@@ -122,6 +122,7 @@ def _dadapt(params, h, val_loss):
 
 
 ELEMENT_LR = {"lr": "element", "momentum": "global", "weight_decay": "global"}
+TENSOR_LR = {"lr": "tensor", "momentum": "global", "weight_decay": "global"}
 # rtrl's cost relative to the others', for the job queue only: measured alone, one of its steps
 # costs about 1.5-2.5x greedy's on digits and diabetes and 2.2x on the LSTM (closure source)
 RTRL_COST = 3.5
@@ -141,6 +142,16 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            _ours("unroll"), cost=2.0, curvature=True),
     Method("greedy element-lr", "ours", "greedy with granularity " + str(ELEMENT_LR),
            _ours("greedy", granularity=ELEMENT_LR), cost=1.7),
+    Method("greedy tensor-lr", "ours", "greedy with granularity " + str(TENSOR_LR),
+           _ours("greedy", granularity=TENSOR_LR), cost=1.6),
+    Method("implicit element-lr", "ours", "implicit with granularity " + str(ELEMENT_LR),
+           _ours("implicit", granularity=ELEMENT_LR), cost=1.7, curvature=True),
+    Method("implicit tensor-lr", "ours", "implicit with granularity " + str(TENSOR_LR),
+           _ours("implicit", granularity=TENSOR_LR), cost=1.6, curvature=True),
+    Method("unroll element-lr", "ours", "unroll with granularity " + str(ELEMENT_LR),
+           _ours("unroll", granularity=ELEMENT_LR), cost=2.2, curvature=True),
+    Method("unroll tensor-lr", "ours", "unroll with granularity " + str(TENSOR_LR),
+           _ours("unroll", granularity=TENSOR_LR), cost=2.1, curvature=True),
     Method("rtrl", "ours", "HyperOptimizer(method='rtrl') at its defaults (forward "
            "sensitivities of the three kinds, discount 1, update_every 10), global, val_loss; "
            "three Hessian-vector products every step, from the graph (closure on the LSTM)",
@@ -190,13 +201,14 @@ def draw_inits(n: int, seed: int = SEED) -> list[dict[str, float]]:
 
 
 def _hyper_snapshot(opt) -> dict[str, float]:
-    """Current lr / momentum / weight decay (element lr: geometric mean over elements)."""
+    """Current lr / momentum / weight decay (per-tensor or per-element lr: geometric mean)."""
     out = {}
     for kind, entries in opt.hyperparameters().items():
         v = entries[0]
         if isinstance(v, list):
-            flat = torch.cat([t.detach().reshape(-1).double() for t in v])
-            out[kind] = float(flat.clamp_min(1e-300).log().mean().exp())
+            v = torch.cat([t.detach().reshape(-1).double() for t in v])
+        if isinstance(v, Tensor) and v.numel() > 1:     # tensor / element: geometric mean
+            out[kind] = float(v.double().clamp_min(1e-300).log().mean().exp())
         else:
             out[kind] = float(v)
     return out

@@ -1,10 +1,12 @@
 """hyperopt_wrap: tune lr, momentum and weight decay during the one training run you do anyway."""
 from .curvature import CurvatureError, FiniteDifferences
+from .normalized_momentum import NormalizedMomentum
 from .methods import RTRL, SGLD, Distill, ForwardGradient, Greedy, Implicit, Unroll
 from .optimizer import HyperOptimizer
 from .rules import UpdateRule, register_rule
 
 __version__ = "0.2.0"
-__all__ = ["HyperOptimizer", "register_rule", "UpdateRule", "Greedy", "Implicit", "Unroll", "RTRL",
+__all__ = ["HyperOptimizer", "NormalizedMomentum", "register_rule", "UpdateRule", "Greedy",
+           "Implicit", "Unroll", "RTRL",
            "ForwardGradient", "SGLD", "Distill", "FiniteDifferences", "CurvatureError",
            "__version__"]

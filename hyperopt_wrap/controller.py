@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from .checkpoint import CheckpointError, check_tensor, require
+from .normalized_momentum import NormalizedMomentum
 from .hyperparams import TunedKind
 
 _FUSED_DEVICES = ("cpu", "cuda", "xpu", "mps")   # where torch's fused Adam kernel runs
@@ -41,6 +42,10 @@ class Controller:
         self.hyper_optimizer: torch.optim.Optimizer | None = None
         self.skipped_hypersteps = torch.zeros((), dtype=torch.int64, device=device)
         self.skipped_steps = torch.zeros((), dtype=torch.int64, device=device)
+        # skipped steps since the last hyper-step, each of which multiplies the tuned lr by
+        # ``backoff`` there (as GradScaler backs off its scale): a run recovers from a blow-up
+        self.backoff: float | None = 0.5
+        self.window_skips = torch.zeros((), dtype=torch.int64, device=device)
         self.window_finite = torch.ones((), dtype=torch.bool, device=device)
         self.contributions = 0      # hypergradient contributions in the accumulators
         self.hypersteps = 0
@@ -81,10 +86,14 @@ class Controller:
             finite = finite.to(self.window_finite.device)
         self.window_finite &= finite
 
-    def count_step(self, finite: Tensor) -> None:
+    def count_step(self, finite: Tensor, backoff: bool = True) -> None:
+        """Count a skipped base step; with ``backoff`` (the gradient itself was not finite, not
+        an AMP loss-scale overflow) the tuned lr backs off at the coming hyper-step."""
         if finite.device != self.skipped_steps.device:
             finite = finite.to(self.skipped_steps.device)
         self.skipped_steps.add_(~finite)
+        if backoff and self.backoff is not None:
+            self.window_skips.add_(~finite)
 
     def abandon_window(self) -> None:
         self.contributions = 0
@@ -120,12 +129,18 @@ class Controller:
         self.skipped_hypersteps.add_(found_inf > 0)
         hyper_opt = self.hyper_optimizer
         if all(isinstance(g["lr"], (int, float)) and g["lr"] == 0 for g in hyper_opt.param_groups):
+            self.window_skips.zero_()
             return
         plan = self._fused_plan()
         if plan is not None:
             # torch's fused kernel, called directly with the raw-unit gradients (no .grad
             # round trip); it skips the whole update on the device when found_inf is set
             _fused_adam_step(plan, found_inf, 1 - found_inf)
+        elif isinstance(hyper_opt, NormalizedMomentum):     # skips on the device itself
+            self._set_raw_grads()
+            hyper_opt.step(found_inf=found_inf, eps_scale={
+                raw: tk.parametrisation.dvalue_draw(value)
+                for tk in self.tuned.values() for raw, value in zip(tk.raws, tk.values)})
         elif getattr(hyper_opt, "defaults", {}).get("fused"):
             self._set_raw_grads()
             hyper_opt.found_inf = found_inf
@@ -145,18 +160,31 @@ class Controller:
             for raw, old in zip(raws, raws_before):
                 torch.where(finite.to(raw.device), raw, old, out=raw)
         ok = 1 - found_inf
-        ok_as: dict[tuple, Tensor] = {(ok.device, ok.dtype): ok}
+        backoff = self.backoff is not None and "lr" in self.tuned \
+            and self.kind_hyper_lr("lr") > 0
+        if backoff:
+            # lr *= backoff ** skips (raw units: a shift), written back also when the
+            # hyper-step itself was skipped
+            skips = self.window_skips.to(torch.float32)
+            shift = skips * math.log(self.backoff)
         for tk in self.tuned.values():
             lo, hi = tk.raw_bounds
+            w = ok
+            if backoff and tk.kind == "lr":
+                w = torch.maximum(ok, (skips > 0).to(ok.dtype))
+            ok_as: dict[tuple, Tensor] = {(w.device, w.dtype): w}
             for raw, value in zip(tk.raws, tk.values):
+                if backoff and tk.kind == "lr":
+                    raw.add_(shift.to(raw.device, raw.dtype))
                 raw.clamp_(lo, hi)
                 raw.grad = None
                 key = (value.device, value.dtype)
                 if key not in ok_as:
-                    ok_as[key] = ok.to(device=value.device, dtype=value.dtype)
+                    ok_as[key] = w.to(device=value.device, dtype=value.dtype)
                 # lerp with a 0/1 weight is an exact select: a skipped hyper-step leaves the
                 # natural values bit-exact
                 value.lerp_(tk.parametrisation.to_value(raw), ok_as[key])
+        self.window_skips.zero_()
 
     def _set_raw_grads(self) -> list[Tensor]:
         """``raw.grad = dE/draw = dE/dvalue * dvalue/draw`` for every raw block."""
@@ -211,7 +239,7 @@ class Controller:
             "hyper_optimizer": self.hyper_optimizer.state_dict(),
             "counters": {"contributions": self.contributions, "hypersteps": self.hypersteps},
             "skipped": [self.skipped_hypersteps.clone(), self.skipped_steps.clone(),
-                        self.window_finite.clone()],
+                        self.window_finite.clone(), self.window_skips.clone()],
         }
 
     def check_loadable(self, saved: dict[str, Any]) -> None:
@@ -247,11 +275,12 @@ class Controller:
         if not all(isinstance(c[k], int) and c[k] >= 0 for k in ("contributions", "hypersteps")):
             raise CheckpointError(f"hyper['controller']['counters'] must hold counts >= 0, got {c}")
         skipped = saved["skipped"]
-        if not (isinstance(skipped, (list, tuple)) and len(skipped) == 3
+        if not (isinstance(skipped, (list, tuple)) and len(skipped) in (3, 4)
                 and all(isinstance(t, Tensor) and t.numel() == 1 and t.device.type != "meta"
                         for t in skipped)):
-            raise CheckpointError("hyper['controller']['skipped'] must be three 1-element "
-                                  "tensors (skipped hyper-steps, skipped steps, window flag)")
+            raise CheckpointError("hyper['controller']['skipped'] must be 1-element tensors "
+                                  "(skipped hyper-steps, skipped steps, window flag, skips in "
+                                  "the window)")
 
     def _check_hyper_optimizer_state(self, saved: Any) -> None:
         where = "hyper['controller']['hyper_optimizer']"
@@ -264,6 +293,14 @@ class Controller:
             raise CheckpointError(f"{where} has other parameter groups than this optimizer's "
                                   "hyper-optimizer; the checkpoint comes from another "
                                   "configuration")
+        signature = ("betas", "normalize", "momentum", "dampening")
+        if any((k in t) != (k in g) for t, g in zip(theirs, groups) for k in signature):
+            raise CheckpointError(
+                f"{where} was saved by another hyper-optimizer class than this optimizer's "
+                f"{type(self.hyper_optimizer).__name__} (checkpoints of hyperopt_wrap 0.1 and "
+                "0.2 used torch.optim.Adam, the default then); construct the HyperOptimizer "
+                "with hyper_optimizer=torch.optim.Adam (or the class it was saved with) to "
+                "resume it")
         ids = {pid: raw for t, g in zip(theirs, groups) for pid, raw in zip(t["params"],
                                                                              g["params"])}
         if not isinstance(saved["state"], dict):
@@ -296,6 +333,10 @@ class Controller:
         self.skipped_hypersteps.copy_(saved["skipped"][0])
         self.skipped_steps.copy_(saved["skipped"][1])
         self.window_finite.copy_(saved["skipped"][2])
+        if len(saved["skipped"]) > 3:
+            self.window_skips.copy_(saved["skipped"][3])
+        else:
+            self.window_skips.zero_()
 
 
 def _fused_adam_step(plan, found_inf: Tensor, ok: Tensor) -> None:

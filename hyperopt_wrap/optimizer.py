@@ -12,6 +12,7 @@ from torch import Tensor
 
 from .checkpoint import CheckpointError, check_base_state, check_shapes, require
 from .controller import Controller
+from .normalized_momentum import NormalizedMomentum
 from .curvature import (ClosureSource, CurvatureError, FiniteDifferences, GraphSource,
                         capture_rng, missing_source_message, resolve_curvature, step_hvp)
 from .hyperparams import TunedKind, resolve_bounds, resolve_granularity
@@ -36,6 +37,11 @@ def _number(kind: str, value: Any, where: str) -> float:
                         f"{kind}={_EXAMPLE[kind]}")
     return float(value)
 
+
+# recovery="rollback": a gradient norm this many times the one where the last taken step
+# started means the run is diverging (far beyond minibatch noise; a blow-up grows it by orders
+# of magnitude a step)
+_ROLLBACK_GROWTH = 10.0
 
 _EXAMPLE = {"lr": "0.1", "momentum": "0.9", "weight_decay": "5e-4"}
 
@@ -80,7 +86,10 @@ class HyperOptimizer(torch.optim.Optimizer):
         granularity: ``"global"``, ``"group"``, ``"tensor"`` or ``"element"``, or a dict per kind.
         hyper_lr: learning rate of the hyper-optimizer on the raw values (a float, or a dict
             per kind). Default: the method's (greedy: 0.05). 0 freezes the hyperparameters.
-        hyper_optimizer: torch optimizer class for the raw values (default Adam).
+        hyper_optimizer: torch optimizer class for the raw values.  Default: the method's
+            (greedy: :class:`~hyperopt_wrap.NormalizedMomentum`, momentum on hypergradients
+            normalised per block, scale-free; the others: ``torch.optim.Adam``, as greedy's
+            was before 0.3).
         hyper_optimizer_kwargs: extra keyword arguments for it.
         update_every: base steps per hyper-step (default: the method's; greedy: 1).
         val_loss: optional zero-argument callable returning a validation loss at the current
@@ -95,6 +104,13 @@ class HyperOptimizer(torch.optim.Optimizer):
             ``step``), ``"graph"``, ``"closure"``, or
             :class:`~hyperopt_wrap.FiniteDifferences` (central differences, eps, ``model=`` to
             protect BatchNorm buffers).  See :mod:`hyperopt_wrap.curvature`.
+        recovery: what a step skipped for a non-finite gradient does besides skipping:
+            ``"backoff"`` (default: the tuned lr halves for each such step, at the coming
+            hyper-step, as GradScaler backs off its scale; not for skips an AMP caller flags
+            through ``found_inf``), ``"rollback"`` (that, and the weights and optimizer state
+            return to where the last taken step started: a run that blew up in finite
+            arithmetic recovers; one copy of the weights and state on their device, two more
+            passes a step) or ``None`` (skip only).
         **optimizer_kwargs: passed to ``optimizer_cls`` (validated by it).
 
     Param-group entries stay readable and writable. For a tuned ``lr``, ``group["lr"]`` is a
@@ -105,10 +121,10 @@ class HyperOptimizer(torch.optim.Optimizer):
     """
 
     def __init__(self, optimizer_cls: type, params, *, method="greedy", tune=("lr",),
-                 granularity="global", hyper_lr=None, hyper_optimizer=torch.optim.Adam,
+                 granularity="global", hyper_lr=None, hyper_optimizer=None,
                  hyper_optimizer_kwargs: dict | None = None, update_every: int | None = None,
                  val_loss: Callable[[], Tensor] | None = None, bounds=None, curvature="auto",
-                 **optimizer_kwargs):
+                 recovery="backoff", **optimizer_kwargs):
         self.rule = get_rule(optimizer_cls)
         self.optimizer_cls = optimizer_cls
         if isinstance(tune, str):
@@ -137,9 +153,14 @@ class HyperOptimizer(torch.optim.Optimizer):
                 and update_every >= 1):
             raise ValueError(f"update_every must be an int >= 1, got {update_every!r}")
         self.update_every = update_every
+        if recovery not in ("backoff", "rollback", None):
+            raise ValueError(f"recovery must be 'backoff', 'rollback' or None, got {recovery!r}")
+        self.recovery = recovery
         for kind in KINDS:
             if kind in optimizer_kwargs and kind in self.rule.kinds:
                 _check_value(kind, optimizer_kwargs[kind], "")
+        if hyper_optimizer is None:
+            hyper_optimizer = self.method.default_hyper_optimizer
         _check_hyper_optimizer(hyper_optimizer, hyper_optimizer_kwargs)
         if isinstance(hyper_lr, dict):
             wrong = set(hyper_lr) ^ set(tune)
@@ -159,7 +180,10 @@ class HyperOptimizer(torch.optim.Optimizer):
         _check_flags(optimizer_cls, inner.defaults)
         self._hyper_ready = False
         super().__init__(inner.param_groups, inner.defaults)
-        eager_state = bool(inner.state)     # e.g. Adagrad creates its state in __init__
+        # e.g. Adagrad creates its state in __init__ (from the constructor's arguments, not the
+        # groups'): we take torch's, with the step counters on the parameters' devices
+        eager_state = {p: {k: (v.to(p.device) if isinstance(v, Tensor) and k == "step" else v)
+                           for k, v in st.items()} for p, st in inner.state.items()}
         del inner
         for gi, group in enumerate(self.param_groups):
             if not group["params"]:
@@ -175,6 +199,8 @@ class HyperOptimizer(torch.optim.Optimizer):
                 hyper_lr = {k: hyper_lr[k] for k in tune}
         self._controller = Controller(tuned, hyper_lr, hyper_optimizer, hyper_optimizer_kwargs,
                                       first.device)
+        if recovery is None:
+            self._controller.backoff = None
         raw_groups = self._controller.raw_groups()
         for gi, group in enumerate(self.param_groups):
             self._init_group_hyper(gi, group, raw_groups)
@@ -196,12 +222,8 @@ class HyperOptimizer(torch.optim.Optimizer):
         self._steps = 0
         self.method.bind(self._ctx)
         self._method_state = self.method.init_state(self._ctx)
-        if eager_state:
-            for group in self.param_groups:
-                for p in group["params"]:
-                    state = self.rule.init_state(p, self.rule.options(group))
-                    if state:
-                        self.state[p] = state
+        for p, state in eager_state.items():
+            self.state[p] = state
         self._hyper_ready = True
 
     # ------------------------------------------------------------------ set-up
@@ -511,7 +533,9 @@ class HyperOptimizer(torch.optim.Optimizer):
         finite = self._stepper.load_grads(buckets, self._device, getattr(self, "found_inf", None),
                                           getattr(self, "grad_scale", None),
                                           check_in_place=not isinstance(source, GraphSource))
-        self._controller.count_step(finite)
+        if self.recovery == "rollback":
+            finite = self._stepper.rollback(buckets, finite, _ROLLBACK_GROWTH)
+        self._controller.count_step(finite, backoff=getattr(self, "found_inf", None) is None)
         try:
             if self.val_loss is None:
                 # E is the training loss at the weights of the last step: its gradient is this
@@ -782,12 +806,13 @@ class HyperOptimizer(torch.optim.Optimizer):
 def _check_hyper_optimizer(cls, kwargs) -> None:
     if not (isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer)):
         raise TypeError(f"hyper_optimizer must be a torch.optim.Optimizer class, e.g. "
-                        f"hyper_optimizer=torch.optim.Adam (the default), got {cls!r}")
+                        f"hyper_optimizer=torch.optim.Adam or hyperopt_wrap.NormalizedMomentum, "
+                        f"got {cls!r}")
     if issubclass(cls, torch.optim.LBFGS):
         raise ValueError("hyper_optimizer=LBFGS needs a closure that re-evaluates the "
                          "meta-objective, which a hyper-step does not have; use a first-order "
-                         "torch optimizer such as torch.optim.Adam (the default) or "
-                         "torch.optim.SGD")
+                         "optimizer such as torch.optim.Adam, hyperopt_wrap.NormalizedMomentum "
+                         "or torch.optim.SGD")
     if kwargs is None:
         return
     if not isinstance(kwargs, dict):

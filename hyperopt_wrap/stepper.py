@@ -22,6 +22,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -163,12 +165,14 @@ class Stepper:
         self._amp: dict = {}
         self._pool = TensorPool()
         self._oks: dict | None = None     # the factor load_grads made, handed to step()
+        self._snapshots: dict = {}         # recovery="rollback": weights and state per param
 
     def __getstate__(self):
         """Pickling and deepcopy leave the caches behind (rebuilt on demand)."""
         state = dict(self.__dict__)
         state.update(_buckets={}, _work={}, _tape_buffers=[], _amp={}, _pool=TensorPool(),
                      _oks=None)
+        state["_snapshots"] = {}   # (a copy's rollback starts afresh)
         return state
 
     def invalidate(self) -> None:
@@ -255,6 +259,52 @@ class Stepper:
             b.grad.nan_to_num_(0.0, 0.0, 0.0)
         return finite
 
+    def rollback(self, buckets: list[Bucket], finite: Tensor, growth: float) -> Tensor:
+        """``recovery="rollback"``: a step whose gradient is not finite, or whose norm exceeds
+        ``growth`` times a reference that follows the taken steps' gradient norms (down at
+        once, up by at most 2x a step: the signature of a run diverging in finite arithmetic
+        is a norm that grows faster), is skipped and the weights and state return
+        to where the last taken step started; a step that is taken first remembers them.
+        Returns the step's new finite flag.  Everything is decided on the device: exact
+        selects (``lerp`` with a 0/1 weight), two passes over the weights and state a step and
+        one copy of them kept."""
+        oks = self._oks or {}
+        device = finite.device
+        norms = torch._foreach_norm([b.grad for b in buckets])
+        sq = torch.stack([n.to(device, torch.float32) for n in norms]).square().sum()
+        snap_sq = self._snapshots.get("grad_sq")
+        if snap_sq is None:
+            snap_sq = self._snapshots["grad_sq"] = torch.full((), math.inf, device=device)
+        take = finite & (sq <= snap_sq * growth ** 2)
+        # the reference follows the gradient norm down at once and up by at most 2x a step, so
+        # that a run diverging by less than ``growth`` a step soon outpaces it
+        torch.where(take, torch.minimum(sq, snap_sq * 4), snap_sq, out=snap_sq)
+        keep: dict = {}
+        for key, ok in oks.items():       # a rejected step is skipped like a non-finite one
+            ok.mul_(take.to(ok.device, ok.dtype))
+        for b in buckets:                 # (the rules take a skipped step's gradient as 0)
+            b.grad.mul_(oks[(b.device, b.dtype)])
+        for b in buckets:
+            ok = oks[(b.device, b.dtype)]
+            bad = None
+            for p, st in zip(b.params, b.states or [{}] * len(b.params)):
+                pairs = [("weights", p.data)] + [(k, v) for k, v in st.items()
+                                                 if isinstance(v, Tensor) and v.is_floating_point()]
+                mine = self._snapshots.setdefault(p, {})
+                for name, cur in pairs:
+                    snap = mine.get(name)
+                    if snap is None or snap.shape != cur.shape:
+                        mine[name] = cur.clone()     # nothing earlier to return to
+                        continue
+                    if bad is None:
+                        bad = 1 - ok
+                    w = keep.get(cur.dtype)
+                    if w is None:
+                        w = keep[cur.dtype] = bad if bad.dtype == cur.dtype else bad.to(cur.dtype)
+                    cur.lerp_(snap, w)
+                    snap.copy_(cur)
+        return take
+
     def _amp_buffers(self, device) -> tuple[Tensor, Tensor]:
         hit = self._amp.get(device)
         if hit is None:
@@ -337,8 +387,10 @@ class Stepper:
         """For rules without ``step_``: run ``update_with_tangents`` and write the results back
         with ``old.lerp_(new, ok)``, bit-exactly ``new`` for ok=1 and ``old`` for ok=0 (the
         rule saw a zero gradient, so its outputs are finite)."""
+        tuned = tuple(k for k in kinds if isinstance(hyper.get(k), Tensor))   # (others: 0)
         new_p, new_state, tangents = self.rule.update_with_tangents(p, grad, dict(state), hyper,
-                                                                    options, kinds)
+                                                                    options, tuned)
+        tangents = {k: tangents[k] if k in tangents else torch.zeros_like(p) for k in kinds}
         p.lerp_(new_p, ok)
         for name, value in new_state.items():
             old = state.get(name)
@@ -381,8 +433,8 @@ class Stepper:
                     if id(flat) not in seen:
                         seen.add(id(flat))
                         out.append(flat)
-        for d in list(self._work.values()) + [x for pos in self._tape_buffers
-                                              for x in pos.values()]:
+        for d in list(self._work.values()) + list(self._snapshots.values()) + [
+                x for pos in self._tape_buffers for x in pos.values()]:
             out.extend(t for t in d.values() if isinstance(t, Tensor))
         return out
 

@@ -560,10 +560,19 @@ def test_a_checkpoint_of_version_0_1_loads_and_keeps_its_tuned_values(method):
     torch.manual_seed(5)
     m = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Tanh(), torch.nn.Linear(7, 3)).double()
     m.load_state_dict(saved["model"])
-    opt = HyperOptimizer(torch.optim.SGD, m.parameters(), lr=0.05, momentum=0.9,
-                         weight_decay=1e-3, tune=("lr", "momentum", "weight_decay"),
-                         method="greedy" if method == "greedy" else Implicit(3),
-                         **({} if method == "greedy" else {"update_every": 4}))
+    def make(**kw):
+        return HyperOptimizer(torch.optim.SGD, m.parameters(), lr=0.05, momentum=0.9,
+                              weight_decay=1e-3, tune=("lr", "momentum", "weight_decay"),
+                              method="greedy" if method == "greedy" else Implicit(3),
+                              **({} if method == "greedy" else {"update_every": 4}), **kw)
+    if method == "greedy":      # greedy's default hyper-optimizer is new: refused, naming the fix
+        fresh = make()
+        before = fresh.state_dict()["hyper"]["controller"]["values"]
+        with pytest.raises(ValueError, match="hyper_optimizer=torch.optim.Adam"):
+            fresh.load_state_dict(saved["opt"])
+        assert all(torch.equal(a, b) for k in before for a, b in
+                   zip(before[k], fresh.state_dict()["hyper"]["controller"]["values"][k]))
+    opt = make(hyper_optimizer=torch.optim.Adam)      # 0.1's default
     opt.load_state_dict(saved["opt"])
     hp = opt.hyperparameters()
     for kind, values in saved["hyper"].items():

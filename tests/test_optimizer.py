@@ -380,9 +380,10 @@ def test_register_rule_for_a_custom_optimizer():
 # --------------------------------------------------------------------------- NaN safety
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")], ids=["nan", "inf"])
 def test_nonfinite_gradient_skips_the_step_and_the_hyperstep(bad):
+    """(recovery=None: the skip alone; the lr's backoff is tested in test_recovery.py)"""
     m = _model()
     opt = HyperOptimizer(torch.optim.Adam, m.parameters(), lr=1e-2, tune=ALL, weight_decay=1e-3,
-                         granularity="element")
+                         granularity="element", recovery=None)
     _train(opt, m, 5)
     weights = [p.detach().clone() for p in m.parameters()]
     states = {id(p): {k: v.clone() for k, v in opt.state[p].items() if k != "hyper"}
@@ -430,7 +431,7 @@ def test_nonfinite_validation_loss_skips_the_hyperstep():
         for a, b in zip(hyper[k], tk.values):
             assert torch.equal(a, b)
     for i, st in opt.hyper_optimizer.state_dict()["state"].items():
-        for name in ("exp_avg", "exp_avg_sq"):
+        for name in st:
             assert torch.equal(st[name], adam_state[i][name])
     poison["on"] = False
     _train(opt, m, 2, start=4)
@@ -452,13 +453,14 @@ def test_method_objects_and_repr():
 
 
 def test_fused_hyper_adam_fast_path_equals_torch_adam_step():
-    """The default hyper-optimizer (fused Adam, stepped by calling its kernel directly) moves
+    """hyper_optimizer=torch.optim.Adam (fused, stepped by calling its kernel directly) moves
     the hyperparameters bit-identically to torch.optim.Adam's own single-tensor step()."""
     runs = []
     for hyper_kwargs in (None, {"foreach": False}):
         m = _model()
         opt = HyperOptimizer(torch.optim.SGD, m.parameters(), lr=0.05, momentum=0.9,
                              weight_decay=1e-3, tune=ALL, hyper_optimizer_kwargs=hyper_kwargs,
+                             hyper_optimizer=torch.optim.Adam,
                              granularity={"lr": "element", "momentum": "tensor"})
         _train(opt, m, 30)
         runs.append((m, opt))

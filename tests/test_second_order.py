@@ -132,7 +132,8 @@ def test_float32_sources_agree_with_each_other_and_the_reference(case_id, centra
                                      "Adagrad(lr_decay=0.01)"])
 def test_horizon_1_is_greedy(case_id):
     case = _case(case_id)
-    runs = [Run(case, mlp(), "element", method=m, update_every=1)
+    runs = [Run(case, mlp(), "element", method=m, update_every=1,
+                hyper_optimizer=torch.optim.Adam)      # (the same hyper-optimizer for all)
             for m in (Unroll(1), Implicit(1), Greedy())]
     for _ in range(5):
         for run in runs:

@@ -159,6 +159,8 @@ class HypergradientMethod:
     name = "method"
     default_update_every = 1
     default_hyper_lr: "float | dict[str, float]" = 0.01
+    #: the hyper-optimizer class when the user names none (a torch.optim.Optimizer subclass)
+    default_hyper_optimizer: type = torch.optim.Adam
     #: the method records steps and asks for Hessian-vector products (a gradient graph or a
     #: closure, see :mod:`hyperopt_wrap.curvature`) on them
     needs_curvature = False

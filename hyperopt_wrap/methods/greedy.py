@@ -17,6 +17,7 @@ whether it was taken.
 from __future__ import annotations
 
 from ..checkpoint import CheckpointError, require
+from ..normalized_momentum import NormalizedMomentum
 from .base import HypergradientMethod, MetaGradients
 
 
@@ -24,6 +25,9 @@ class Greedy(HypergradientMethod):
     name = "greedy"
     default_update_every = 1
     default_hyper_lr = 0.05
+    # normalised momentum: scale-free (a tiny lr is rescued), spike-proof, and per-tensor
+    # values that move by their share of the signal; measured in RESULTS.md ("hyper-optimizer")
+    default_hyper_optimizer = NormalizedMomentum
 
     def init_state(self, ctx):
         return {"pending": None}

@@ -1,0 +1,215 @@
+"""Runs that recover: a learning rate far too small is rescued (scale-free hypergradients), a
+step skipped for a non-finite gradient backs the lr off, ``recovery="rollback"`` brings a run
+that blew up in finite arithmetic back, and the default hyper-optimizer (NormalizedMomentum) skips,
+saves and resumes exactly."""
+import copy
+import io
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from hyperopt_wrap import NormalizedMomentum, HyperOptimizer
+from hyperopt_wrap.demo import load_digits_split, make_model, minibatches
+
+_DIGITS = load_digits_split(0)
+_CE = nn.CrossEntropyLoss()
+
+
+def _digits_run(cls, kwargs, lr0, steps, **hyper):
+    model = make_model(0, 50, "tanh")
+    opt = HyperOptimizer(cls, model.parameters(), lr=lr0, **kwargs, **hyper)
+    d = _DIGITS
+    lrs, losses = [], []
+    for idx in minibatches(len(d.x_train), steps, 50, 0):
+        opt.zero_grad()
+        loss = _CE(model(d.x_train[idx]), d.y_train[idx])
+        loss.backward()
+        opt.step()
+        lrs.append(float(opt.hyperparameters()["lr"][0]))
+        losses.append(float(loss.detach()))
+    return lrs, losses
+
+
+@pytest.mark.parametrize("lr0", [1e-9, 1e-10])
+@pytest.mark.parametrize("cls,kwargs,useful", [
+    (torch.optim.SGD, {}, 1e-2),
+    (torch.optim.SGD, {"momentum": 0.9}, 1e-2),
+    (torch.optim.Adam, {}, 1e-3),
+], ids=["sgd", "sgd-momentum", "adam"])
+def test_a_learning_rate_far_too_small_is_rescued_within_a_few_hundred_steps(cls, kwargs,
+                                                                            useful, lr0):
+    """From lr 1e-9 (and from the default lower bound 1e-10) on digits the raw hypergradient
+    ``lr dE/dlr`` is about 1e-10: torch's Adam as the hyper-optimizer, whose eps is 1e-8,
+    barely moves it (from 1e-10 with plain SGD it stays there).  NormalizedMomentum's step is
+    relative to the hypergradient's own scale, so log lr grows at hyper_lr a step."""
+    lrs, losses = _digits_run(cls, kwargs, lr0, 450)
+    reached = next((i for i, lr in enumerate(lrs) if lr >= useful), None)
+    assert reached is not None and reached < 400, (reached, lrs[-1])
+    assert sum(losses[-20:]) / 20 < 0.5 * losses[0]
+    # the same run with torch's Adam as the hyper-optimizer, for contrast: stuck
+    if cls is torch.optim.SGD and not kwargs and lr0 == 1e-10:
+        stuck, _ = _digits_run(cls, kwargs, lr0, 450, hyper_optimizer=torch.optim.Adam)
+        assert max(stuck) < 1e-8
+
+
+def _diabetes():
+    from sklearn.datasets import load_diabetes
+    x, y = load_diabetes(return_X_y=True)
+    x = torch.as_tensor(x, dtype=torch.float32)
+    y = torch.as_tensor(y, dtype=torch.float32).unsqueeze(1)
+    x = (x - x.mean(0)) / x.std(0)
+    y = (y - y.mean(0)) / y.std(0)
+    return x, y
+
+
+@pytest.mark.parametrize("tune,extra", [
+    (("lr",), {}),
+    (("lr", "momentum", "weight_decay"), {"momentum": 0.9, "weight_decay": 1e-4}),
+], ids=["lr", "lr-momentum-wd"])
+def test_a_run_that_blew_up_recovers_with_rollback(tune, extra):
+    """SGD at lr=10 on diabetes (MSE, ReLU MLP): the loss grows by orders of magnitude a step
+    until every gradient overflows.  Skipping alone freezes the run there (296 of 300 steps
+    skipped, the loss inf; 1496 of 1500); ``recovery="rollback"`` returns to where the last good step started
+    and halves the lr each time, and the run ends below its initial loss."""
+    x, y = _diabetes()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(10, 50), nn.ReLU(), nn.Linear(50, 1))
+    mse = nn.MSELoss()
+    results = {}
+    for recovery in (None, "rollback"):
+        m = copy.deepcopy(model)
+        opt = HyperOptimizer(torch.optim.SGD, m.parameters(), lr=10.0, tune=tune,
+                             bounds={"lr": (1e-10, 10.0)}, recovery=recovery,
+                             val_loss=lambda m=m: mse(m(x), y), **extra)
+        with torch.no_grad():
+            initial = float(mse(m(x), y))
+        for _ in range(600 if recovery else 300):
+            opt.zero_grad()
+            mse(m(x), y).backward()
+            opt.step()
+        with torch.no_grad():
+            results[recovery] = (initial, float(mse(m(x), y)), opt.skipped_steps)
+    initial, final, skipped = results["rollback"]
+    assert math.isfinite(final) and final < initial, results
+    assert 0 < skipped < 100
+    assert not math.isfinite(results[None][1]) and results[None][2] > 290   # the trap
+
+
+def _tiny():
+    torch.manual_seed(0)
+    return nn.Linear(4, 3).double()
+
+
+def _nan_step(opt, model, bad):
+    opt.zero_grad()
+    model(torch.randn(5, 4, dtype=torch.float64)).pow(2).sum().backward()
+    if bad:
+        model.weight.grad[0, 0] = math.nan
+    opt.step()
+
+
+@pytest.mark.parametrize("recovery", ["backoff", None])
+def test_a_skipped_step_halves_the_tuned_lr_unless_recovery_is_off(recovery):
+    model = _tiny()
+    opt = HyperOptimizer(torch.optim.SGD, model.parameters(), lr=0.1, recovery=recovery,
+                         tune=("lr", "momentum"), momentum=0.5)
+    _nan_step(opt, model, False)
+    before = {k: float(v[0]) for k, v in opt.hyperparameters().items()}
+    w = model.weight.detach().clone()
+    twin = copy.deepcopy((model, opt))
+    _nan_step(opt, model, True)
+    _nan_step(twin[1], twin[0], False)   # (the same RNG draw is not needed: only lr is read)
+    after = {k: float(v[0]) for k, v in opt.hyperparameters().items()}
+    assert torch.equal(model.weight, w) and opt.skipped_steps == 1
+    assert after["momentum"] == before["momentum"]      # only the lr backs off
+    expected = before["lr"] * (0.5 if recovery else 1.0)
+    assert after["lr"] == pytest.approx(expected, rel=1e-6)
+
+
+def test_an_amp_overflow_does_not_back_the_lr_off():
+    """GradScaler's skips (``found_inf`` set by an AMP-aware caller) are loss-scale overflows,
+    not a learning rate that is too large."""
+    model = _tiny()
+    opt = HyperOptimizer(torch.optim.SGD, model.parameters(), lr=0.1)
+    _nan_step(opt, model, False)
+    lr = float(opt.hyperparameters()["lr"][0])
+    opt.found_inf = torch.ones(())
+    _nan_step(opt, model, True)
+    del opt.found_inf
+    assert opt.skipped_steps == 1 and float(opt.hyperparameters()["lr"][0]) == lr
+
+
+def test_normalized_momentum_skips_exactly_and_resumes_bit_for_bit():
+    torch.manual_seed(0)
+    blocks = [torch.randn(()).requires_grad_(), torch.randn(3).requires_grad_(),
+              torch.randn(2, 4).requires_grad_()]
+    opt = NormalizedMomentum(blocks, lr=0.05)
+    grads = [[torch.randn_like(b) * 10 ** k for b in blocks] for k in range(-3, 3)]
+    for gs in grads[:3]:
+        for b, g in zip(blocks, gs):
+            b.grad = g
+        opt.step(found_inf=torch.zeros(()))
+    values = [b.detach().clone() for b in blocks]
+    state = copy.deepcopy(opt.state_dict())
+    for b in blocks:
+        b.grad = torch.full_like(b, math.nan)
+    opt.step(found_inf=torch.ones(()))                    # skipped: nothing moves
+    assert all(torch.equal(b, v) for b, v in zip(blocks, values))
+    after = opt.state_dict()["state"]
+    assert all(torch.equal(after[i][k], state["state"][i][k]) for i in after for k in after[i])
+    buf = io.BytesIO()
+    torch.save(opt.state_dict(), buf)
+    buf.seek(0)
+    twin_blocks = [b.detach().clone().requires_grad_() for b in blocks]
+    twin = NormalizedMomentum(twin_blocks, lr=0.05)
+    twin.load_state_dict(torch.load(buf, weights_only=True))
+    for gs in grads[3:]:
+        for o, bs in ((opt, blocks), (twin, twin_blocks)):
+            for b, g in zip(bs, gs):
+                b.grad = g.clone()
+            o.step()
+    assert all(torch.equal(a, b) for a, b in zip(blocks, twin_blocks))
+
+
+@pytest.mark.parametrize("normalize", ["block", "group"])
+def test_normalized_momentum_moves_an_entry_in_proportion_to_its_share_of_the_signal(normalize):
+    """In a block with one strong and one weak steady signal, the strong entry moves by about
+    lr a step and the weak one proportionally less (Adam moves both by lr); a scalar block
+    moves by lr whatever the scale of its hypergradient once its dead zone is scaled like its
+    value (a tiny lr), and not at all when its hypergradient is below the dead zone."""
+    strong_weak = torch.zeros(2, requires_grad=True)
+    tiny_lr = torch.zeros((), requires_grad=True)
+    noise = torch.zeros((), requires_grad=True)
+    ours = NormalizedMomentum([strong_weak], lr=0.01, normalize=normalize)
+    scalars = NormalizedMomentum([tiny_lr, noise], lr=0.01)
+    adam_blocks = torch.zeros(2, requires_grad=True)
+    adam = torch.optim.Adam([adam_blocks], lr=0.01)
+    for _ in range(50):
+        strong_weak.grad = torch.tensor([1.0, 0.01])
+        tiny_lr.grad = torch.tensor(1e-12)       # d value / d raw 1e-12: lr = 1e-12
+        noise.grad = torch.tensor(1e-19)         # rounding noise of a zero hypergradient
+        adam_blocks.grad = torch.tensor([1.0, 0.01])
+        ours.step()
+        scalars.step(eps_scale={tiny_lr: torch.tensor(1e-12), noise: torch.tensor(0.09)})
+        adam.step()
+    s, w = (-strong_weak.detach()).tolist()
+    assert s == pytest.approx(0.5, rel=0.05) and w < 0.05 * s
+    assert float(-tiny_lr.detach()) == pytest.approx(0.5, rel=0.05)
+    assert abs(float(noise.detach())) < 1e-6
+    a_s, a_w = (-adam_blocks.detach()).tolist()
+    assert a_w == pytest.approx(a_s, rel=0.05)
+
+
+def test_bad_hyper_optimizer_and_recovery_arguments_are_clear_errors():
+    p = [torch.zeros(1, requires_grad=True)]
+    with pytest.raises(ValueError, match="learning rate"):
+        NormalizedMomentum(p, lr=-1)
+    with pytest.raises(ValueError, match="momentum"):
+        NormalizedMomentum(p, momentum=1.0)
+    with pytest.raises(ValueError, match="normalize"):
+        NormalizedMomentum(p, normalize="kind")
+    with pytest.raises(ValueError, match="recovery"):
+        HyperOptimizer(torch.optim.SGD, [torch.zeros(1, requires_grad=True)], lr=0.1,
+                       recovery="undo")
