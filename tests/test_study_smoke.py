@@ -177,3 +177,10 @@ def test_a_missing_package_skips_its_rows_with_a_message(tmp_path, monkeypatch, 
     assert [r[0] for r in _tables(section)["diabetes"]][:1] == ["fixed"]
     assert not any(r[0] == "ghost" for r in _tables(section)["diabetes"])
     assert list(res["results"]) == [("diabetes", "fixed")]
+
+
+def test_the_hyper_optimizer_experiment_runs():
+    from benchmarks import hyper_optimizers
+    res = hyper_optimizers.main(["--tasks", "digits", "--methods", "greedy", "--inits", "1",
+                                 "--steps", "12", "--jobs", "1", "--hypers", "adam,normalized"])
+    assert len(res) == 6 and all(math.isfinite(v[0]) for v in res.values())
