@@ -63,62 +63,132 @@ class NormalizedMomentum(torch.optim.Optimizer):
             raise ValueError(f"normalize must be 'block' or 'group', got {normalize!r}")
         super().__init__(params, dict(lr=lr, momentum=momentum, eps=eps, normalize=normalize))
 
-    def _state(self, p: Tensor) -> dict:
-        state = self.state[p]
-        if not state:
-            state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
-            state["exp_avg"] = torch.zeros_like(p)
-        return state
-
     @torch.no_grad()
     def step(self, closure=None, found_inf: Tensor | None = None,
              eps_scale: dict | None = None):
         """One step.  ``eps_scale`` (param -> tensor of its shape) multiplies ``eps`` entry by
         entry (HyperOptimizer passes ``d value / d raw``); with ``found_inf`` set a skipped
-        step leaves every value and state, the counters included, bit-exactly as it was."""
+        step leaves every value and state, the counters included, bit-exactly as it was.
+
+        All blocks of one device and dtype are stepped together on one flat vector (their
+        states are views into flat buffers), about twenty tensor operations however many
+        blocks there are."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for group in self.param_groups:
-            params = [p for p in group["params"] if p.grad is not None]
-            if params:
-                self._step_group(group, params, found_inf, eps_scale or {})
+        split: dict[tuple, list[tuple[Tensor, int]]] = {}
+        for gi, group in enumerate(self.param_groups):
+            for p in group["params"]:
+                if p.grad is not None:
+                    split.setdefault((p.device, p.dtype), []).append((p, gi))
+        for entries in split.values():
+            self._step_flat([p for p, _ in entries], [gi for _, gi in entries], found_inf,
+                            eps_scale or {})
         return loss
 
-    def _step_group(self, group, params, found_inf, eps_scale) -> None:
-        lr, b1, eps = group["lr"], group["momentum"], group["eps"]
-        tiny = torch.finfo(torch.float32).tiny
-        ok = None if found_inf is None else 1 - found_inf.to(params[0].device, torch.float32)
-        grads, squares, floors = [], [], []
-        for p in params:
-            g = p.grad if ok is None else torch.nan_to_num(p.grad, 0.0, 0.0, 0.0)
-            e = eps_scale.get(p)
-            grads.append(g)
-            squares.append(g.float().square().mean())
-            floors.append(eps * (e.float().square().mean().sqrt() if e is not None else 1.0))
-        if group["normalize"] == "group":
-            n = [p.numel() for p in params]
-            total = float(sum(n))
-            rms = (sum(s * (k / total) for s, k in zip(squares, n))).sqrt()
-            floor = max(floors) if all(isinstance(f, float) for f in floors) else \
-                torch.stack([torch.as_tensor(f, device=rms.device) for f in floors]).amax()
-            scales = [torch.maximum(rms, torch.as_tensor(floor, device=rms.device))] * len(params)
-        else:
-            scales = [torch.maximum(s.sqrt(), torch.as_tensor(f, device=s.device))
-                      for s, f in zip(squares, floors)]
-        for p, g, scale in zip(params, grads, scales):
-            st = self._state(p)
-            step, m = st["step"], st["exp_avg"]
-            g_hat = g / scale.clamp(min=tiny).to(g.dtype)
-            if ok is None:
-                step.add_(1)
-                m.lerp_(g_hat, 1 - b1)
-                update = (m / (1 - b1 ** step)).clamp_(-1, 1)
-            else:
-                okp = ok.to(m.dtype)
-                step.add_(ok)
-                m.lerp_(g_hat, (1 - b1) * okp)
-                update = (m / (1 - b1 ** step.clamp(min=1))).clamp_(-1, 1).mul_(okp)
-            p.sub_(update.to(p.dtype), alpha=lr)
+    def _plan(self, params: list[Tensor], gis: list[int]) -> dict:
+        """Flat buffers for the blocks' states (the state entries are views into them) and the
+        per-entry constants, memoised; rebuilt when the blocks, their groups' options or the
+        state tensors (after load_state_dict) change."""
+        key = (tuple(id(p) for p in params), tuple(gis),
+               tuple((g["lr"], g["momentum"], g["eps"], g["normalize"])
+                     for g in self.param_groups))
+        plan = getattr(self, "_flat", None)
+        if plan is not None and plan["key"] == key and all(
+                self.state[p].get("exp_avg") is m and self.state[p].get("step") is t
+                for p, m, t in zip(params, plan["m_views"], plan["t_views"])):
+            return plan
+        dev, dtype = params[0].device, params[0].dtype
+        sizes = [p.numel() for p in params]
+        old = [self.state.get(p) or {} for p in params]
+        m = torch.cat([st["exp_avg"].to(dev, dtype).reshape(-1) if "exp_avg" in st
+                       else torch.zeros(n, dtype=dtype, device=dev)
+                       for st, n in zip(old, sizes)])
+        t = torch.stack([st["step"].to(dev, torch.float32).reshape(()) if "step" in st
+                         else torch.zeros((), dtype=torch.float32, device=dev) for st in old])
+        m_views = [v.view_as(p) for v, p in zip(m.split(sizes), params)]
+        t_views = list(t.unbind())
+        for p, mv, tv in zip(params, m_views, t_views):
+            self.state[p] = {"step": tv, "exp_avg": mv}
+        groups = [self.param_groups[gi] for gi in gis]
+        lengths = torch.tensor(sizes, device=dev)
+        total = sum(sizes)
+        per_entry = lambda xs, dt=dtype: torch.tensor(xs, dtype=dt, device=dev).repeat_interleave(
+            lengths, output_size=total)
+        group_ids = sorted(set(gis))
+        plan = {"key": key, "m": m, "t": t, "m_views": m_views, "t_views": t_views,
+                "sizes": sizes, "lengths": lengths, "scalar": all(n == 1 for n in sizes),
+                "total": total,
+                "lr": per_entry([g["lr"] for g in groups]),
+                "b1": per_entry([g["momentum"] for g in groups]),
+                "b1_block": torch.tensor([g["momentum"] for g in groups], dtype=torch.float32,
+                                         device=dev),
+                "eps": per_entry([g["eps"] for g in groups]),
+                "by_group": torch.tensor([group_ids.index(gi) for gi in gis], device=dev)
+                if any(g["normalize"] == "group" for g in groups) else None,
+                "n_groups": len(group_ids),
+                "group_mode": torch.tensor([g["normalize"] == "group" for g in groups],
+                                           device=dev)}
+        self._flat = plan
+        return plan
 
+    def _step_flat(self, params, gis, found_inf, eps_scale) -> None:
+        plan = self._plan(params, gis)
+        tiny = torch.finfo(params[0].dtype).tiny
+        g = torch.cat([p.grad.reshape(-1) for p in params])
+        ok = None
+        if found_inf is not None:
+            ok = 1 - found_inf.to(g.device, torch.float32)
+            g = torch.nan_to_num(g, 0.0, 0.0, 0.0)
+        e = torch.cat([eps_scale[p].reshape(-1).to(g.dtype) if p in eps_scale
+                       else torch.ones(p.numel(), dtype=g.dtype, device=g.device)
+                       for p in params]) if eps_scale else None
+        if plan["scalar"] and plan["by_group"] is None:     # one entry per block: rms = |g|
+            rms = g.abs()
+            floor = plan["eps"] if e is None else plan["eps"] * e.abs()
+        else:
+            lengths = plan["lengths"]
+            # block RMS, formed in float64 where the device has it (squares of small
+            # hypergradients underflow in float32)
+            wide = torch.float32 if g.device.type == "mps" else torch.float64
+            sums = torch.segment_reduce(g.to(wide).square(), "sum", lengths=lengths)
+            counts = lengths.to(wide)
+            if plan["by_group"] is not None:     # normalize="group": one RMS per group
+                gsum = torch.zeros(plan["n_groups"], dtype=wide, device=g.device)
+                gcnt = torch.zeros_like(gsum)
+                gsum.index_add_(0, plan["by_group"], sums)
+                gcnt.index_add_(0, plan["by_group"], counts)
+                sums = torch.where(plan["group_mode"], gsum[plan["by_group"]], sums)
+                counts = torch.where(plan["group_mode"], gcnt[plan["by_group"]], counts)
+            rms = (sums / counts).sqrt().to(g.dtype).repeat_interleave(
+                lengths, output_size=plan["total"])
+            if e is None:
+                floor = plan["eps"]
+            else:
+                esq = torch.segment_reduce(e.to(wide).square(), "sum", lengths=lengths)
+                floor = plan["eps"] * (esq / lengths.to(wide)).sqrt().to(g.dtype) \
+                    .repeat_interleave(lengths, output_size=plan["total"])
+        g_hat = g / torch.maximum(rms, floor).clamp_(min=tiny)
+        m, t = plan["m"], plan["t"]
+        b1 = plan["b1"]
+        if ok is None:
+            t.add_(1)
+            m.lerp_(g_hat, 1 - b1)
+        else:
+            t.add_(ok)
+            m.lerp_(g_hat, (1 - b1) * ok.to(m.dtype))
+        bc1 = 1 - plan["b1_block"] ** t.clamp(min=1)
+        if not plan["scalar"]:
+            bc1 = bc1.repeat_interleave(plan["lengths"], output_size=plan["total"])
+        update = (m / bc1.to(m.dtype)).clamp_(-1, 1)
+        if ok is not None:
+            update.mul_(ok.to(m.dtype))
+        update.mul_(plan["lr"])
+        torch._foreach_sub_(params, [u.view_as(p) for u, p in
+                                     zip(update.split(plan["sizes"]), params)])
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        state.pop("_flat", None)       # (views into flat buffers: rebuilt on demand)
+        return state
