@@ -642,6 +642,15 @@ class HyperOptimizer(torch.optim.Optimizer):
         state, counters).  State-dict hooks see the whole of it."""
         for pre_hook in self._optimizer_state_dict_pre_hooks.values():
             pre_hook(self)
+        sd = self._state_dict()
+        for post_hook in self._optimizer_state_dict_post_hooks.values():
+            out = post_hook(self, sd)
+            if out is not None:
+                sd = out
+        return sd
+
+    def _state_dict(self) -> dict[str, Any]:
+        """:meth:`state_dict` without the user's hooks."""
         self._sync_group_writes()
         with _hooks_off(self, "_optimizer_state_dict_pre_hooks",
                         "_optimizer_state_dict_post_hooks"):
@@ -656,10 +665,6 @@ class HyperOptimizer(torch.optim.Optimizer):
                          "recorded": len(self._ctx.tape)},
             "shapes": [[list(p.shape) for p in g["params"]] for g in self.param_groups],
         }
-        for post_hook in self._optimizer_state_dict_post_hooks.values():
-            out = post_hook(self, sd)
-            if out is not None:
-                sd = out
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -674,7 +679,7 @@ class HyperOptimizer(torch.optim.Optimizer):
             if out is not None:
                 state_dict = out
         hyper, rest = self._check_loadable(state_dict)
-        before = self.state_dict()      # torch's part by reference: cheap
+        before = self._state_dict()     # torch's part by reference: cheap
         try:
             self._load(hyper, rest)
         except BaseException:

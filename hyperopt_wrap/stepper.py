@@ -166,13 +166,14 @@ class Stepper:
         self._pool = TensorPool()
         self._oks: dict | None = None     # the factor load_grads made, handed to step()
         self._snapshots: dict = {}         # recovery="rollback": weights and state per param
+        self._rollback_ref: Tensor | None = None   # and the reference squared gradient norm
 
     def __getstate__(self):
         """Pickling and deepcopy leave the caches behind (rebuilt on demand)."""
         state = dict(self.__dict__)
         state.update(_buckets={}, _work={}, _tape_buffers=[], _amp={}, _pool=TensorPool(),
                      _oks=None)
-        state["_snapshots"] = {}   # (a copy's rollback starts afresh)
+        state["_snapshots"], state["_rollback_ref"] = {}, None   # (a copy's starts afresh)
         return state
 
     def invalidate(self) -> None:
@@ -272,9 +273,9 @@ class Stepper:
         device = finite.device
         norms = torch._foreach_norm([b.grad for b in buckets])
         sq = torch.stack([n.to(device, torch.float32) for n in norms]).square().sum()
-        snap_sq = self._snapshots.get("grad_sq")
-        if snap_sq is None:
-            snap_sq = self._snapshots["grad_sq"] = torch.full((), math.inf, device=device)
+        snap_sq = self._rollback_ref
+        if snap_sq is None or snap_sq.device != device:
+            snap_sq = self._rollback_ref = torch.full((), math.inf, device=device)
         take = finite & (sq <= snap_sq * growth ** 2)
         # the reference follows the gradient norm down at once and up by at most 2x a step, so
         # that a run diverging by less than ``growth`` a step soon outpaces it

@@ -576,3 +576,17 @@ def test_resume_and_deepcopy_agree_without_val_loss(name, steps):
         problems["deepcopy vs original"] = _agree((m3, o3), (m1, o1))
     problems = {k: v for k, v in problems.items() if v}
     assert not problems, problems
+
+
+def test_load_state_dict_does_not_run_the_state_dict_hooks():
+    """load_state_dict takes its own snapshot (to restore after a failed load) without the
+    user's state_dict hooks: they run once per state_dict() call, never inside a load."""
+    model = torch.nn.Linear(3, 2).double()
+    opt = HyperOptimizer(torch.optim.SGD, model.parameters(), lr=0.1, momentum=0.9)
+    calls = []
+    opt.register_state_dict_pre_hook(lambda o: calls.append("pre"))
+    opt.register_state_dict_post_hook(lambda o, sd: calls.append("post"))
+    sd = opt.state_dict()
+    assert calls == ["pre", "post"]
+    opt.load_state_dict(sd)
+    assert calls == ["pre", "post"]

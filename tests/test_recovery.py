@@ -213,3 +213,19 @@ def test_bad_hyper_optimizer_and_recovery_arguments_are_clear_errors():
     with pytest.raises(ValueError, match="recovery"):
         HyperOptimizer(torch.optim.SGD, [torch.zeros(1, requires_grad=True)], lr=0.1,
                        recovery="undo")
+
+
+def test_rollback_keeps_its_copy_in_the_memory_accounting_and_survives_deepcopy():
+    model = _tiny()
+    opt = HyperOptimizer(torch.optim.SGD, model.parameters(), lr=0.1, momentum=0.9,
+                         recovery="rollback")
+    for bad in (False, False, True, False):
+        _nan_step(opt, model, bad)
+    assert opt.skipped_steps == 1
+    ids = {id(t) for t in opt.scratch_tensors()}
+    numel = sum(t.numel() for t in opt.scratch_tensors())
+    assert numel >= 2 * sum(p.numel() for p in model.parameters())   # weights + momentum copy
+    assert len(ids) == len(opt.scratch_tensors())
+    m2, o2 = copy.deepcopy((model, opt))
+    _nan_step(o2, m2, False)
+    assert o2.skipped_steps == 1
