@@ -5,7 +5,7 @@ The raw hyperparameters come in *blocks* (see :mod:`hyperopt_wrap.hyperparams`):
 for a global value, one entry per group or per tensor in a block, or one block per parameter
 shaped like it (per-element learning rates).  Each step::
 
-    g_hat = g / max(rms(g), eps * rms(d))           (rms over the block; d = d value / d raw)
+    g_hat = g / max(rms(g), eps * |d|)              (rms over the block; d = d value / d raw)
     m    <- b1 m + (1 - b1) g_hat                   (per entry)
     r    <- r - lr * clamp(m / (1 - b1^t), -1, 1)
 
@@ -38,6 +38,11 @@ import math
 
 import torch
 from torch import Tensor
+
+
+# blocks of at most this many entries in all, or on average, are stepped on one flat vector
+# (a few large blocks: block by block, fewer passes over the data)
+_FLAT_MAX = 4096
 
 
 class NormalizedMomentum(torch.optim.Optimizer):
@@ -83,9 +88,53 @@ class NormalizedMomentum(torch.optim.Optimizer):
                 if p.grad is not None:
                     split.setdefault((p.device, p.dtype), []).append((p, gi))
         for entries in split.values():
-            self._step_flat([p for p, _ in entries], [gi for _, gi in entries], found_inf,
-                            eps_scale or {})
+            params, gis = [p for p, _ in entries], [gi for _, gi in entries]
+            total = sum(p.numel() for p in params)
+            if total <= _FLAT_MAX or total <= _FLAT_MAX * len(params):    # small blocks
+                self._step_flat(params, gis, found_inf, eps_scale or {})
+            else:      # large blocks (per-element values): a few in-place passes per block
+                self._step_blocks(params, gis, found_inf, eps_scale or {})
         return loss
+
+    def _step_blocks(self, params, gis, found_inf, eps_scale) -> None:
+        ok = None if found_inf is None else 1 - found_inf.to(params[0].device, torch.float32)
+        grads, sums = [], []
+        for p in params:
+            g = p.grad if ok is None else torch.nan_to_num(p.grad, 0.0, 0.0, 0.0)
+            grads.append(g)
+            sums.append(torch.linalg.vector_norm(g).square())
+        counts = [float(p.numel()) for p in params]
+        rms = [(sq / n).sqrt() for sq, n in zip(sums, counts)]
+        for gi in set(gis):
+            if self.param_groups[gi]["normalize"] == "group":
+                mine = [i for i, x in enumerate(gis) if x == gi]
+                total = sum(counts[i] for i in mine)
+                shared = (torch.stack([sums[i] for i in mine]).sum() / total).sqrt()
+                for i in mine:
+                    rms[i] = shared
+        for p, g, r, gi in zip(params, grads, rms, gis):
+            group = self.param_groups[gi]
+            lr, b1, eps = group["lr"], group["momentum"], group["eps"]
+            st = self.state[p]
+            if not st:
+                st["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+                st["exp_avg"] = torch.zeros_like(p)
+            step, m = st["step"], st["exp_avg"]
+            e = eps_scale.get(p)
+            scale = torch.maximum(r.to(g.dtype), (e.abs() * eps).to(g.dtype)) if e is not None \
+                else r.to(g.dtype).clamp(min=eps)
+            g_hat = torch.div(g, scale.clamp_(min=torch.finfo(g.dtype).tiny))
+            if ok is None:
+                step.add_(1)
+                m.lerp_(g_hat, 1 - b1)
+            else:
+                step.add_(ok)
+                m.lerp_(g_hat, (1 - b1) * ok.to(m.dtype))
+            bc1 = 1 - b1 ** step.clamp(min=1)
+            update = g_hat.copy_(m).div_(bc1.to(m.dtype)).clamp_(-1, 1)
+            if ok is not None:
+                update.mul_(ok.to(m.dtype))
+            p.sub_(update.to(p.dtype), alpha=lr)
 
     def _plan(self, params: list[Tensor], gis: list[int]) -> dict:
         """Flat buffers for the blocks' states (the state entries are views into them) and the
@@ -163,12 +212,7 @@ class NormalizedMomentum(torch.optim.Optimizer):
                 counts = torch.where(plan["group_mode"], gcnt[plan["by_group"]], counts)
             rms = (sums / counts).sqrt().to(g.dtype).repeat_interleave(
                 lengths, output_size=plan["total"])
-            if e is None:
-                floor = plan["eps"]
-            else:
-                esq = torch.segment_reduce(e.to(wide).square(), "sum", lengths=lengths)
-                floor = plan["eps"] * (esq / lengths.to(wide)).sqrt().to(g.dtype) \
-                    .repeat_interleave(lengths, output_size=plan["total"])
+            floor = plan["eps"] if e is None else plan["eps"] * e.abs()
         g_hat = g / torch.maximum(rms, floor).clamp_(min=tiny)
         m, t = plan["m"], plan["t"]
         b1 = plan["b1"]

@@ -229,3 +229,25 @@ def test_rollback_keeps_its_copy_in_the_memory_accounting_and_survives_deepcopy(
     m2, o2 = copy.deepcopy((model, opt))
     _nan_step(o2, m2, False)
     assert o2.skipped_steps == 1
+
+
+@pytest.mark.parametrize("normalize", ["block", "group"])
+def test_normalized_momentum_flat_and_block_by_block_paths_agree(monkeypatch, normalize):
+    """Small blocks are stepped on one flat vector, large ones block by block: the same step."""
+    from hyperopt_wrap import normalized_momentum as nm
+    torch.manual_seed(0)
+    shapes = [(), (3,), (4, 5)]
+    runs = []
+    for flat_max in (10 ** 9, 0):
+        monkeypatch.setattr(nm, "_FLAT_MAX", flat_max)
+        blocks = [torch.zeros(s, requires_grad=True) for s in shapes]
+        opt = nm.NormalizedMomentum(blocks, lr=0.05, normalize=normalize)
+        gen = torch.Generator().manual_seed(1)
+        for k in range(6):
+            for b in blocks:
+                b.grad = torch.randn(b.shape, generator=gen) * 10.0 ** (k - 3)
+            opt.step(found_inf=torch.tensor(float(k == 2)),
+                     eps_scale={b: torch.full(b.shape, 1e-3) for b in blocks})
+        runs.append(blocks)
+    for a, b in zip(*runs):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
