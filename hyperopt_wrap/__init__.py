@@ -5,7 +5,7 @@ from .methods import RTRL, SGLD, Distill, ForwardGradient, Greedy, Implicit, Unr
 from .optimizer import HyperOptimizer
 from .rules import UpdateRule, register_rule
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 __all__ = ["HyperOptimizer", "NormalizedMomentum", "register_rule", "UpdateRule", "Greedy",
            "Implicit", "Unroll", "RTRL",
            "ForwardGradient", "SGLD", "Distill", "FiniteDifferences", "CurvatureError",
