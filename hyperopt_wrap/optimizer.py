@@ -87,9 +87,9 @@ class HyperOptimizer(torch.optim.Optimizer):
         hyper_lr: learning rate of the hyper-optimizer on the raw values (a float, or a dict
             per kind). Default: the method's (greedy: 0.05). 0 freezes the hyperparameters.
         hyper_optimizer: torch optimizer class for the raw values.  Default: the method's
-            (greedy: :class:`~hyperopt_wrap.NormalizedMomentum`, momentum on hypergradients
-            normalised per block, scale-free; the others: ``torch.optim.Adam``, as greedy's
-            was before 0.3).
+            (greedy with ``val_loss``: :class:`~hyperopt_wrap.NormalizedMomentum`, momentum on
+            hypergradients normalised per block, scale-free; otherwise ``torch.optim.Adam``, as
+            before 0.3), decided at construction.
         hyper_optimizer_kwargs: extra keyword arguments for it.
         update_every: base steps per hyper-step (default: the method's; greedy: 1).
         val_loss: optional zero-argument callable returning a validation loss at the current
@@ -159,8 +159,8 @@ class HyperOptimizer(torch.optim.Optimizer):
         for kind in KINDS:
             if kind in optimizer_kwargs and kind in self.rule.kinds:
                 _check_value(kind, optimizer_kwargs[kind], "")
-        if hyper_optimizer is None:
-            hyper_optimizer = self.method.default_hyper_optimizer
+        if hyper_optimizer is None:    # (decided here: a val_loss set later keeps it)
+            hyper_optimizer = self.method.hyper_optimizer_for(val_loss is not None)
         _check_hyper_optimizer(hyper_optimizer, hyper_optimizer_kwargs)
         if isinstance(hyper_lr, dict):
             wrong = set(hyper_lr) ^ set(tune)

@@ -565,14 +565,16 @@ def test_a_checkpoint_of_version_0_1_loads_and_keeps_its_tuned_values(method):
                               weight_decay=1e-3, tune=("lr", "momentum", "weight_decay"),
                               method="greedy" if method == "greedy" else Implicit(3),
                               **({} if method == "greedy" else {"update_every": 4}), **kw)
-    if method == "greedy":      # greedy's default hyper-optimizer is new: refused, naming the fix
-        fresh = make()
-        before = fresh.state_dict()["hyper"]["controller"]["values"]
-        with pytest.raises(ValueError, match="hyper_optimizer=torch.optim.Adam"):
-            fresh.load_state_dict(saved["opt"])
-        assert all(torch.equal(a, b) for k in before for a, b in
-                   zip(before[k], fresh.state_dict()["hyper"]["controller"]["values"][k]))
-    opt = make(hyper_optimizer=torch.optim.Adam)      # 0.1's default
+    # into another hyper-optimizer class (greedy's default with val_loss since 0.3): refused,
+    # naming the fix, with nothing changed
+    from hyperopt_wrap import NormalizedMomentum
+    fresh = make(hyper_optimizer=NormalizedMomentum)
+    before = fresh.state_dict()["hyper"]["controller"]["values"]
+    with pytest.raises(ValueError, match="hyper_optimizer=torch.optim.Adam"):
+        fresh.load_state_dict(saved["opt"])
+    assert all(torch.equal(a, b) for k in before for a, b in
+               zip(before[k], fresh.state_dict()["hyper"]["controller"]["values"][k]))
+    opt = make()      # without val_loss the default is Adam, 0.1's
     opt.load_state_dict(saved["opt"])
     hp = opt.hyperparameters()
     for kind, values in saved["hyper"].items():

@@ -19,8 +19,10 @@ _CE = nn.CrossEntropyLoss()
 
 def _digits_run(cls, kwargs, lr0, steps, **hyper):
     model = make_model(0, 50, "tanh")
-    opt = HyperOptimizer(cls, model.parameters(), lr=lr0, **kwargs, **hyper)
     d = _DIGITS
+    xv, yv = d.x_val[:100], d.y_val[:100]
+    opt = HyperOptimizer(cls, model.parameters(), lr=lr0, **kwargs, **hyper,
+                         val_loss=lambda: _CE(model(xv), yv))
     lrs, losses = [], []
     for idx in minibatches(len(d.x_train), steps, 50, 0):
         opt.zero_grad()
@@ -40,10 +42,11 @@ def _digits_run(cls, kwargs, lr0, steps, **hyper):
 ], ids=["sgd", "sgd-momentum", "adam"])
 def test_a_learning_rate_far_too_small_is_rescued_within_a_few_hundred_steps(cls, kwargs,
                                                                             useful, lr0):
-    """From lr 1e-9 (and from the default lower bound 1e-10) on digits the raw hypergradient
-    ``lr dE/dlr`` is about 1e-10: torch's Adam as the hyper-optimizer, whose eps is 1e-8,
-    barely moves it (from 1e-10 with plain SGD it stays there).  NormalizedMomentum's step is
-    relative to the hypergradient's own scale, so log lr grows at hyper_lr a step."""
+    """From lr 1e-9 (and from the default lower bound 1e-10) on digits, with a validation
+    loss, the raw hypergradient ``lr dE/dlr`` is about 1e-10: torch's Adam as the
+    hyper-optimizer, whose eps is 1e-8, barely moves it.  Greedy's default with val_loss,
+    NormalizedMomentum, steps relative to the hypergradient's own scale, so log lr grows at
+    hyper_lr a step."""
     lrs, losses = _digits_run(cls, kwargs, lr0, 450)
     reached = next((i for i, lr in enumerate(lrs) if lr >= useful), None)
     assert reached is not None and reached < 400, (reached, lrs[-1])
@@ -51,7 +54,7 @@ def test_a_learning_rate_far_too_small_is_rescued_within_a_few_hundred_steps(cls
     # the same run with torch's Adam as the hyper-optimizer, for contrast: stuck
     if cls is torch.optim.SGD and not kwargs and lr0 == 1e-10:
         stuck, _ = _digits_run(cls, kwargs, lr0, 450, hyper_optimizer=torch.optim.Adam)
-        assert max(stuck) < 1e-8
+        assert max(stuck) < 1e-8, max(stuck)
 
 
 def _diabetes():

@@ -159,8 +159,13 @@ class HypergradientMethod:
     name = "method"
     default_update_every = 1
     default_hyper_lr: "float | dict[str, float]" = 0.01
-    #: the hyper-optimizer class when the user names none (a torch.optim.Optimizer subclass)
+    #: the hyper-optimizer class when the user names none (a torch.optim.Optimizer subclass);
+    #: :meth:`hyper_optimizer_for` may choose by the meta-objective
     default_hyper_optimizer: type = torch.optim.Adam
+
+    def hyper_optimizer_for(self, val_loss: bool) -> type:
+        """The default hyper-optimizer class for a run with (or without) ``val_loss``."""
+        return self.default_hyper_optimizer
     #: the method records steps and asks for Hessian-vector products (a gradient graph or a
     #: closure, see :mod:`hyperopt_wrap.curvature`) on them
     needs_curvature = False
