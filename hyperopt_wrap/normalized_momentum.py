@@ -124,12 +124,7 @@ class NormalizedMomentum(torch.optim.Optimizer):
             scale = torch.maximum(r.to(g.dtype), (e.abs() * eps).to(g.dtype)) if e is not None \
                 else r.to(g.dtype).clamp(min=eps)
             g_hat = torch.div(g, scale.clamp_(min=torch.finfo(g.dtype).tiny))
-            if ok is None:
-                step.add_(1)
-                m.lerp_(g_hat, 1 - b1)
-            else:
-                step.add_(ok)
-                m.lerp_(g_hat, (1 - b1) * ok.to(m.dtype))
+            _advance(m, step, g_hat, 1 - b1, ok)
             bc1 = 1 - b1 ** step.clamp(min=1)
             update = g_hat.copy_(m).div_(bc1.to(m.dtype)).clamp_(-1, 1)
             if ok is not None:
@@ -215,13 +210,7 @@ class NormalizedMomentum(torch.optim.Optimizer):
             floor = plan["eps"] if e is None else plan["eps"] * e.abs()
         g_hat = g / torch.maximum(rms, floor).clamp_(min=tiny)
         m, t = plan["m"], plan["t"]
-        b1 = plan["b1"]
-        if ok is None:
-            t.add_(1)
-            m.lerp_(g_hat, 1 - b1)
-        else:
-            t.add_(ok)
-            m.lerp_(g_hat, (1 - b1) * ok.to(m.dtype))
+        _advance(m, t, g_hat, 1 - plan["b1"], ok)
         bc1 = 1 - plan["b1_block"] ** t.clamp(min=1)
         if not plan["scalar"]:
             bc1 = bc1.repeat_interleave(plan["lengths"], output_size=plan["total"])
@@ -236,3 +225,13 @@ class NormalizedMomentum(torch.optim.Optimizer):
         state = super().__getstate__()
         state.pop("_flat", None)       # (views into flat buffers: rebuilt on demand)
         return state
+
+
+def _advance(m: Tensor, step: Tensor, g_hat: Tensor, weight, ok: Tensor | None) -> None:
+    """``step += 1; m = lerp(m, g_hat, weight)``, both gated by ``ok`` (0: exactly as before)."""
+    if ok is None:
+        step.add_(1)
+        m.lerp_(g_hat, weight)
+    else:
+        step.add_(ok)
+        m.lerp_(g_hat, weight * ok.to(m.dtype))

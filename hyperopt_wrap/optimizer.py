@@ -419,51 +419,54 @@ class HyperOptimizer(torch.optim.Optimizer):
 
     def _sync_group_writes(self) -> list[float]:
         """Honour writes to param-group entries since the last step: validated first (a NaN,
-        inf or negative entry raises with nothing changed), then applied.  Python floats only:
-        the entries are compared with those of the last call, so an unchanged group costs a
-        few float reads."""
+        inf or negative entry raises with nothing changed), then applied; returns the groups'
+        lr scales.  An entry is compared with the last call's without reading it (a float by
+        value, a tensor by identity and version), so an unchanged group costs no read and a
+        tensor lr on an accelerator is read on the host only when it was written."""
         kinds, groups = self.rule.kinds, self.param_groups
         seen = self._seen_entries
         changed = []
         for gi, group in enumerate(groups):
             key = tuple(_entry_key(self._entry(group, k)) for k in kinds)
-            if gi >= len(seen) or key != seen[gi]:
+            if gi >= len(seen) or key != seen[gi][0]:
                 changed.append((gi, key))
+        floats = {}
         for gi, _ in changed:
             group, where = groups[gi], f" written to param group {gi}"
             nominal = group["hyper_nominal"]
+            floats[gi] = values = {}
             for kind in kinds:
-                value = _check_value(kind, self._entry(group, kind), where)
+                value = values[kind] = _check_value(kind, self._entry(group, kind), where)
                 if kind != "lr" and kind in nominal and value != nominal[kind] and value <= 0:
                     raise ValueError(f"{kind}={value} written to param group {gi} while "
                                      f"{kind} is tuned (in log/logit space, where 0 is out "
                                      f"of reach); write a value in "
                                      f"{'(0, 1)' if kind == 'momentum' else '(0, inf)'}")
         for gi, key in changed:
-            group = groups[gi]
-            nominal = group["hyper_nominal"]
+            nominal = groups[gi]["hyper_nominal"]
             for kind in self.tuned_kinds:
                 if kind == "lr" or kind not in nominal:    # lr: a scale; not in: untuned group
                     continue
-                value = self.rule.read(group, kind)
+                value = floats[gi][kind]
                 if value != nominal[kind]:
                     self.tuned[kind].fill_group(gi, value)
                     nominal[kind] = value
-            seen[gi:gi + 1] = [key]
-        return [self._lr_scale(g) for g in groups]
+            lr_nominal = nominal.get("lr")
+            scale = 1.0 if lr_nominal is None else floats[gi]["lr"] / lr_nominal
+            seen[gi:gi + 1] = [(key, floats[gi], scale)]
+        return [entry[2] for entry in seen[:len(groups)]]
 
     def _bucket_hyper(self, bucket: Bucket, scales: list[float]) -> dict[str, Any]:
         """The rule's hyperparameters for a bucket: a float (untuned), one 0-dim tensor shared
         by the bucket (global/group) or one tensor per parameter (tensor/element), in the
         parameters' dtype and device, lr times the group's scheduler scale."""
         gi = bucket.group_index
-        group = self.param_groups[gi]
         hyper: dict[str, Any] = {}
         for kind in self.rule.kinds:
             tk = self.tuned.get(kind)
             slots = bucket.slots_of(kind, tk) if tk is not None else None
-            if slots is None:
-                hyper[kind] = self.rule.read(group, kind)
+            if slots is None:       # untuned: the entry as read by the last group sync
+                hyper[kind] = self._seen_entries[gi][1][kind]
                 continue
             scale = scales[gi] if kind == "lr" else 1.0
             hyper[kind] = _as_rule_reads(bucket.tuned_values(kind, tk), bucket, scale)
@@ -882,11 +885,24 @@ def _base_defaults(optimizer_cls: type, opt) -> None:
     opt._rebind()
 
 
+class _TensorEntry:
+    """A tensor param-group entry as compared between steps: the same tensor, unwritten since
+    (its version counter: ``fill_`` by a scheduler counts), without reading its value."""
+    __slots__ = ("tensor", "version")
+
+    def __init__(self, tensor: Tensor):
+        self.tensor, self.version = tensor, tensor._version
+
+    def __eq__(self, other) -> bool:
+        return (isinstance(other, _TensorEntry) and other.tensor is self.tensor
+                and other.version == self.version)
+
+
 def _entry_key(value):
-    """A param-group entry as compared between steps (a tensor by its value; a malformed one
-    never equal, so that it is validated)."""
+    """A param-group entry as compared between steps (never equal for a malformed tensor, so
+    that it is validated)."""
     if isinstance(value, Tensor):
-        return value.item() if value.numel() == 1 else object()
+        return _TensorEntry(value) if value.numel() == 1 else object()
     return value
 
 

@@ -542,3 +542,26 @@ def test_tensor_granularity_with_a_parameter_missing_its_gradient():
     assert float(got[1]) == 0.0
     for i in (0, 2):
         assert float(got[i]) == pytest.approx(-float((g1[i] * g2[i]).sum()), rel=1e-12)
+
+
+def test_an_unchanged_tensor_lr_is_not_read_inside_step(monkeypatch):
+    """A tensor lr (torch's idiom; on an accelerator a read is a host sync) is compared by
+    identity and version, so step() reads it only after it was written; a write (``fill_``,
+    as torch's schedulers do) is honoured like torch's."""
+    m, twin = _model(), _model()
+    lr, lr_twin = torch.tensor(0.05, dtype=torch.float64), torch.tensor(0.05, dtype=torch.float64)
+    opt = HyperOptimizer(torch.optim.SGD, m.parameters(), lr=lr, momentum=0.9,
+                         tune=("momentum",), hyper_lr=0.0)
+    ref = torch.optim.SGD(twin.parameters(), lr=lr_twin, momentum=0.9)
+    assert opt.param_groups[0]["lr"] is lr
+    _train(opt, m, 2)
+    _train(ref, twin, 2)
+    for _ in range(2):
+        _train_checked(opt, m, monkeypatch, set())
+        _train_checked(ref, twin, monkeypatch, set())
+    lr.fill_(0.02)
+    lr_twin.fill_(0.02)
+    _train(opt, m, 3, start=7)
+    _train(ref, twin, 3, start=7)
+    for a, b in zip(m.parameters(), twin.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=0)
