@@ -142,12 +142,44 @@ def replaying_rng(state: dict):
         yield
 
 
+class GradClip:
+    """``max_grad_norm``: the step used ``c g`` with ``c = min(1, M / (||g|| + 1e-6))`` over all
+    its parameters (``torch.nn.utils.clip_grad_norm_``'s coefficient), so every product with
+    the step's Hessian goes through the clip's Jacobian ``J = d(c g)/dg``, symmetric:
+
+        J u = c u                                         (not clipped: c = 1)
+        J u = c u - c^2 / (M ||g||) g (g . u)             (clipped; g the unclipped gradient)
+            = c u - (g_c . u) / (M ||g||) g_c            (g_c = c g, the gradient the step used)
+
+    Tangents carried forward see ``J (H u)``; cotangents carried back ``H (J u)``.  ``coef``,
+    ``norm`` and ``active`` are 0-dim tensors on the device (no host read)."""
+
+    def __init__(self, coef: Tensor, norm: Tensor, max_norm: float):
+        self.coef, self.norm, self.max_norm = coef, norm, max_norm
+        self.active = (coef < 1).to(coef.dtype)
+
+    def apply(self, us: list[Tensor], clipped: list[Tensor]) -> list[Tensor]:
+        """``J u`` per parameter (``clipped``: the step's gradient as used)."""
+        dev = self.coef.device
+        dot = torch.stack([(g * u).sum().to(dev, self.coef.dtype)
+                           for g, u in zip(clipped, us)]).sum()
+        k = self.active * dot / (self.max_norm * self.norm.clamp_min(1e-30))
+        return [u * self.coef.to(u.device, u.dtype) - g * k.to(g.device, g.dtype)
+                for u, g in zip(us, clipped)]
+
+    def unclipped(self, clipped: list[Tensor]) -> list[Tensor]:
+        return [g / self.coef.to(g.device, g.dtype) for g in clipped]
+
+
 class GraphSource:
     """Exact products from the double-backward graph of the step's gradients."""
     kind = "graph"
+    clip: GradClip | None = None     # max_grad_norm's clip of this step (set by the step)
 
-    def __init__(self, grads: list[Tensor]):
+    def __init__(self, grads: list[Tensor], grad_scale: Tensor | None = None):
         self.grads = grads      # p.grad of the step, with its graph (None where p had none)
+        # GradScaler's scale when the graph is of the scaled loss (the products are unscaled)
+        self.inv_scale = None if grad_scale is None else grad_scale.double().reciprocal()
 
     def hvp(self, params: list[Tensor], us: list[Tensor], **_) -> list[Tensor]:
         outs, vecs = [], []
@@ -158,13 +190,31 @@ class GraphSource:
         if not outs:
             return [torch.zeros_like(p) for p in params]
         with torch.enable_grad():
-            hv = torch.autograd.grad(outs, params, vecs, retain_graph=True, allow_unused=True)
-        return [torch.zeros_like(p) if h is None else h for p, h in zip(params, hv)]
+            try:
+                hv = torch.autograd.grad(outs, params, vecs, retain_graph=True,
+                                         allow_unused=True)
+            except RuntimeError as e:
+                if "derivative for" not in str(e) and "not implemented" not in str(e):
+                    raise
+                raise CurvatureError(
+                    f"the gradient graph has no second derivative: {e}. Some kernels have none "
+                    "(fused attention: scaled_dot_product_attention on CPU, flash and memory-"
+                    "efficient attention; a torch.compile'd model, whose aot_autograd backward "
+                    "is not differentiable). Use the closure source instead: construct with "
+                    "curvature='closure' and pass opt.step(closure) (finite differences, no "
+                    "double backward); or a model without the fused kernel (transformers: "
+                    "attn_implementation='eager')") from e
+        hv = [torch.zeros_like(p) if h is None else h for p, h in zip(params, hv)]
+        if self.inv_scale is not None:
+            for h in hv:
+                h.mul_(self.inv_scale.to(h.device, h.dtype))
+        return hv
 
 
 class ClosureSource:
     """Finite-difference products through the step's closure."""
     kind = "closure"
+    clip: GradClip | None = None
 
     def __init__(self, closure: Callable[[], Any], rng: dict, loss: Any, call: int,
                  config: FiniteDifferences):
@@ -185,24 +235,48 @@ class ClosureSource:
             p.grad = None
         return grads, loss
 
-    def check_binding(self, params: list[Tensor], weights: list[Tensor]) -> None:
-        """The closure, re-run at the recorded weights, must give the recorded loss."""
+    def check_binding(self, params: list[Tensor], weights: list[Tensor],
+                      grads: list[Tensor] | None = None, finite: Tensor | None = None,
+                      loss: bool = True) -> None:
+        """The closure, re-run at the recorded weights, must give the recorded loss (``loss``)
+        and, with ``grads`` (the unclipped gradient the step used; skipped where ``finite`` is
+        False), that gradient: a closure that accumulates into gradients left by earlier
+        micro-batches (a trainer's gradient accumulation) gives only its own micro-batch's."""
         for p, w in zip(params, weights):
             p.data.copy_(w)
-        _, loss = self.gradient(params)
-        if not isinstance(self.loss, Tensor) or not isinstance(loss, Tensor):
+        got, replayed = self.gradient(params)
+        if loss and (not isinstance(self.loss, Tensor) or not isinstance(replayed, Tensor)):
             raise CurvatureError("the closure must return the loss (a tensor) so that its replay "
                                  "can be checked; end it with `return loss`")
-        if not torch.allclose(loss.detach().to(self.loss.dtype), self.loss, rtol=1e-5, atol=0):
+        if loss and not torch.allclose(replayed.detach().to(self.loss.dtype), self.loss,
+                                       rtol=1e-5, atol=0):
             raise CurvatureError(
                 f"replaying an earlier step's closure at that step's weights gave loss "
-                f"{float(loss):.8g}, but the step recorded {float(self.loss):.8g}: the closure "
+                f"{float(replayed):.8g}, but the step recorded {float(self.loss):.8g}: the closure "
                 "does not reproduce its own minibatch. A closure defined in the loop captures "
                 "`x, y` by reference and sees the newest batch; bind the batch instead:\n\n"
                 "    def closure(x=x, y=y): ...        # or functools.partial(closure, x, y)\n\n"
                 "and draw any randomness (augmentation, dropout) from torch's RNG, which the "
                 "replay restores. Or keep the graph instead: "
                 "loss.backward(create_graph=opt.needs_graph).")
+        if grads is None or (finite is not None and not bool(finite)):
+            return
+        diff = torch.linalg.vector_norm(torch.stack(
+            [torch.linalg.vector_norm(a.double() - b.double()) for a, b in zip(got, grads)]))
+        size = torch.linalg.vector_norm(torch.stack(
+            [torch.linalg.vector_norm(b.double()) for b in grads]))
+        if float(diff) > 1e-4 * float(size) + 1e-30:
+            raise CurvatureError(
+                f"the closure, re-run at the step's weights, gives another gradient than the one "
+                f"the step used (relative difference {float(diff) / max(float(size), 1e-300):.3g}):"
+                " its finite-difference curvature would be wrong. This happens when gradients "
+                "are accumulated over micro-batches before step(closure) (e.g. Lightning's "
+                "accumulate_grad_batches, or a loop that calls backward() several times and "
+                "then passes a closure of the last micro-batch): the closure must compute the "
+                "whole step's gradient from zero (zero_grad() first). Use accumulation "
+                "without a second-order method, or a closure over all micro-batches, or the "
+                "gradient graph: loss.backward(create_graph=opt.needs_graph) on every "
+                "micro-batch, then opt.step()")
 
     def hvp(self, params: list[Tensor], us: list[Tensor], *, weights: list[Tensor],
             grads: list[Tensor], wnorm: Tensor | None = None) -> list[Tensor]:
@@ -254,13 +328,21 @@ class BufferGuard:
         return False
 
 
-def step_hvp(source, params: list[Tensor], grads: list[Tensor]):
+def step_hvp(source, params: list[Tensor], grads: list[Tensor], check=None):
     """``u -> H_t u`` at the *current* step, before its write: the weights are the parameters'
     values now and the minibatch the step's own.  With the graph source one double backward
     (the graph is kept until the step has used it); with the closure source one closure call at
     ``w_t + eps u`` per product (forward differences against ``grads``, the step's gradient;
     central differences make two), after which the weights, ``p.grad`` and the model's buffers
     (``FiniteDifferences(model=...)``) are restored bit-exactly."""
+    clip = source.clip
+    if clip is not None:
+        raw = _step_hvp(source, params, clip.unclipped(grads), check)
+        return lambda us: clip.apply(raw(us), grads)
+    return _step_hvp(source, params, grads, check)
+
+
+def _step_hvp(source, params: list[Tensor], grads: list[Tensor], check):
     if isinstance(source, GraphSource):
         return lambda us: source.hvp(params, us)
     at: list = []        # the step's weights and their norm, copied on the first product
@@ -269,10 +351,13 @@ def step_hvp(source, params: list[Tensor], grads: list[Tensor]):
         if not at:
             at.append([p.detach().clone() for p in params])
             at.append(weights_norm(at[0]))
-        weights, wnorm = at
+        weights, wnorm = at[0], at[1]
         saved = [p.grad for p in params]
         with BufferGuard(source.config.model):
             try:
+                if check is not None and at[2:] == []:
+                    at.append(True)
+                    check(weights, grads)
                 return source.hvp(params, us, weights=weights, grads=grads, wnorm=wnorm)
             finally:
                 for p, w, g in zip(params, weights, saved):

@@ -5,6 +5,7 @@ import collections
 import contextlib
 import copy
 import math
+import warnings
 from typing import Any, Callable
 
 import torch
@@ -13,7 +14,7 @@ from torch import Tensor
 from .checkpoint import CheckpointError, check_base_state, check_shapes, require
 from .controller import Controller
 from .normalized_momentum import NormalizedMomentum
-from .curvature import (ClosureSource, CurvatureError, FiniteDifferences, GraphSource,
+from .curvature import (ClosureSource, CurvatureError, FiniteDifferences, GradClip, GraphSource,
                         capture_rng, missing_source_message, resolve_curvature, step_hvp)
 from .hyperparams import TunedKind, resolve_bounds, resolve_granularity
 from .methods import HypergradientMethod, resolve_method
@@ -111,6 +112,11 @@ class HyperOptimizer(torch.optim.Optimizer):
             return to where the last taken step started: a run that blew up in finite
             arithmetic recovers; one copy of the weights and state on their device, two more
             passes a step) or ``None`` (skip only).
+        max_grad_norm: clip the gradient's norm (over all parameters) to this, as
+            ``torch.nn.utils.clip_grad_norm_`` does, inside the step after unscaling, and
+            differentiate the clip: second-order methods' Hessian-vector products go through its
+            Jacobian.  Use it instead of ``clip_grad_norm_`` with a gradient graph (which cannot
+            see an in-place clip) and with GradScaler.  Default None (no clipping).
         **optimizer_kwargs: passed to ``optimizer_cls`` (validated by it).
 
     Param-group entries stay readable and writable. For a tuned ``lr``, ``group["lr"]`` is a
@@ -124,7 +130,7 @@ class HyperOptimizer(torch.optim.Optimizer):
                  granularity="global", hyper_lr=None, hyper_optimizer=None,
                  hyper_optimizer_kwargs: dict | None = None, update_every: int | None = None,
                  val_loss: Callable[[], Tensor] | None = None, bounds=None, curvature="auto",
-                 recovery="backoff", **optimizer_kwargs):
+                 recovery="backoff", max_grad_norm: float | None = None, **optimizer_kwargs):
         self.rule = get_rule(optimizer_cls)
         self.optimizer_cls = optimizer_cls
         if isinstance(tune, str):
@@ -156,6 +162,17 @@ class HyperOptimizer(torch.optim.Optimizer):
         if recovery not in ("backoff", "rollback", None):
             raise ValueError(f"recovery must be 'backoff', 'rollback' or None, got {recovery!r}")
         self.recovery = recovery
+        if max_grad_norm is not None:
+            if isinstance(max_grad_norm, bool) or not isinstance(max_grad_norm, (int, float)) \
+                    or not (math.isfinite(max_grad_norm) and max_grad_norm > 0):
+                raise ValueError(f"max_grad_norm must be a finite number > 0 (or None), got "
+                                 f"{max_grad_norm!r}; e.g. max_grad_norm=1.0")
+            if self.method.needs_closure:
+                raise ValueError(f"max_grad_norm is not supported with method "
+                                 f"{self.method.name!r} (its gradient at the distilled weights "
+                                 "would be unclipped); clip in the closure instead")
+            max_grad_norm = float(max_grad_norm)
+        self.max_grad_norm = max_grad_norm
         for kind in KINDS:
             if kind in optimizer_kwargs and kind in self.rule.kinds:
                 _check_value(kind, optimizer_kwargs[kind], "")
@@ -224,7 +241,13 @@ class HyperOptimizer(torch.optim.Optimizer):
         self._method_state = self.method.init_state(self._ctx)
         for p, state in eager_state.items():
             self.state[p] = state
+        self._watch_grads()
         self._hyper_ready = True
+
+    #: GradScaler hands us its scale and found_inf instead of unscaling ``p.grad`` itself (as for
+    #: torch's fused optimizers): a gradient graph then still matches ``p.grad``, and the graph's
+    #: Hessian-vector products are unscaled with the gradients
+    _step_supports_amp_scaling = True
 
     # ------------------------------------------------------------------ set-up
     def _init_group_hyper(self, gi: int, group: dict, raw_groups: list[dict]) -> None:
@@ -298,6 +321,31 @@ class HyperOptimizer(torch.optim.Optimizer):
         self._controller.add_raw_groups(raw_groups)
         self._ctx.lr_scales = self._ctx.lr_scales + [1.0]
         self._stepper.invalidate()
+        self._watch_grads()
+
+    def _watch_grads(self) -> None:
+        """When the method may take curvature from a gradient graph: note ``p.grad``'s version
+        counter as backward leaves it (a post-accumulate-grad hook; a dict write per parameter
+        and backward), so that a graph source can tell a gradient rescaled or clipped in place
+        afterwards (``GradScaler.unscale_``, ``clip_grad_norm_``), which the graph does not
+        differentiate.  The hooks hold the dict only, not the optimizer."""
+        method = self.method
+        if isinstance(self.curvature, FiniteDifferences) or method.needs_closure or not (
+                method.needs_curvature or type(method).carry_curvature
+                is not HypergradientMethod.carry_curvature):
+            return
+        if not hasattr(self, "_grad_versions"):
+            self._grad_versions: dict[int, int] = {}
+            self._grad_hooks: dict[int, Any] = {}
+        versions = self._grad_versions
+
+        def note(p: Tensor) -> None:
+            versions[id(p)] = p.grad._version
+
+        for group in self.param_groups:
+            for p in group["params"]:
+                if id(p) not in self._grad_hooks:
+                    self._grad_hooks[id(p)] = p.register_post_accumulate_grad_hook(note)
 
     # ------------------------------------------------------------------ public reads
     @property
@@ -377,6 +425,15 @@ class HyperOptimizer(torch.optim.Optimizer):
         return self._needs_source(self._position())
 
     @property
+    def replaying(self) -> bool:
+        """True while ``step()`` re-runs a closure to take curvature (a recorded step's, at its
+        weights, or this step's at perturbed weights).  A closure that logs (Lightning's
+        ``self.log`` in ``training_step``, a metrics counter) would log those evaluations too:
+        guard the logging with ``if not opt.replaying``.  ``step()`` itself returns the step's
+        own loss."""
+        return self._flags.replaying
+
+    @property
     def window_complete(self) -> bool:
         """The current window's ``update_every`` base steps have all been taken."""
         return self._ctx.window_complete
@@ -451,10 +508,30 @@ class HyperOptimizer(torch.optim.Optimizer):
                 if value != nominal[kind]:
                     self.tuned[kind].fill_group(gi, value)
                     nominal[kind] = value
+                    self._note_write(gi, kind)
             lr_nominal = nominal.get("lr")
             scale = 1.0 if lr_nominal is None else floats[gi]["lr"] / lr_nominal
             seen[gi:gi + 1] = [(key, floats[gi], scale)]
         return [entry[2] for entry in seen[:len(groups)]]
+
+    def _note_write(self, gi: int, kind: str) -> None:
+        """A tuned momentum / weight decay written on consecutive steps is a scheduler driving
+        it (OneCycleLR and CyclicLR cycle momentum by default): each write resets the tuned
+        value, so the kind is not tuned at all.  Warned once per kind."""
+        streaks = self.__dict__.setdefault("_write_streaks", {})
+        last, count, warned = streaks.get(kind, (-2, 0, False))
+        count = count + 1 if self._steps == last + 1 else 1
+        if count >= 3 and not warned:
+            warned = True
+            entry = "betas[0]" if kind == "momentum" and "betas" in self.param_groups[gi] \
+                else kind
+            warnings.warn(
+                f"param group {gi}'s {entry} is written on every step (a scheduler such as "
+                f"OneCycleLR or CyclicLR with cycle_momentum=True?); each write resets the "
+                f"tuned {kind} to the written value, so {kind} is not tuned. Pass "
+                f"cycle_momentum=False to the scheduler, or leave {kind!r} out of tune= and "
+                f"let the scheduler drive it", UserWarning, stacklevel=4)
+        streaks[kind] = (self._steps, count, warned)
 
     def _bucket_hyper(self, bucket: Bucket, scales: list[float]) -> dict[str, Any]:
         """The rule's hyperparameters for a bucket: a float (untuned), one 0-dim tensor shared
@@ -538,6 +615,10 @@ class HyperOptimizer(torch.optim.Optimizer):
                                           check_in_place=not isinstance(source, GraphSource))
         if self.recovery == "rollback":
             finite = self._stepper.rollback(buckets, finite, _ROLLBACK_GROWTH)
+        if self.max_grad_norm is not None:
+            coef, norm = self._stepper.clip(buckets, self.max_grad_norm, self._device)
+            if source is not None:
+                source.clip = GradClip(coef, norm, self.max_grad_norm)
         self._controller.count_step(finite, backoff=getattr(self, "found_inf", None) is None)
         try:
             if self.val_loss is None:
@@ -561,8 +642,10 @@ class HyperOptimizer(torch.optim.Optimizer):
                 view = self._stepper.view(buckets, hyper, options, finite)
                 view.source = source
                 if source is not None and not records:
-                    view.hvp = step_hvp(source, [it.param for it in view.items],
-                                        [it.grad for it in view.items])
+                    params = [it.param for it in view.items]
+                    view.hvp = _flagged(self._flags, step_hvp(
+                        source, params, [it.grad for it in view.items],
+                        self._closure_check(source, params, finite)))
                 method.carry(ctx, state, view)
         except BaseException:
             self._abandon_window()
@@ -617,11 +700,13 @@ class HyperOptimizer(torch.optim.Optimizer):
             raise CurvatureError(missing_source_message(self.method.name, closure_only=True))
         if not closure_only and not isinstance(cfg, FiniteDifferences) \
                 and any(g.grad_fn is not None for g in grads):
+            grad_scale = getattr(self, "grad_scale", None)
+            self._check_graph_grads(params, grad_scale, getattr(self, "found_inf", None))
             for p in params:       # we keep the graph; p.grad keeps the values
                 p.grad = p.grad.detach()
             if records:
                 self._unversioned = True
-            return GraphSource(grads)
+            return GraphSource(grads, grad_scale)
         if cfg == "graph" and not closure_only:
             raise CurvatureError(
                 "curvature='graph' but p.grad carries no graph on a step the method needs it; "
@@ -631,6 +716,49 @@ class HyperOptimizer(torch.optim.Optimizer):
             raise CurvatureError(missing_source_message(self.method.name))
         config = cfg if isinstance(cfg, FiniteDifferences) else FiniteDifferences()
         return ClosureSource(closure, rng, loss, self._flags.step_calls, config)
+
+    def _closure_check(self, source, params: list[Tensor], finite: Tensor):
+        """Once per run, before a closure source's first product within its own step: the
+        closure must reproduce the gradient the step uses (see ``ClosureSource.check_binding``;
+        the tape's replays check their first closure likewise)."""
+        flags = self._flags
+        if not isinstance(source, ClosureSource) or flags.grad_checked:
+            return None
+
+        def check(weights: list[Tensor], grads: list[Tensor]) -> None:
+            source.check_binding(params, weights, grads, finite, loss=False)
+            flags.grad_checked = True
+        return check
+
+    def _check_graph_grads(self, params: list[Tensor], grad_scale, found_inf) -> None:
+        """A gradient graph differentiates ``p.grad`` as backward produced it: one rescaled or
+        written in place since would give a wrong hypergradient, so it is refused.  GradScaler
+        hands an AMP-aware optimizer ``found_inf`` with its scale, or without one once
+        ``scaler.unscale_(opt)`` has divided the gradients (its kernel leaves no trace in the
+        version counters); anything else writing ``p.grad`` in place bumps them (GradScaler's
+        own inf check multiplies by 1 and does not)."""
+        if found_inf is not None and grad_scale is None:
+            raise CurvatureError(self._in_place_message("scaler.unscale_(opt)"))
+        versions = getattr(self, "_grad_versions", {})
+        for p in params:
+            noted = versions.get(id(p))
+            if noted is None or p.grad is None or p.grad.grad_fn is None:
+                continue     # (a gradient set by hand, not by backward: nothing to compare)
+            if p.grad._version > noted:
+                raise CurvatureError(self._in_place_message("clip_grad_norm_ or another in-place "
+                                                            "write"))
+
+    @staticmethod
+    def _in_place_message(what: str) -> str:
+        return (f"p.grad was changed in place after loss.backward(create_graph=True) (by {what}), "
+                    "but the gradient graph "
+                "differentiates the gradient as backward left it, so the hypergradient would be "
+                "wrong. With torch.amp.GradScaler, let scaler.step(opt) hand HyperOptimizer the "
+                "scale (do not call scaler.unscale_(opt) on steps where opt.needs_graph is "
+                "True): it unscales the gradients and the curvature itself. To clip, pass "
+                "max_grad_norm=... to HyperOptimizer instead of calling clip_grad_norm_ (it "
+                "differentiates the clipping too); or use the closure source "
+                "(opt.step(closure), without GradScaler)")
 
     # ------------------------------------------------------------------ save / resume
     def _fingerprint(self) -> dict[str, Any]:
@@ -658,6 +786,7 @@ class HyperOptimizer(torch.optim.Optimizer):
         with _hooks_off(self, "_optimizer_state_dict_pre_hooks",
                         "_optimizer_state_dict_post_hooks"):
             sd = super().state_dict()
+        groups = self._groups_in_use(sd["param_groups"])
         sd["hyper"] = {
             "config": self._fingerprint(),
             "controller": self._controller.state_dict(),
@@ -667,8 +796,29 @@ class HyperOptimizer(torch.optim.Optimizer):
             "counters": {"window": self._ctx.position, "steps": self._steps,
                          "recorded": len(self._ctx.tape)},
             "shapes": [[list(p.shape) for p in g["params"]] for g in self.param_groups],
+            "groups": groups,
         }
         return sd
+
+    def _groups_in_use(self, saved_groups: list[dict]) -> list[dict]:
+        """The saved param groups hold the values in use (a global or per-group tuned lr times
+        its scheduler scale, tuned momentum and weight decay), so that the torch optimizer this
+        one wraps, loading the checkpoint, continues where the tuning got to; the entries as
+        this optimizer keeps them (the schedule's lr, ``hyper_nominal``) move to
+        ``hyper["groups"]``, returned.  Per-tensor and per-element values have no place in a
+        torch param group: those groups keep their entries (see the README)."""
+        in_use = self.hyperparameters()
+        kept = []
+        for gi, saved in enumerate(saved_groups):
+            before = dict(saved)
+            for kind, tk in self.tuned.items():
+                entry = in_use[kind][gi]
+                if tk.is_tuned(gi) and tk.granularity in ("global", "group"):
+                    self.rule.write(saved, kind, float(entry))
+            del saved["hyper_nominal"]
+            kept.append({k: v for k, v in before.items()
+                         if k not in saved or saved[k] is not v})
+        return kept
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a :meth:`state_dict`.  Every part is checked before anything is written: a
@@ -717,6 +867,7 @@ class HyperOptimizer(torch.optim.Optimizer):
             raise CheckpointError(f"state_dict['hyper']['counters'] must hold counts >= 0, "
                                   f"got {c}")
         check_shapes(hyper.get("shapes"), self.param_groups)
+        _check_saved_groups(hyper, rest)
         check_base_state(self.rule, self.param_groups, rest)
         self._controller.check_loadable(hyper["controller"])
         self.method.check_loadable(self._ctx, hyper["method"])
@@ -728,6 +879,8 @@ class HyperOptimizer(torch.optim.Optimizer):
         with _hooks_off(self, "_optimizer_load_state_dict_pre_hooks",
                         "_optimizer_load_state_dict_post_hooks"):
             super().load_state_dict(rest)
+        for group, saved in zip(self.param_groups, hyper.get("groups") or []):
+            group.update(saved)      # (0.4 checkpoints: the entries as kept, values in use aside)
         self._rebind()
         _base_defaults(self.optimizer_cls, self)
         for group in self.param_groups:     # our step counters live on the param's device
@@ -777,7 +930,8 @@ class HyperOptimizer(torch.optim.Optimizer):
     def __getstate__(self) -> dict[str, Any]:
         # torch.optim.Optimizer pickles only defaults/state/param_groups; we need everything but
         # its hook dictionaries, which torch drops too (its __setstate__ recreates them)
-        state = {k: v for k, v in self.__dict__.items() if not k.startswith("_optimizer_")}
+        state = {k: v for k, v in self.__dict__.items() if not k.startswith("_optimizer_")
+                 and k not in ("_grad_versions", "_grad_hooks")}    # (re-registered on copies)
         if self._ctx.tape:
             # recorded steps hold graphs and closures, which cannot be copied: the copy
             # restarts the current window, exactly as a resume from state_dict() does
@@ -793,6 +947,7 @@ class HyperOptimizer(torch.optim.Optimizer):
         if "_stepper" in state:
             self._ctx._controller = self._controller
             self._rebind()
+            self._watch_grads()
             if restart:
                 self._abandon_window()
 
@@ -809,6 +964,38 @@ class HyperOptimizer(torch.optim.Optimizer):
             lines += [f"    {k}: {group[k]}" for k in sorted(group)
                       if k not in ("params", "hyper_nominal")]
         return "\n".join(lines) + "\n)"
+
+
+def _flagged(flags: ReplayFlags, hvp):
+    """``hvp`` with ``flags.replaying`` set while it runs (closure products re-run the closure)."""
+    def flagged(us):
+        before, flags.replaying = flags.replaying, True
+        try:
+            return hvp(us)
+        finally:
+            flags.replaying = before
+    return flagged
+
+
+def _check_saved_groups(hyper: dict, rest: dict) -> None:
+    """The param-group entries as this optimizer keeps them: in ``hyper["groups"]`` (0.4 on),
+    or in the groups themselves (older checkpoints)."""
+    groups = rest.get("param_groups")
+    if not isinstance(groups, list) or not all(isinstance(g, dict) for g in groups):
+        raise CheckpointError("state_dict['param_groups'] must be a list of dicts")
+    kept = hyper.get("groups")
+    if kept is None:
+        entries = groups
+    elif not (isinstance(kept, list) and len(kept) == len(groups)
+              and all(isinstance(g, dict) for g in kept)):
+        raise CheckpointError(f"state_dict['hyper']['groups'] must hold one dict per param group "
+                              f"({len(groups)}), got {type(kept).__name__}")
+    else:
+        entries = [dict(g, **k) for g, k in zip(groups, kept)]
+    for gi, g in enumerate(entries):
+        if not isinstance(g.get("hyper_nominal"), dict):
+            raise CheckpointError(f"param group {gi} of the checkpoint has no 'hyper_nominal' "
+                                  "entry: it was not saved by HyperOptimizer.state_dict()")
 
 
 def _check_hyper_optimizer(cls, kwargs) -> None:

@@ -27,7 +27,8 @@ def unrolled_hypergradient(optimizer_cls: type, params: Sequence, loss_fn: Calla
                            batches: Sequence[Any], meta_loss: Callable[[list[Tensor]], Tensor], *,
                            tune=("lr",), granularity="global", hyper_values=None,
                            states: Sequence[dict] | None = None, second_order: bool = True,
-                           discount: float = 1.0, **optimizer_kwargs) -> dict[str, list]:
+                           discount: float = 1.0, max_grad_norm: float | None = None,
+                           **optimizer_kwargs) -> dict[str, list]:
     """Exact ``dE/dlam`` after ``len(batches)`` steps.
 
     Args:
@@ -46,6 +47,8 @@ def unrolled_hypergradient(optimizer_cls: type, params: Sequence, loss_fn: Calla
             is scaled by ``mu`` (``x_in = mu x + (1 - mu) stop_grad(x)``, the same value), so the
             result is ``sum_t (prod mu A) B_t``: the discounted forward recurrence
             ``Z <- mu A Z + B`` read out at the end.
+        max_grad_norm: clip each step's gradient as ``torch.nn.utils.clip_grad_norm_`` does
+            (``g * min(1, M / (||g|| + 1e-6))``, the norm over all weights), differentiably.
         **optimizer_kwargs: the base optimizer's settings.
     """
     tune = (tune,) if isinstance(tune, str) else tuple(tune)
@@ -102,6 +105,11 @@ def unrolled_hypergradient(optimizer_cls: type, params: Sequence, loss_fn: Calla
                                for s, w in zip(flat_states, weights)]
             grads = torch.autograd.grad(loss_fn(weights, batch), weights,
                                         create_graph=second_order)
+            if max_grad_norm is not None:
+                norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g)
+                                                             for g in grads]))
+                coef = (max_grad_norm / (norm + 1e-6)).clamp(max=1.0)
+                grads = [g * coef for g in grads]
             new_weights = []
             for j, ((gi, pi), w, g) in enumerate(zip(index, weights, grads)):
                 state = flat_states[j]

@@ -254,18 +254,24 @@ class Replay(contextlib.AbstractContextManager):
         """``H_t u`` for the recorded step (one vector per parameter of the step)."""
         params = [item.param for item in step.params]
         weights = [item.weights for item in step.params]
+        grads = [item.grad for item in step.params]
         src = step.source
+        clip = src.clip     # max_grad_norm: cotangents go back through H J (J symmetric)
         with torch.no_grad():
+            if clip is not None:
+                us, grads = clip.apply(us, grads), clip.unclipped(grads)
             if isinstance(src, GraphSource):
                 for p, w in zip(params, weights):
                     p.data.copy_(w)
                 return src.hvp(params, us)
             flags = self.ctx.flags
             if src.call != flags.step_calls and not flags.replay_checked:
-                src.check_binding(params, weights)
-                flags.replay_checked = True
-            return src.hvp(params, us, weights=weights,
-                           grads=[item.grad for item in step.params])
+                src.check_binding(params, weights, grads, step.finite)
+                flags.replay_checked = flags.grad_checked = True
+            elif not flags.grad_checked:
+                src.check_binding(params, weights, grads, step.finite, loss=False)
+                flags.grad_checked = True
+            return src.hvp(params, us, weights=weights, grads=grads)
 
 
 def reverse_pass(ctx: "MethodContext", steps: list[TapedStep], cotangents: dict[int, Tensor]):

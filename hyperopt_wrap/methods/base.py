@@ -67,10 +67,12 @@ class MetaGradients:
 
 class ReplayFlags:
     """Mutable flags shared by the optimizer and the tape's replays."""
+    grad_checked = False      # (copies pickled before 0.4 lack the attribute)
 
     def __init__(self):
         self.replaying = False
         self.replay_checked = False   # an old step's closure was checked to bind its batch
+        self.grad_checked = False     # a closure was checked to reproduce its step's gradient
         self.step_calls = 0
 
 

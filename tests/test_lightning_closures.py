@@ -1,0 +1,94 @@
+"""Lightning's closure around HyperOptimizer: gradient accumulation is detected, and a
+``training_step`` that logs under ``if not opt.replaying`` logs each step's own loss."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+
+L = pytest.importorskip("lightning")
+
+from lightning.pytorch.loggers.logger import Logger  # noqa: E402
+
+from hyperopt_wrap import CurvatureError, HyperOptimizer  # noqa: E402
+
+
+class _Memory(Logger):
+    def __init__(self):
+        super().__init__()
+        self.rows = []
+
+    @property
+    def name(self):
+        return "memory"
+
+    @property
+    def version(self):
+        return 0
+
+    def log_hyperparams(self, *args, **kwargs):
+        pass
+
+    def log_metrics(self, metrics, step=None):
+        self.rows.append((step, dict(metrics)))
+
+
+class _Module(L.LightningModule):
+    def __init__(self, method, guard):
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 1)).double()
+        self.method, self.guard = method, guard
+        self.own = []
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = ((self.net(x) - y) ** 2).mean()
+        opt = self.optimizers()
+        if not (self.guard and opt.replaying):
+            self.log("train_loss", loss, on_step=True, on_epoch=False)
+        return loss
+
+    def on_train_batch_start(self, batch, batch_idx):
+        with torch.no_grad():
+            x, y = batch
+            self.own.append(float(((self.net(x) - y) ** 2).mean()))
+
+    def configure_optimizers(self):
+        return HyperOptimizer(torch.optim.SGD, self.parameters(), lr=0.05, method=self.method,
+                              curvature="closure", update_every=5)
+
+
+def _loader(n=64):
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(n, 5, generator=gen, dtype=torch.double)
+    y = torch.randn(n, 1, generator=gen, dtype=torch.double)
+    return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=4)
+
+
+def _fit(module, steps, **kw):
+    logger = _Memory()
+    trainer = L.Trainer(max_steps=steps, accelerator="cpu", logger=logger, log_every_n_steps=1,
+                        enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, **kw)
+    trainer.fit(module, _loader())
+    return logger
+
+
+@pytest.mark.parametrize("method", ["implicit", "unroll"])
+def test_accumulate_grad_batches_with_a_closure_method_is_refused(method):
+    with pytest.raises(CurvatureError, match="accumulate_grad_batches"):
+        _fit(_Module(method, guard=True), steps=8, accumulate_grad_batches=4)
+
+
+@pytest.mark.parametrize("guard", [True, False])
+def test_logged_train_loss_is_the_steps_own_under_the_replaying_guard(guard):
+    module = _Module("unroll", guard)
+    logger = _fit(module, steps=12)
+    logged = [m["train_loss"] for _, m in logger.rows if "train_loss" in m]
+    assert len(logged) == 12
+    same = [a == pytest.approx(b, rel=1e-9) for a, b in zip(logged, module.own)]
+    if guard:
+        assert all(same)
+    else:            # unguarded, the window ends (steps 6 and 11) log a replay's loss
+        assert same.count(False) >= 2
