@@ -373,7 +373,10 @@ class HyperOptimizer(torch.optim.Optimizer):
         return self._controller.hyper_optimizer
 
     def hyperparameters(self) -> dict[str, list]:
-        """Current values in natural units: kind -> one entry per param group.
+        """The values in use, natural units: kind -> one entry per param group.  They are what
+        the latest ``step()`` used, or the coming one would use had it no hyper-step to
+        complete first: greedy completes one at the start of each ``step()`` (it needs that
+        step's gradient), so the value that step uses may differ by one hyper-step.
 
         An entry is a 0-dim tensor (global/group), a 1-D tensor with one value per parameter
         (tensor) or a list of tensors shaped like the parameters (element).  Tuned learning rates
