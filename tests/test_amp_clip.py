@@ -6,7 +6,7 @@
   the graph and from the closure, with the clip active on about half of the steps;
 * ``torch.amp.GradScaler``: ``scaler.step(opt)`` hands HyperOptimizer its scale, so the
   gradient graph of the scaled loss gives the same hypergradient as an unscaled run (before,
-  implicit's dE/dlr came out 4096**2 too large); a gradient unscaled or clipped in place after
+  implicit's dE/dlr came out 5.1e12 against 8.87 with init_scale=4096); a gradient unscaled or clipped in place after
   ``backward(create_graph=True)``, which the graph cannot see, is refused with the fix;
   inf/NaN steps are skipped as GradScaler skips them, and its scale backs off.
 """
