@@ -13,6 +13,10 @@ After each ``opt.step()`` that made a hyper-step (seen from the Python counter
   from :meth:`HyperOptimizer.last_hypergradient`, each tuned value once);
 * the counters ``skipped_steps`` and ``skipped_hypersteps``.
 
+A record is read right after the step, before a scheduler's ``step()`` moves ``group["lr"]``
+(as the trainers read the ``learning_rate`` they log): for greedy without ``val_loss``, whose
+hyper-step comes at the start of a step, exactly the values that step used.
+
 Nothing is read on the host inside ``step()``: records stay on the device (every 256 of them
 stacked into one tensor) until :meth:`~HyperMonitor.history`, :meth:`~HyperMonitor.flush`,
 :meth:`~HyperMonitor.latest` or a writer reads them, one transfer per 256 records.  One
