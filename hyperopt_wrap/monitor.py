@@ -142,11 +142,15 @@ def readout(opt: HyperOptimizer, *, tuned_only: bool = False, hypergradients: bo
             out[f"hypergrad_norm/{kind}"] = norms[0] if len(norms) == 1 else \
                 torch.linalg.vector_norm(torch.stack([_on(n, norms[0].device) for n in norms]))
     if counters:
-        ctrl = opt._controller          # the device counters behind opt.skipped_steps (an int)
-        for name in _COUNTERS:
-            t = getattr(ctrl, name)
-            out[name] = t.to(_acc_dtype(t.device))
+        out.update({name: t.clone() for name, t in zip(_COUNTERS, _counters(opt))})
     return out
+
+
+def _counters(opt: HyperOptimizer) -> list[Tensor]:
+    """The device counters behind ``opt.skipped_steps`` / ``opt.skipped_hypersteps`` (which
+    read them as ints), live."""
+    ctrl = opt._controller
+    return [getattr(ctrl, name) for name in _COUNTERS]
 
 
 def as_floats(values: dict[str, Tensor | float]) -> dict[str, float]:
@@ -214,12 +218,16 @@ class HyperMonitor:
             self._record()
 
     def _record(self) -> None:
-        values = readout(self.opt)
-        names = tuple(values)
-        tensors = [v for v in values.values() if isinstance(v, Tensor)]
+        values = readout(self.opt, counters=False)
+        counters = _counters(self.opt)
+        names = tuple(values) + _COUNTERS
         floats = tuple(v for v in values.values() if not isinstance(v, Tensor))
-        layout = (names, tuple(isinstance(v, Tensor) for v in values.values()))
-        device = tensors[0].device
+        layout = (names, tuple(isinstance(v, Tensor) for v in values.values())
+                  + (True,) * len(_COUNTERS))
+        tensors = [v for v in values.values() if isinstance(v, Tensor)] + counters
+        device = counters[0].device
+        # one copy of everything (the counters are live); the row's dtype is promoted from
+        # the values' (at least float32: counters exact to 2**24)
         row = torch.stack([_on(t, device) for t in tensors])
         if layout != self._open_layout or len(self._open) >= _CHUNK:
             self._seal()
