@@ -69,9 +69,12 @@ def _lr_scale(group: dict):
 
 
 def _times(value: Tensor, scale) -> Tensor:
-    """``value * scale`` as a new tensor (in the value's dtype, as ``hyperparameters()``)."""
+    """``value * scale`` as a new tensor (in the value's dtype, as ``hyperparameters()``).  A
+    CPU tensor scale stays on the CPU (a 0-dim CPU operand is read as a scalar: copying it to
+    an accelerator would synchronise)."""
     if isinstance(scale, Tensor):
-        scale = scale.to(value.device, value.dtype)
+        scale = scale.to(dtype=value.dtype) if scale.device.type == "cpu" \
+            else scale.to(value.device, value.dtype)
     return value * scale
 
 
