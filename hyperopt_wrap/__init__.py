@@ -3,10 +3,11 @@ from .curvature import CurvatureError, FiniteDifferences
 from .normalized_momentum import NormalizedMomentum
 from .methods import RTRL, SGLD, Distill, ForwardGradient, Greedy, Implicit, Unroll
 from .optimizer import HyperOptimizer
+from .monitor import HyperMonitor
 from .rules import UpdateRule, register_rule
 
 __version__ = "0.3.0"
-__all__ = ["HyperOptimizer", "NormalizedMomentum", "register_rule", "UpdateRule", "Greedy",
-           "Implicit", "Unroll", "RTRL",
+__all__ = ["HyperOptimizer", "HyperMonitor", "NormalizedMomentum", "register_rule", "UpdateRule",
+           "Greedy", "Implicit", "Unroll", "RTRL",
            "ForwardGradient", "SGLD", "Distill", "FiniteDifferences", "CurvatureError",
            "__version__"]

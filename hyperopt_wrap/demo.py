@@ -2,6 +2,7 @@
 
     python -m hyperopt_wrap.demo                 # well under a minute on 2 CPU cores
     python -m hyperopt_wrap.demo --plot out.png  # also draws loss curves and the lr trajectory
+                                                 # (and the monitor's panels: out.hyper1.png ...)
 
 An MLP 64-50-10 is trained on the 8x8 digits (a fixed, seeded 60/20/20 split into
 train / validation / test, features standardised with the training statistics) by
@@ -13,13 +14,17 @@ method="greedy", tune=("lr",))``, from the same initial weights on the same mini
 * from a too-large learning rate (default 3), where plain SGD overshoots.
 
 The runs advance in lockstep, a chunk of steps each in turn, so that machine noise hits
-them alike; only the training steps are timed (evaluation is not).  Every number printed is
-measured by this run.  ``main(argv)`` returns the results, for tests and notebooks.
+them alike; only the training steps are timed (evaluation is not).  A
+:class:`~hyperopt_wrap.HyperMonitor` on each tuned run records the lr in use and the
+hypergradient norm every ``MONITOR_EVERY``-th hyper-step (its hook is inside the timed steps);
+a few rows of that trajectory are printed.  Every number printed is measured by this run.
+``main(argv)`` returns the results, for tests and notebooks.
 """
 from __future__ import annotations
 
 import argparse
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -27,11 +32,14 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
+from .monitor import HyperMonitor
 from .optimizer import HyperOptimizer
 
 DEFAULTS = {"steps": 3000, "seed": 0, "lr": 1e-4, "good_lr": 0.1, "large_lr": 3.0,
             "batch_size": 50, "hidden": 50, "eval_every": 50}
 QUICK = {"steps": 60, "eval_every": 20}
+MONITOR_EVERY = 10          # hyper-steps between the HyperMonitor's records
+TRAJECTORY_ROWS = 6
 
 
 # ---------------------------------------------------------------------------- data and model
@@ -94,6 +102,7 @@ class Run:
     curve_val: list[float] = field(default_factory=list)
     curve_lr: list[float] = field(default_factory=list)
     final: dict[str, float] = field(default_factory=dict)
+    monitor: HyperMonitor | None = None   # the tuned runs' recorder (its history() is the data)
 
 
 class _Trainer:
@@ -167,6 +176,7 @@ def train_all(args, data: Split) -> list[Run]:
         if run.tuned:
             opt = HyperOptimizer(torch.optim.SGD, model.parameters(), lr=run.lr0, momentum=0.9,
                                  **hyper)
+            run.monitor = HyperMonitor(opt, every=MONITOR_EVERY)
         else:
             opt = torch.optim.SGD(model.parameters(), lr=run.lr0, momentum=0.9)
         trainers.append(_Trainer(run, model, opt, data, batches))
@@ -183,6 +193,8 @@ def train_all(args, data: Split) -> list[Run]:
             t.record()
     for t in trainers:
         t.run.final = t.evaluate()
+        if t.run.monitor is not None:
+            t.run.monitor.close()
     return [t.run for t in trainers]
 
 
@@ -240,6 +252,19 @@ def summarise(runs: list[Run]) -> list[str]:
     return out
 
 
+def format_trajectory(run: Run, rows: int = TRAJECTORY_ROWS) -> str:
+    """A few evenly spaced records of a tuned run's HyperMonitor: step, lr in use, |dE/dlr|."""
+    h = run.monitor.history()
+    n = len(h["step"])
+    k = min(rows, n)
+    picks = sorted({round(i * (n - 1) / max(k - 1, 1)) for i in range(k)})
+    lines = [f"{run.name}: lr in use every {run.monitor.every}th hyper-step (HyperMonitor)",
+             f"  {'step':>6} {'hyper-step':>10} {'lr in use':>10} {'|dE/dlr|':>10}"]
+    lines += [f"  {h['step'][i]:>6} {h['hyperstep'][i]:>10} {h['lr/0'][i]:>10.4g} "
+              f"{h['hypergrad_norm/lr'][i]:>10.3g}" for i in picks]
+    return "\n".join(lines)
+
+
 def plot(runs: list[Run], path: str) -> None:
     import matplotlib
 
@@ -259,6 +284,23 @@ def plot(runs: list[Run], path: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def write_plots(runs: list[Run], path: str) -> None:
+    """The demo's figure at ``path`` and each tuned run's monitor panels beside it
+    (``out.png`` -> ``out.hyper1.png``, ...); without matplotlib, a note instead."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        print("--plot needs matplotlib (pip install matplotlib); no plot written")
+        return
+    plot(runs, path)
+    print(f"plot written to {path}")
+    root, ext = os.path.splitext(path)
+    for i, run in enumerate((r for r in runs if r.monitor is not None), 1):
+        hyper_path = f"{root}.hyper{i}{ext or '.png'}"
+        run.monitor.plot(hyper_path)
+        print(f"{run.name}: HyperMonitor panels written to {hyper_path}")
 
 
 # ---------------------------------------------------------------------------- command line
@@ -325,9 +367,12 @@ def main(argv: Sequence[str] | None = None) -> list[Run]:
         print()
         for line in summarise(runs):
             print(line)
+        for run in runs:
+            if run.monitor is not None:
+                print()
+                print(format_trajectory(run))
         if args.plot:
-            plot(runs, args.plot)
-            print(f"plot written to {args.plot}")
+            write_plots(runs, args.plot)
     finally:
         torch.set_num_threads(threads)
     return runs
