@@ -1,8 +1,8 @@
 """torch.distributed: 2 gloo processes on the CPU, float64, a tiny MLP, a few steps.
 
-One spawn runs every scenario (DDP, DDP with a per-rank ``val_loss``, FSDP2 with SGD and
-with Adam, ZeRO, the refusals) and saves what each rank saw; the tests compare it with a
-single-process run on the concatenated batch, computed here:
+One spawn runs every scenario (DDP, DDP with a per-rank ``val_loss``, FSDP2 with SGD, Adam
+and a per-rank ``val_loss``, ZeRO, the refusals) and saves what each rank saw; the tests
+compare it with a single-process run on the concatenated batch, computed here:
 
 * the tuned hyperparameters are identical (bit for bit) on both ranks, and equal to the single
   process's within float64 rounding (the sums are split across ranks);
@@ -12,6 +12,7 @@ single-process run on the concatenated batch, computed here:
 * DDP with a ``val_loss`` on a different validation batch per rank: the averaged hypergradient
   keeps the hyperparameters identical and equal to the single process's on the joint validation
   batch, where ``process_group=None`` lets the ranks drift apart;
+* ``step()`` reads no tensor on the host, collectives included (the suite's guard);
 * a non-finite gradient shard, or validation loss, on one rank skips the step, or the
   hyper-step, on every rank;
 * ``ZeroRedundancyOptimizer(optimizer_class=HyperOptimizer...)`` and what FSDP2 does not
@@ -206,6 +207,34 @@ def _ddp_val_inf(rank, tmp):
     return {"skipped": opt.skipped_hypersteps, "hyper": _hyper(opt)}
 
 
+def _no_host_sync(rank, tmp):
+    """Steps (and hyper-steps, with their collectives) read no tensor on the host: FSDP2 with a
+    val_loss, DDP with a val_loss."""
+    from torch.distributed.fsdp import fully_shard
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    from problems import forbid_host_sync
+    x, y, _, _ = _data()
+    out = {}
+    for name in ("fsdp", "ddp"):
+        if name == "fsdp":
+            model = _model()
+            fully_shard(model)
+            opt = _optimizer(model, "sgd_group", val_loss=_val_loss(model, _rows(rank)))
+            inner = model
+        else:
+            model = DDP(_model())
+            inner = model.module
+            opt = _optimizer(inner, "sgd", val_loss=_val_loss(inner, _rows(rank)))
+        _train(model, opt, _rows(rank), range(2))
+        for t in range(2, 4):
+            opt.zero_grad()
+            nn.functional.mse_loss(model(x[t][_rows(rank)]), y[t][_rows(rank)]).backward()
+            with pytest.MonkeyPatch.context() as mp, forbid_host_sync(mp):
+                opt.step()
+        out[name] = opt.hypersteps
+    return out
+
+
 def _zero(rank, tmp):
     from torch.distributed.optim import ZeroRedundancyOptimizer
     model = _model()
@@ -253,6 +282,7 @@ SCENARIOS = {
     "fsdp_val": lambda rank, tmp: _fsdp(rank, tmp, "sgd_group", val=True),
     "fsdp_nan": _fsdp_nan,
     "ddp_val_inf": _ddp_val_inf,
+    "no_host_sync": _no_host_sync,
     "zero": _zero,
     "fsdp_refusals": _fsdp_refusals,
 }
@@ -391,6 +421,11 @@ def test_ddp_nonfinite_val_loss_on_one_rank_skips_the_hyperstep_on_every_rank(ra
     out = _scenario(ranks, "ddp_val_inf")
     assert [o["skipped"] for o in out] == [1, 1]
     _assert_identical(out[0]["hyper"], out[1]["hyper"])
+
+
+def test_no_host_sync_in_step_with_the_collectives(ranks):
+    for o in _scenario(ranks, "no_host_sync"):
+        assert o["fsdp"] == o["ddp"] == 4
 
 
 def test_zero_is_refused_naming_what_works(ranks):
