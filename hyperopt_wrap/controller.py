@@ -49,6 +49,9 @@ class Controller:
         self.window_finite = torch.ones((), dtype=torch.bool, device=device)
         self.contributions = 0      # hypergradient contributions in the accumulators
         self.hypersteps = 0
+        # torch.distributed: reduces the window's hypergradient across ranks at each hyper-step
+        # (a :class:`~hyperopt_wrap.distributed.Reduction`; None in one process)
+        self.reduction = None
         self._ones: dict = {}
         self._plan = None            # memoised direct call of the fused hyper-optimizer
         self._plan_groups = 0
@@ -112,6 +115,8 @@ class Controller:
         n = max(self.contributions, 1)
         self.contributions = 0
         self.hypersteps += 1
+        if self.reduction is not None:      # one collective: every rank gets the same blocks
+            self.reduction.reduce_window(self)
         lasts = []
         for tk in self.tuned.values():
             for i, acc in enumerate(tk.accums):

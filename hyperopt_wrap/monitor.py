@@ -152,8 +152,8 @@ def readout(opt: HyperOptimizer, *, tuned_only: bool = False, hypergradients: bo
 def _counters(opt: HyperOptimizer) -> list[Tensor]:
     """The device counters behind ``opt.skipped_steps`` / ``opt.skipped_hypersteps`` (which
     read them as ints), live."""
-    ctrl = opt._controller
-    return [getattr(ctrl, name) for name in _COUNTERS]
+    live = opt.skip_counters()
+    return [live[name] for name in _COUNTERS]
 
 
 def as_floats(values: dict[str, Tensor | float]) -> dict[str, float]:
@@ -235,7 +235,7 @@ class HyperMonitor:
         if layout != self._open_layout or len(self._open) >= _CHUNK:
             self._seal()
             self._open_layout = layout
-        self._open.append((self.opt._steps, self.opt.hypersteps, floats, row))
+        self._open.append((self.opt.steps, self.opt.hypersteps, floats, row))
 
     def _seal(self) -> None:
         """Stack the open records into one device tensor."""

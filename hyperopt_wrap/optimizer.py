@@ -14,6 +14,7 @@ from torch import Tensor
 from .checkpoint import CheckpointError, check_base_state, check_shapes, require
 from .controller import Controller
 from .normalized_momentum import NormalizedMomentum
+from . import distributed
 from .curvature import (ClosureSource, CurvatureError, FiniteDifferences, GradClip, GraphSource,
                         capture_rng, missing_source_message, resolve_curvature, step_hvp)
 from .hyperparams import TunedKind, resolve_bounds, resolve_granularity
@@ -117,6 +118,19 @@ class HyperOptimizer(torch.optim.Optimizer):
             differentiate the clip: second-order methods' Hessian-vector products go through its
             Jacobian.  Use it instead of ``clip_grad_norm_`` with a gradient graph (which cannot
             see an in-place clip) and with GradScaler.  Default None (no clipping).
+        process_group: how the hyperparameters stay identical across the ranks of
+            ``torch.distributed``.  ``"auto"`` (default): with DTensor parameters (FSDP2,
+            ``fully_shard``) the window's hypergradient is summed over their device mesh at each
+            hyper-step (each rank holds a shard; the step runs on the local shards); with plain
+            parameters, when torch.distributed is initialised with more than one rank, it is
+            averaged over the default group (DDP: each rank holds a replica and, with a
+            ``val_loss``, its own validation batch).  A process group: average over it.
+            ``None``: no collective (each rank tunes its own).  Every rank must construct the
+            optimizer (one collective checks that they tune the same slots).  Under FSDP2
+            ``method="greedy"`` at global, group or tensor granularity is supported (a
+            ``val_loss`` is differentiated by ``backward()``, through FSDP2's hooks).
+            ``torch.distributed.optim.ZeroRedundancyOptimizer`` is refused (use FSDP2).  See
+            the README, "DDP and FSDP2".
         **optimizer_kwargs: passed to ``optimizer_cls`` (validated by it).
 
     Param-group entries stay readable and writable. For a tuned ``lr``, ``group["lr"]`` is a
@@ -126,11 +140,16 @@ class HyperOptimizer(torch.optim.Optimizer):
     The tuned values themselves are read with :meth:`hyperparameters`.
     """
 
+    _shards = None      # FSDP2: the parameters' local shards (distributed.ShardedParams)
+
     def __init__(self, optimizer_cls: type, params, *, method="greedy", tune=("lr",),
                  granularity="global", hyper_lr=None, hyper_optimizer=None,
                  hyper_optimizer_kwargs: dict | None = None, update_every: int | None = None,
                  val_loss: Callable[[], Tensor] | None = None, bounds=None, curvature="auto",
-                 recovery="backoff", max_grad_norm: float | None = None, **optimizer_kwargs):
+                 recovery="backoff", max_grad_norm: float | None = None,
+                 process_group="auto", **optimizer_kwargs):
+        if distributed.constructed_by_zero():
+            raise ValueError(distributed.ZERO_MESSAGE)
         self.rule = get_rule(optimizer_cls)
         self.optimizer_cls = optimizer_cls
         if isinstance(tune, str):
@@ -202,6 +221,18 @@ class HyperOptimizer(torch.optim.Optimizer):
         eager_state = {p: {k: (v.to(p.device) if isinstance(v, Tensor) and k == "step" else v)
                            for k, v in st.items()} for p, st in inner.state.items()}
         del inner
+        reduction, sharded = distributed.resolve(
+            process_group, [p for g in self.param_groups for p in g["params"]])
+        if sharded:     # FSDP2: the step runs on the local shards
+            distributed.check_sharded_options(self.method, self._granularity, recovery)
+            if max_grad_norm is not None:
+                raise ValueError("max_grad_norm is not supported with sharded (FSDP2) parameters "
+                                 "(the norm would be one shard's); clip with "
+                                 "torch.nn.utils.clip_grad_norm_(model.parameters(), ...) before "
+                                 "opt.step(), which takes the norm over the whole DTensors "
+                                 "(greedy keeps no gradient graph, so an in-place clip is fine)")
+            self._shards = distributed.ShardedParams()
+            eager_state = {p: self._shards.localise_state(st) for p, st in eager_state.items()}
         for gi, group in enumerate(self.param_groups):
             if not group["params"]:
                 raise ValueError(f"param group {gi} has no parameters; give every group at least "
@@ -218,6 +249,7 @@ class HyperOptimizer(torch.optim.Optimizer):
                                       first.device)
         if recovery is None:
             self._controller.backoff = None
+        self._controller.reduction = reduction
         raw_groups = self._controller.raw_groups()
         for gi, group in enumerate(self.param_groups):
             self._init_group_hyper(gi, group, raw_groups)
@@ -228,10 +260,12 @@ class HyperOptimizer(torch.optim.Optimizer):
                                  f"e.g. {kind}={_EXAMPLE[kind]}, or leave {kind!r} out of "
                                  "tune= (a group at 0 among others stays untuned at 0)")
         self._controller.build(raw_groups)
-        self._stepper = Stepper(self.rule, self.state)
+        if reduction is not None and not sharded:
+            reduction.check_layout(tuned)
+        self._stepper = Stepper(self.rule, self._stepper_state())
         self._flags = ReplayFlags()
         self._ctx = MethodContext(rule=self.rule, tuned=tuned, controller=self._controller,
-                                  param_groups=self.param_groups, update_every=update_every,
+                                  param_groups=self._step_groups(), update_every=update_every,
                                   val_loss=val_loss is not None, flags=self._flags,
                                   tuned_kinds=self.tuned_kinds)
         self._unversioned = False      # params written through .data while a graph is kept
@@ -314,6 +348,8 @@ class HyperOptimizer(torch.optim.Optimizer):
         gi = len(self.param_groups) - 1
         raw_groups = self._controller.raw_groups()
         try:
+            distributed.check_added_group(self.param_groups[gi]["params"],
+                                          self._shards is not None)
             self._init_group_hyper(gi, self.param_groups[gi], raw_groups)
         except Exception:
             self.param_groups.pop()
@@ -414,7 +450,20 @@ class HyperOptimizer(torch.optim.Optimizer):
 
     @property
     def hypersteps(self) -> int:
+        """Hyper-steps taken (a Python int: reading it makes no host synchronisation)."""
         return self._controller.hypersteps
+
+    @property
+    def steps(self) -> int:
+        """``step()`` calls that stepped (a Python int, no host synchronisation; skipped steps
+        included)."""
+        return self._steps
+
+    def skip_counters(self) -> dict[str, Tensor]:
+        """``{"skipped_steps": ..., "skipped_hypersteps": ...}`` as the live 0-dim tensors on
+        the device (:attr:`skipped_steps` reads them on the host; these do not)."""
+        c = self._controller
+        return {"skipped_steps": c.skipped_steps, "skipped_hypersteps": c.skipped_hypersteps}
 
     @property
     def needs_graph(self) -> bool:
@@ -563,7 +612,10 @@ class HyperOptimizer(torch.optim.Optimizer):
                                    "parameters (no autograd graph); compute it from the model "
                                    "inside the callable, without torch.no_grad() or .detach()")
             try:
-                grads = torch.autograd.grad(loss, params, allow_unused=True)
+                if self._shards is None:
+                    grads = torch.autograd.grad(loss, params, allow_unused=True)
+                else:   # FSDP2 reduces gradients in backward hooks: a backward() it is
+                    grads = self._shards.backward_grads(loss, params)
             except RuntimeError as e:
                 raise RuntimeError(f"could not differentiate val_loss(): {e}. val_loss must build "
                                    "a fresh graph on each call and must not call backward() "
@@ -607,7 +659,11 @@ class HyperOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         scales = ctx.lr_scales = self._sync_group_writes()
-        buckets = self._stepper.buckets(self.param_groups)
+        groups = self._step_groups()
+        if self._shards is not None:
+            self._shards.load_grads(self.param_groups, groups)
+            ctx._groups = groups
+        buckets = self._stepper.buckets(groups)
         if not buckets:
             return loss
         # decided before anything changes: a missing curvature source raises with nothing done
@@ -616,6 +672,9 @@ class HyperOptimizer(torch.optim.Optimizer):
         finite = self._stepper.load_grads(buckets, self._device, getattr(self, "found_inf", None),
                                           getattr(self, "grad_scale", None),
                                           check_in_place=not isinstance(source, GraphSource))
+        if self._shards is not None:     # skipped on every rank when not finite on one
+            finite = self._stepper.restrict(buckets,
+                                            self._controller.reduction.agree_finite(finite))
         if self.recovery == "rollback":
             finite = self._stepper.rollback(buckets, finite, _ROLLBACK_GROWTH)
         if self.max_grad_norm is not None:
@@ -670,6 +729,8 @@ class HyperOptimizer(torch.optim.Optimizer):
                 self._abandon_window()
                 raise
             self._hyper_step()
+        if self._shards is not None:
+            self._shards.release_grads(groups)
         self._settle_versions()
         return loss
 
@@ -848,7 +909,11 @@ class HyperOptimizer(torch.optim.Optimizer):
         if not isinstance(state_dict, dict) or "hyper" not in state_dict:
             raise ValueError("this state_dict was not saved by HyperOptimizer (no 'hyper' entry); "
                              "load a state_dict from HyperOptimizer.state_dict(), or load a "
-                             "torch.optim state_dict into the torch optimizer it came from")
+                             "torch.optim state_dict into the torch optimizer it came from"
+                             + ("" if self._shards is None else
+                                " (torch.distributed.checkpoint's get_optimizer_state_dict keeps "
+                                "only torch's entries: under FSDP2 save opt.state_dict() on "
+                                "each rank)"))
         hyper = state_dict["hyper"]
         require(hyper, ("config", "counters"), "state_dict['hyper']")
         mine, theirs = self._fingerprint(), hyper["config"]
@@ -871,7 +936,8 @@ class HyperOptimizer(torch.optim.Optimizer):
                                   f"got {c}")
         check_shapes(hyper.get("shapes"), self.param_groups)
         _check_saved_groups(hyper, rest)
-        check_base_state(self.rule, self.param_groups, rest)
+        self._ctx._groups = self._step_groups()
+        check_base_state(self.rule, self._ctx._groups, rest)
         self._controller.check_loadable(hyper["controller"])
         self.method.check_loadable(self._ctx, hyper["method"])
         return hyper, rest
@@ -925,16 +991,25 @@ class HyperOptimizer(torch.optim.Optimizer):
 
     def _rebind(self) -> None:
         """torch's load_state_dict and __setstate__ rebind ``state`` and ``param_groups``."""
-        self._stepper.state = self.state
+        self._stepper.state = self._stepper_state()
         self._stepper.invalidate()
         self._seen_entries = []
-        self._ctx._groups = self.param_groups
+        self._ctx._groups = self._step_groups()
+
+    def _step_groups(self) -> list[dict]:
+        """The param groups as the step and the method see them: under FSDP2 with each
+        parameter's local shard in its place (the optimizer state is keyed by the parameter)."""
+        return self.param_groups if self._shards is None else self._shards.groups(self.param_groups)
+
+    def _stepper_state(self):
+        return self.state if self._shards is None else self._shards.state(self.state)
 
     def __getstate__(self) -> dict[str, Any]:
         # torch.optim.Optimizer pickles only defaults/state/param_groups; we need everything but
         # its hook dictionaries, which torch drops too (its __setstate__ recreates them)
         state = {k: v for k, v in self.__dict__.items() if not k.startswith("_optimizer_")
-                 and k not in ("_grad_versions", "_grad_hooks")}    # (re-registered on copies)
+                 and k not in ("_grad_versions", "_grad_hooks",     # (re-registered on copies)
+                               "step")}     # an LR scheduler's wrapper of the original's step
         if self._ctx.tape:
             # recorded steps hold graphs and closures, which cannot be copied: the copy
             # restarts the current window, exactly as a resume from state_dict() does

@@ -273,6 +273,16 @@ class Stepper:
             b.grad.mul_(coef.to(b.device, b.dtype))
         return coef, norm
 
+    def restrict(self, buckets: list[Bucket], finite: Tensor) -> Tensor:
+        """After :meth:`load_grads`: the step is taken only where ``finite`` (a device bool,
+        e.g. agreed across ranks) says so too; a step skipped here is skipped exactly as a
+        non-finite one (zero gradients, the rule's 0/1 factor at 0)."""
+        for key, ok in (self._oks or {}).items():
+            ok.mul_(finite.to(ok.device, ok.dtype))
+        for b in buckets:
+            b.grad.mul_(self._oks[(b.device, b.dtype)])
+        return finite
+
     def rollback(self, buckets: list[Bucket], finite: Tensor, growth: float) -> Tensor:
         """``recovery="rollback"``: a step whose gradient is not finite, or whose norm exceeds
         ``growth`` times a reference that follows the taken steps' gradient norms (down at

@@ -271,11 +271,9 @@ def test_a_deep_copy_leaves_the_monitor_behind():
     assert len(monitor) == n
 
 
-@pytest.mark.xfail(strict=True, reason="library bug: HyperOptimizer.__getstate__ copies the "
-                   "step wrapper an LR scheduler sets on the instance, so a copy's step() steps "
-                   "the original (torch's Optimizer.__getstate__ keeps only defaults, state and "
-                   "param_groups)")
 def test_a_deep_copy_with_a_scheduler_steps_itself():
+    """(HyperOptimizer.__getstate__ used to copy the step wrapper an LR scheduler sets on the
+    instance, so a copy's step() stepped the original, and pickle failed.)"""
     opt, monitor, _, _ = _run("greedy-global-steplr-2groups", steps=3)
     n, hypersteps = len(monitor), opt.hypersteps
     twin = _copy_and_step(opt)
@@ -390,3 +388,13 @@ def test_plot_draws_one_panel_per_tuned_kind(tmp_path):
     line = axes[0].get_lines()[0]
     assert list(line.get_xdata()) == h["step"] and list(line.get_ydata()) == h["lr/0/mean"]
     assert [ln.get_label() for ln in axes[3].get_lines()] == ["lr", "momentum", "weight_decay"]
+
+
+def test_an_optimizer_with_a_scheduler_pickles():
+    import pickle
+    model = _model()
+    opt = HyperOptimizer(torch.optim.SGD, model.parameters(), lr=0.1)
+    torch.optim.lr_scheduler.StepLR(opt, step_size=2)
+    again = pickle.loads(pickle.dumps(opt))
+    assert "step" not in again.__dict__
+    assert again.state_dict()["param_groups"] == opt.state_dict()["param_groups"]
