@@ -278,10 +278,21 @@ class HyperOptimizer(torch.optim.Optimizer):
         self._watch_grads()
         self._hyper_ready = True
 
-    #: GradScaler hands us its scale and found_inf instead of unscaling ``p.grad`` itself (as for
-    #: torch's fused optimizers): a gradient graph then still matches ``p.grad``, and the graph's
-    #: Hessian-vector products are unscaled with the gradients
-    _step_supports_amp_scaling = True
+    @property
+    def _step_supports_amp_scaling(self) -> bool:
+        """For a method that may take curvature from a gradient graph, GradScaler hands us its
+        scale and found_inf instead of unscaling ``p.grad`` itself (as for torch's fused
+        optimizers): the graph then still matches ``p.grad``, and its Hessian-vector products
+        are unscaled with the gradients.  Other methods leave GradScaler its usual way (so that
+        a trainer may unscale and clip before the step: Lightning refuses clipping for
+        optimizers that unscale themselves)."""
+        return self._may_use_graph()
+
+    def _may_use_graph(self) -> bool:
+        method = self.method
+        return not (isinstance(self.curvature, FiniteDifferences) or method.needs_closure) and (
+            method.needs_curvature
+            or type(method).carry_curvature is not HypergradientMethod.carry_curvature)
 
     # ------------------------------------------------------------------ set-up
     def _init_group_hyper(self, gi: int, group: dict, raw_groups: list[dict]) -> None:
@@ -365,10 +376,7 @@ class HyperOptimizer(torch.optim.Optimizer):
         and backward), so that a graph source can tell a gradient rescaled or clipped in place
         afterwards (``GradScaler.unscale_``, ``clip_grad_norm_``), which the graph does not
         differentiate.  The hooks hold the dict only, not the optimizer."""
-        method = self.method
-        if isinstance(self.curvature, FiniteDifferences) or method.needs_closure or not (
-                method.needs_curvature or type(method).carry_curvature
-                is not HypergradientMethod.carry_curvature):
+        if not self._may_use_graph():
             return
         if not hasattr(self, "_grad_versions"):
             self._grad_versions: dict[int, int] = {}

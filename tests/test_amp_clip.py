@@ -202,3 +202,18 @@ def test_reference_clips_like_clip_grad_norm():
     # E = sum(w1) = sum(w0) - lr * sum(clip(g)): dE/dlr = -sum(clip(g))
     torch.testing.assert_close(got["lr"][0], -leaf.grad.sum(), rtol=1e-12, atol=0)
     assert not torch.allclose(expected_w1, w.detach())
+
+
+def test_amp_scaling_is_taken_over_only_where_a_graph_may_be_used():
+    """GradScaler hands its scale to the step only for methods that may use a gradient graph;
+    others keep GradScaler's own unscale (so Lightning's gradient_clip_val works with them)."""
+    w = [nn.Parameter(torch.ones(2))]
+    assert not HyperOptimizer(torch.optim.SGD, w, lr=0.1)._step_supports_amp_scaling
+    assert HyperOptimizer(torch.optim.SGD, w, lr=0.1, method="implicit")._step_supports_amp_scaling
+    assert HyperOptimizer(torch.optim.SGD, w, lr=0.1, method="rtrl")._step_supports_amp_scaling
+    assert not HyperOptimizer(torch.optim.SGD, w, lr=0.1, method="implicit",
+                              curvature="closure")._step_supports_amp_scaling
+    assert not HyperOptimizer(torch.optim.SGD, w, lr=0.1, method="distill")._step_supports_amp_scaling
+    pytest.importorskip("lightning")
+    from lightning.fabric.plugins.precision.amp import _optimizer_handles_unscaling
+    assert not _optimizer_handles_unscaling(HyperOptimizer(torch.optim.SGD, w, lr=0.1))
