@@ -158,8 +158,24 @@ class GraphSource:
         if not outs:
             return [torch.zeros_like(p) for p in params]
         with torch.enable_grad():
-            hv = torch.autograd.grad(outs, params, vecs, retain_graph=True, allow_unused=True)
+            try:
+                hv = torch.autograd.grad(outs, params, vecs, retain_graph=True,
+                                         allow_unused=True)
+            except RuntimeError as e:
+                _raise_if_compiled_model(e)
+                raise
         return [torch.zeros_like(p) if h is None else h for p, h in zip(params, hv)]
+
+
+def _raise_if_compiled_model(error: RuntimeError) -> None:
+    """A gradient graph built through a torch.compile'd model has no double backward
+    (aot_autograd's): say where the products can come from instead."""
+    if "double backward" in str(error):
+        raise CurvatureError(
+            "the gradient graph comes from a torch.compile'd model, which has no double "
+            "backward (aot_autograd), so Hessian-vector products cannot be taken from it; "
+            "step with a closure instead: opt.step(closure) with curvature='closure' (finite "
+            "differences of gradients), the closure calling a plain loss.backward()") from error
 
 
 class ClosureSource:

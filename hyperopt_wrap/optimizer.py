@@ -12,6 +12,7 @@ from torch import Tensor
 
 from .checkpoint import CheckpointError, check_base_state, check_shapes, require
 from .controller import Controller
+from .counter import Count
 from .normalized_momentum import NormalizedMomentum
 from .curvature import (ClosureSource, CurvatureError, FiniteDifferences, GraphSource,
                         capture_rng, missing_source_message, resolve_curvature, step_hvp)
@@ -213,13 +214,14 @@ class HyperOptimizer(torch.optim.Optimizer):
         self._controller.build(raw_groups)
         self._stepper = Stepper(self.rule, self.state)
         self._flags = ReplayFlags()
+        self._flags.step_calls = Count()     # (on the CPU: a closure step reads it)
         self._ctx = MethodContext(rule=self.rule, tuned=tuned, controller=self._controller,
                                   param_groups=self.param_groups, update_every=update_every,
                                   val_loss=val_loss is not None, flags=self._flags,
                                   tuned_kinds=self.tuned_kinds)
         self._unversioned = False      # params written through .data while a graph is kept
         self._seen_entries: list[tuple] = []   # param-group entries as of the last step
-        self._steps = 0
+        self._steps = Count(device=first.device)
         self.method.bind(self._ctx)
         self._method_state = self.method.init_state(self._ctx)
         for p, state in eager_state.items():
@@ -363,14 +365,18 @@ class HyperOptimizer(torch.optim.Optimizer):
 
     @property
     def hypersteps(self) -> int:
-        return self._controller.hypersteps
+        return int(self._controller.hypersteps)
 
     @property
     def needs_graph(self) -> bool:
         """True when the coming ``step()`` takes Hessian-vector products from the gradient graph
         (a second-order method records it, or a forward-mode method carries its tangents
         through it).  Use it as ``loss.backward(create_graph=opt.needs_graph)``: the (costlier)
-        graph is built only on the steps that need it."""
+        graph is built only on the steps that need it.  Not with a ``torch.compile``'d model,
+        whose backward has no double backward: ``backward(create_graph=True)`` itself raises
+        ("compiled with non-empty donated buffers"), or with donated buffers off the products
+        do (a :class:`~hyperopt_wrap.CurvatureError`); step with ``opt.step(closure)`` and
+        ``curvature="closure"`` instead."""
         if self._flags.replaying or isinstance(self.curvature, FiniteDifferences) \
                 or self.method.needs_closure:
             return False
@@ -630,7 +636,7 @@ class HyperOptimizer(torch.optim.Optimizer):
         if closure is None:
             raise CurvatureError(missing_source_message(self.method.name))
         config = cfg if isinstance(cfg, FiniteDifferences) else FiniteDifferences()
-        return ClosureSource(closure, rng, loss, self._flags.step_calls, config)
+        return ClosureSource(closure, rng, loss, int(self._flags.step_calls), config)
 
     # ------------------------------------------------------------------ save / resume
     def _fingerprint(self) -> dict[str, Any]:
@@ -664,7 +670,7 @@ class HyperOptimizer(torch.optim.Optimizer):
             "method": self.method.state_dict(self._method_state),
             # recorded steps (graphs, closures) cannot be saved: a resume restarts the window
             # when this window has any, as a deepcopy does
-            "counters": {"window": self._ctx.position, "steps": self._steps,
+            "counters": {"window": self._ctx.position, "steps": int(self._steps),
                          "recorded": len(self._ctx.tape)},
             "shapes": [[list(p.shape) for p in g["params"]] for g in self.param_groups],
         }
@@ -740,7 +746,7 @@ class HyperOptimizer(torch.optim.Optimizer):
         self.method.load_state_dict(method_state, hyper["method"])
         self._method_state = method_state
         c = hyper["counters"]
-        self._ctx.position, self._steps = c["window"], c["steps"]
+        self._ctx.position, self._steps = c["window"], Count(c["steps"], self._device)
         self._ctx.release_tape()
         if c.get("recorded", self._records_steps()):    # (0.1 checkpoints: whether it could)
             # recorded steps (graphs, closures) are not saved: the interrupted window restarts
