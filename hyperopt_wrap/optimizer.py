@@ -51,13 +51,15 @@ def _check_value(kind: str, value: Any, where: str) -> float:
     """Validate an lr / momentum / weight decay entry; returns it as a float.  A tuned lr or
     weight decay of 0 is allowed: that group stays untuned at 0."""
     value = _number(kind, value, where)
-    if kind == "lr" and not (math.isfinite(value) and value >= 0):
+    # (comparisons rather than math.isfinite: torch.compile may trace a param-group entry
+    # as a symbolic float, which math.isfinite does not take)
+    if kind == "lr" and not 0 <= value < math.inf:
         raise ValueError(f"Invalid learning rate {value!r}{where}: lr must be a finite number "
                          ">= 0, e.g. lr=0.1")
     if kind == "momentum" and not 0 <= value < 1:
         raise ValueError(f"Invalid momentum {value!r}{where}: momentum must lie in [0, 1), "
                          "e.g. momentum=0.9")
-    if kind == "weight_decay" and not (value >= 0 and math.isfinite(value)):
+    if kind == "weight_decay" and not 0 <= value < math.inf:
         raise ValueError(f"Invalid weight_decay {value!r}{where}: weight decay must be a finite "
                          "number >= 0, e.g. weight_decay=5e-4")
     return value

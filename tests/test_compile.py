@@ -139,3 +139,27 @@ def test_graph_curvature_through_a_compiled_model_points_to_the_closure():
             opt.zero_grad()
             ((compiled_model(x) - y) ** 2).mean().backward(create_graph=opt.needs_graph)
             opt.step()
+
+
+def test_one_compiled_function_steps_two_optimizers():
+    """A compiled function that takes the optimizer as an argument is recompiled for the
+    second one with its param-group floats traced as symbols (automatic dynamic), which the
+    step's validation of the entries takes; the trace only (dynamo's eager backend)."""
+    @torch.compile(fullgraph=True, backend="eager")
+    def step(opt):
+        opt.step()
+
+    batches = _batches(torch.float32)
+    for lr in (0.1, 0.05):
+        model = _model(torch.float32)
+        reference = copy.deepcopy(model)
+        opts = [HyperOptimizer(torch.optim.SGD, m.parameters(), lr=lr, momentum=0.9)
+                for m in (model, reference)]
+        for i in range(4):
+            for m, opt, run in ((model, opts[0], step), (reference, opts[1], None)):
+                x, y = batches[i % len(batches)]
+                opt.zero_grad()
+                ((m(x) - y) ** 2).mean().backward()
+                run(opt) if run else opt.step()
+        for p, q in zip(model.parameters(), reference.parameters()):
+            torch.testing.assert_close(p, q)
