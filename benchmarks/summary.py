@@ -79,8 +79,8 @@ from .models import (BATCHES, EMBED, GPT_HEADS, GPT_LAYERS, GPT_SEQ, GPT_VOCAB, 
 from .profiling import charged_table, profiled
 from .report import RESULTS as DEFAULT_OUT, format_bytes, grid, machine_info, machine_lines, \
     write_section
-from .timing import Built, Case, check_protocol, interleaved, measuring, median_ratio, \
-    training_step, warm_up
+from .timing import Built, Case, check_protocol, compiled_step, interleaved, measuring, \
+    median_ratio, training_step, warm_up
 
 # Steps per case and round at most, before rounding up to whole windows (default: --steps):
 # ten transformer steps already take a good part of a second.
@@ -101,6 +101,7 @@ class Variant:
     step: str = "plain"             # "plain", "graph" or "closure" (see the module docstring)
     reference: str = "vanilla"      # the variant its ratios are taken against
     target: float | None = None     # the ratio it should stay within
+    compiled: bool = False          # opt.step() under torch.compile (``timing.compiled_step``)
 
     def describe(self) -> str:
         options = ", ".join(f"{k}={v!r}" for k, v in self.hyper.items())
@@ -135,9 +136,11 @@ def _second_order(name: str, options: dict, target: float) -> dict[str, "Variant
 VARIANTS: dict[str, Variant] = {
     "vanilla": Variant(),
     "vanilla fused": Variant(torch_kwargs={"fused": True}),
+    "vanilla compiled": Variant(compiled=True),
     "greedy global lr": Variant({**GREEDY, **GLOBAL_LR}, target=1.15),
     "greedy tensor lr": Variant({**GREEDY, **TENSOR_LR}, target=1.10),
     "greedy element lr": Variant({**GREEDY, **ELEMENT_LR}, target=1.10),
+    "greedy global lr compiled": Variant({**GREEDY, **GLOBAL_LR}, compiled=True),
     "greedy global lr+mom+wd": Variant({**GREEDY, **GLOBAL_LR,
                                         "tune": ("lr", "momentum", "weight_decay")}),
     "vanilla closure": Variant(step="closure"),
@@ -163,15 +166,18 @@ VARIANTS: dict[str, Variant] = {
     "sgld global lr+mom+wd": Variant({**SGLD_, **ALL_KINDS}),
 }
 RTRL_VARIANTS = tuple(v for v in VARIANTS if v.startswith("rtrl "))
+# compiling a step costs tens of seconds: measured only when named (``--variants``, and
+# ``test_compiled_overhead.py``)
+COMPILED_VARIANTS = tuple(v for v, variant in VARIANTS.items() if variant.compiled)
 # The variants each kind of network is measured with by default (``--variants`` names others,
 # measured on every network): everything on the MLP, RTRL only there and only up to width
 # RTRL_MAX_WIDTH (at 1024 one of its steps costs 15-25x vanilla's, 100 ms or more); the
 # 200-tensor chain greedy and implicit (their per-tensor fixed costs); the transformer, the
 # costliest step, greedy and implicit from the closure (a double backward through it is dearer).
 KIND_VARIANTS: dict[str, tuple[str, ...]] = {
-    "mlp": tuple(VARIANTS),
-    "cnn": tuple(v for v in VARIANTS if v not in RTRL_VARIANTS),
-    "lstm": tuple(v for v in VARIANTS if v not in RTRL_VARIANTS),
+    "mlp": tuple(v for v in VARIANTS if v not in COMPILED_VARIANTS),
+    "cnn": tuple(v for v in VARIANTS if v not in RTRL_VARIANTS + COMPILED_VARIANTS),
+    "lstm": tuple(v for v in VARIANTS if v not in RTRL_VARIANTS + COMPILED_VARIANTS),
     "many": ("vanilla", "vanilla fused", "greedy global lr", "greedy tensor lr",
              "vanilla closure", "implicit closure tensor lr"),
     "gpt": ("vanilla", "greedy global lr", "vanilla closure", "implicit closure tensor lr",
@@ -196,7 +202,11 @@ def build_case(case: Case, seed: int = 0) -> Built:
     else:           # a copy: a method instance may keep state between steps
         opt = HyperOptimizer(optimizer_cls, model.parameters(), **copy.deepcopy(variant.hyper),
                              **kwargs)
-    step = training_step(opt, model, itertools.cycle(case.net.batches(seed=seed)), variant.step)
+    # torch's own step breaks the graph (its no_grad wrapper does, on purpose), ours is one
+    opt_step = compiled_step(opt, fullgraph=variant.hyper is not None) if variant.compiled \
+        else None
+    step = training_step(opt, model, itertools.cycle(case.net.batches(seed=seed)), variant.step,
+                         opt_step=opt_step)
     # steps per window: the cost of a HyperOptimizer step is spread over a whole one
     window = opt.update_every if isinstance(opt, HyperOptimizer) else 1
     return Built(case, step, window, model, opt)

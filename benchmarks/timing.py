@@ -109,7 +109,8 @@ def _cross_entropy() -> Loss:
 
 
 def training_step(opt: torch.optim.Optimizer, model: nn.Module, batches: Iterator,
-                  style: str = "plain", loss: Loss | None = None) -> Callable[[], Tensor]:
+                  style: str = "plain", loss: Loss | None = None,
+                  opt_step: Callable[[], None] | None = None) -> Callable[[], Tensor]:
     """A function doing one full training step on the next of ``batches`` and returning its
     loss, ``loss(model, batch)`` (default: cross-entropy of ``model(x)`` against ``y`` for a
     batch ``(x, y)``), in one of three styles:
@@ -118,7 +119,9 @@ def training_step(opt: torch.optim.Optimizer, model: nn.Module, batches: Iterato
     * "graph": the same with ``loss.backward(create_graph=opt.needs_graph)`` (a graph only on
       the steps a second-order method records);
     * "closure": ``opt.step(closure)``, the closure doing zero_grad, forward and backward on
-      its own batch (finite-difference Hessian-vector products re-call it)."""
+      its own batch (finite-difference Hessian-vector products re-call it).
+
+    ``opt_step`` replaces ``opt.step`` in the first two (e.g. :func:`compiled_step`)."""
     loss_of = _cross_entropy() if loss is None else loss
     if style == "closure":
         def step() -> Tensor:
@@ -135,14 +138,24 @@ def training_step(opt: torch.optim.Optimizer, model: nn.Module, batches: Iterato
     if style not in ("plain", "graph"):
         raise ValueError(f"unknown step style {style!r}: plain, graph or closure")
     graph = style == "graph"
+    opt_step = opt.step if opt_step is None else opt_step
 
     def step() -> Tensor:
         batch = next(batches)
         opt.zero_grad()
         value = loss_of(model, batch)
         value.backward(create_graph=graph and opt.needs_graph)
-        opt.step()
+        opt_step()
         return value
+    return step
+
+
+def compiled_step(opt: torch.optim.Optimizer, fullgraph: bool) -> Callable[[], None]:
+    """``opt.step()`` under torch.compile, as torch documents it for optimizers (compiled on
+    its first calls: warm it up before timing)."""
+    @torch.compile(fullgraph=fullgraph)
+    def step() -> None:
+        opt.step()
     return step
 
 

@@ -16,6 +16,8 @@ import torch
 from torch import Tensor
 
 from .checkpoint import CheckpointError, check_tensor, require
+from .counter import Count
+from .rules._foreach import is_compiling
 from .normalized_momentum import NormalizedMomentum
 from .hyperparams import TunedKind
 
@@ -48,7 +50,7 @@ class Controller:
         self.window_skips = torch.zeros((), dtype=torch.int64, device=device)
         self.window_finite = torch.ones((), dtype=torch.bool, device=device)
         self.contributions = 0      # hypergradient contributions in the accumulators
-        self.hypersteps = 0
+        self.hypersteps = Count(device=device)
         # torch.distributed: reduces the window's hypergradient across ranks at each hyper-step
         # (a :class:`~hyperopt_wrap.distributed.Reduction`; None in one process)
         self.reduction = None
@@ -220,6 +222,8 @@ class Controller:
             if not params:
                 continue
             states = [opt.state.get(p) for p in params]
+            if any(not st for st in states) and is_compiling():
+                states = _fused_adam_state(opt, group)   # (its first step() cannot be traced)
             if any(not st for st in states) or any(p.device != params[0].device for p in params):
                 return None
             decoupled = group.get("decoupled_weight_decay", type(opt) is torch.optim.AdamW)
@@ -242,7 +246,7 @@ class Controller:
             "accums": {k: [a.clone() for a in tk.accums] for k, tk in self.tuned.items()},
             "last": {k: [a.clone() for a in tk.last] for k, tk in self.tuned.items()},
             "hyper_optimizer": self.hyper_optimizer.state_dict(),
-            "counters": {"contributions": self.contributions, "hypersteps": self.hypersteps},
+            "counters": {"contributions": self.contributions, "hypersteps": int(self.hypersteps)},
             "skipped": [self.skipped_hypersteps.clone(), self.skipped_steps.clone(),
                         self.window_finite.clone(), self.window_skips.clone()],
         }
@@ -334,7 +338,8 @@ class Controller:
         self.hyper_optimizer.load_state_dict(saved["hyper_optimizer"])
         self._plan = None       # the loaded state tensors are new
         c = saved["counters"]
-        self.contributions, self.hypersteps = c["contributions"], c["hypersteps"]
+        self.contributions = c["contributions"]
+        self.hypersteps = Count(c["hypersteps"], self.skipped_steps.device)
         self.skipped_hypersteps.copy_(saved["skipped"][0])
         self.skipped_steps.copy_(saved["skipped"][1])
         self.window_finite.copy_(saved["skipped"][2])
@@ -356,8 +361,62 @@ def _fused_adam_step(plan, found_inf: Tensor, ok: Tensor) -> None:
         steps = [s["step"] for s in states]
         torch._foreach_add_(steps, [ok if ok.device == t.device else ok.to(t.device)
                                     for t in steps])
+        if is_compiling():      # (torch.compile cannot trace the fused kernel)
+            kernel = _traceable_adam if kernel is torch._fused_adam_ else _traceable_adamw
         kernel(params, grads, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
                [s["max_exp_avg_sq"] for s in states] if group["amsgrad"] else [], steps,
                amsgrad=group["amsgrad"], lr=group["lr"], beta1=group["betas"][0],
                beta2=group["betas"][1], weight_decay=group["weight_decay"], eps=group["eps"],
                maximize=group["maximize"], grad_scale=None, found_inf=found_inf)
+
+
+def _fused_adam_state(opt: torch.optim.Optimizer, group: dict) -> list[dict]:
+    """The state a fused torch Adam/AdamW creates on its first step, for the group's
+    parameters that have none yet (as ``Adam._init_group``: a float32 step counter on the
+    parameter's device, zero moments); returns the group's state dicts."""
+    for p in group["params"]:
+        if not opt.state.get(p):
+            zeros = lambda: torch.zeros_like(p, memory_format=torch.preserve_format)
+            st = {"step": torch.zeros((), dtype=torch.float32, device=p.device),
+                  "exp_avg": zeros(), "exp_avg_sq": zeros()}
+            if group["amsgrad"]:
+                st["max_exp_avg_sq"] = zeros()
+            opt.state[p] = st
+    return [opt.state[p] for p in group["params"]]
+
+
+def _traceable_adam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, *,
+                    amsgrad: bool, lr: float, beta1: float, beta2: float, weight_decay: float,
+                    eps: float, maximize: bool, grad_scale, found_inf: Tensor,
+                    decoupled: bool = False) -> None:
+    """``torch._fused_adam_`` (``decoupled``: ``_fused_adamw_``) in ordinary tensor ops, for
+    torch.compile, which cannot trace the fused kernel: the same update on the counters the
+    caller advanced, and where ``found_inf`` is set nothing changes (a select, exact even for
+    a non-finite gradient).  The hyper-optimizer's blocks are few and small: one pass each."""
+    skip = found_inf > 0
+    for i, (p, g, m, v, t) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs, steps)):
+        g = -g if maximize else g
+        w = p
+        if weight_decay != 0:
+            if decoupled:
+                w = p * (1 - lr * weight_decay)
+            else:
+                g = g + weight_decay * p
+        t = t.to(torch.float64)
+        bias_correction1 = 1 - beta1 ** t
+        bias_correction2_sqrt = (1 - beta2 ** t).sqrt()
+        new_m = torch.lerp(m, g, 1 - beta1)
+        new_v = v * beta2 + (1 - beta2) * g * g
+        second = new_v
+        if amsgrad:
+            second = torch.maximum(max_exp_avg_sqs[i], new_v)
+            max_exp_avg_sqs[i].copy_(torch.where(skip, max_exp_avg_sqs[i], second))
+        denom = (second.sqrt() / bias_correction2_sqrt.to(p.dtype)) + eps
+        new_p = w - (lr / bias_correction1).to(p.dtype) * new_m / denom
+        p.copy_(torch.where(skip, p, new_p))
+        m.copy_(torch.where(skip, m, new_m))
+        v.copy_(torch.where(skip, v, new_v))
+
+
+def _traceable_adamw(*args, **kwargs) -> None:
+    _traceable_adam(*args, **kwargs, decoupled=True)

@@ -194,6 +194,7 @@ class GraphSource:
                 hv = torch.autograd.grad(outs, params, vecs, retain_graph=True,
                                          allow_unused=True)
             except RuntimeError as e:
+                _raise_if_compiled_model(e)
                 if "derivative for" not in str(e) and "not implemented" not in str(e):
                     raise
                 raise CurvatureError(
@@ -209,6 +210,17 @@ class GraphSource:
             for h in hv:
                 h.mul_(self.inv_scale.to(h.device, h.dtype))
         return hv
+
+
+def _raise_if_compiled_model(error: RuntimeError) -> None:
+    """A gradient graph built through a torch.compile'd model has no double backward
+    (aot_autograd's): say where the products can come from instead."""
+    if "double backward" in str(error):
+        raise CurvatureError(
+            "the gradient graph comes from a torch.compile'd model, which has no double "
+            "backward (aot_autograd), so Hessian-vector products cannot be taken from it; "
+            "step with a closure instead: opt.step(closure) with curvature='closure' (finite "
+            "differences of gradients), the closure calling a plain loss.backward()") from error
 
 
 class ClosureSource:

@@ -13,6 +13,7 @@ from torch import Tensor
 
 from .checkpoint import CheckpointError, check_base_state, check_shapes, require
 from .controller import Controller
+from .counter import Count
 from .normalized_momentum import NormalizedMomentum
 from . import distributed
 from .curvature import (ClosureSource, CurvatureError, FiniteDifferences, GradClip, GraphSource,
@@ -52,13 +53,15 @@ def _check_value(kind: str, value: Any, where: str) -> float:
     """Validate an lr / momentum / weight decay entry; returns it as a float.  A tuned lr or
     weight decay of 0 is allowed: that group stays untuned at 0."""
     value = _number(kind, value, where)
-    if kind == "lr" and not (math.isfinite(value) and value >= 0):
+    # (comparisons rather than math.isfinite: torch.compile may trace a param-group entry
+    # as a symbolic float, which math.isfinite does not take)
+    if kind == "lr" and not 0 <= value < math.inf:
         raise ValueError(f"Invalid learning rate {value!r}{where}: lr must be a finite number "
                          ">= 0, e.g. lr=0.1")
     if kind == "momentum" and not 0 <= value < 1:
         raise ValueError(f"Invalid momentum {value!r}{where}: momentum must lie in [0, 1), "
                          "e.g. momentum=0.9")
-    if kind == "weight_decay" and not (value >= 0 and math.isfinite(value)):
+    if kind == "weight_decay" and not 0 <= value < math.inf:
         raise ValueError(f"Invalid weight_decay {value!r}{where}: weight decay must be a finite "
                          "number >= 0, e.g. weight_decay=5e-4")
     return value
@@ -264,13 +267,14 @@ class HyperOptimizer(torch.optim.Optimizer):
             reduction.check_layout(tuned)
         self._stepper = Stepper(self.rule, self._stepper_state())
         self._flags = ReplayFlags()
+        self._flags.step_calls = Count()     # (on the CPU: a closure step reads it)
         self._ctx = MethodContext(rule=self.rule, tuned=tuned, controller=self._controller,
                                   param_groups=self._step_groups(), update_every=update_every,
                                   val_loss=val_loss is not None, flags=self._flags,
                                   tuned_kinds=self.tuned_kinds)
         self._unversioned = False      # params written through .data while a graph is kept
         self._seen_entries: list[tuple] = []   # param-group entries as of the last step
-        self._steps = 0
+        self._steps = Count(device=first.device)
         self.method.bind(self._ctx)
         self._method_state = self.method.init_state(self._ctx)
         for p, state in eager_state.items():
@@ -459,13 +463,13 @@ class HyperOptimizer(torch.optim.Optimizer):
     @property
     def hypersteps(self) -> int:
         """Hyper-steps taken (a Python int: reading it makes no host synchronisation)."""
-        return self._controller.hypersteps
+        return int(self._controller.hypersteps)
 
     @property
     def steps(self) -> int:
         """``step()`` calls that stepped (a Python int, no host synchronisation; skipped steps
         included)."""
-        return self._steps
+        return int(self._steps)
 
     def skip_counters(self) -> dict[str, Tensor]:
         """``{"skipped_steps": ..., "skipped_hypersteps": ...}`` as the live 0-dim tensors on
@@ -478,7 +482,11 @@ class HyperOptimizer(torch.optim.Optimizer):
         """True when the coming ``step()`` takes Hessian-vector products from the gradient graph
         (a second-order method records it, or a forward-mode method carries its tangents
         through it).  Use it as ``loss.backward(create_graph=opt.needs_graph)``: the (costlier)
-        graph is built only on the steps that need it."""
+        graph is built only on the steps that need it.  Not with a ``torch.compile``'d model,
+        whose backward has no double backward: ``backward(create_graph=True)`` itself raises
+        ("compiled with non-empty donated buffers"), or with donated buffers off the products
+        do (a :class:`~hyperopt_wrap.CurvatureError`); step with ``opt.step(closure)`` and
+        ``curvature="closure"`` instead."""
         if self._flags.replaying or isinstance(self.curvature, FiniteDifferences) \
                 or self.method.needs_closure:
             return False
@@ -580,7 +588,8 @@ class HyperOptimizer(torch.optim.Optimizer):
         value, so the kind is not tuned at all.  Warned once per kind."""
         streaks = self.__dict__.setdefault("_write_streaks", {})
         last, count, warned = streaks.get(kind, (-2, 0, False))
-        count = count + 1 if self._steps == last + 1 else 1
+        now = int(self._steps)
+        count = count + 1 if now == last + 1 else 1
         if count >= 3 and not warned:
             warned = True
             entry = "betas[0]" if kind == "momentum" and "betas" in self.param_groups[gi] \
@@ -591,7 +600,7 @@ class HyperOptimizer(torch.optim.Optimizer):
                 f"tuned {kind} to the written value, so {kind} is not tuned. Pass "
                 f"cycle_momentum=False to the scheduler, or leave {kind!r} out of tune= and "
                 f"let the scheduler drive it", UserWarning, stacklevel=4)
-        streaks[kind] = (self._steps, count, warned)
+        streaks[kind] = (now, count, warned)
 
     def _bucket_hyper(self, bucket: Bucket, scales: list[float]) -> dict[str, Any]:
         """The rule's hyperparameters for a bucket: a float (untuned), one 0-dim tensor shared
@@ -787,7 +796,7 @@ class HyperOptimizer(torch.optim.Optimizer):
         if closure is None:
             raise CurvatureError(missing_source_message(self.method.name))
         config = cfg if isinstance(cfg, FiniteDifferences) else FiniteDifferences()
-        return ClosureSource(closure, rng, loss, self._flags.step_calls, config)
+        return ClosureSource(closure, rng, loss, int(self._flags.step_calls), config)
 
     def _closure_check(self, source, params: list[Tensor], finite: Tensor):
         """Once per run, before a closure source's first product within its own step: the
@@ -865,7 +874,7 @@ class HyperOptimizer(torch.optim.Optimizer):
             "method": self.method.state_dict(self._method_state),
             # recorded steps (graphs, closures) cannot be saved: a resume restarts the window
             # when this window has any, as a deepcopy does
-            "counters": {"window": self._ctx.position, "steps": self._steps,
+            "counters": {"window": self._ctx.position, "steps": int(self._steps),
                          "recorded": len(self._ctx.tape)},
             "shapes": [[list(p.shape) for p in g["params"]] for g in self.param_groups],
             "groups": groups,
@@ -970,7 +979,7 @@ class HyperOptimizer(torch.optim.Optimizer):
         self.method.load_state_dict(method_state, hyper["method"])
         self._method_state = method_state
         c = hyper["counters"]
-        self._ctx.position, self._steps = c["window"], c["steps"]
+        self._ctx.position, self._steps = c["window"], Count(c["steps"], self._device)
         self._ctx.release_tape()
         if c.get("recorded", self._records_steps()):    # (0.1 checkpoints: whether it could)
             # recorded steps (graphs, closures) are not saved: the interrupted window restarts

@@ -71,7 +71,9 @@ def test_summary_measures_and_writes_markdown(tmp_path, capsys):
     mlp = Net("mlp", 8)
     results = summary.measure([mlp], rounds=1, steps=2, warmup=1, bases=["SGD"], memory=True)
     by_key = {(r["base"], r["variant"]): r for r in results}
-    assert set(by_key) == {("SGD", v) for v in summary.VARIANTS}
+    # every variant but the compiled ones (measured only when named: compiling takes long)
+    assert set(by_key) == {("SGD", v) for v in summary.VARIANTS
+                           if v not in summary.COMPILED_VARIANTS}
     assert len(results) == len(by_key) and {r["net"] for r in results} == {mlp.label}
     for r in results:
         assert r["median_s"] > 0 and math.isfinite(r["ratio"]) and r["ratio"] > 0, r

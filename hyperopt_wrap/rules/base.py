@@ -36,6 +36,8 @@ import torch
 import torch.autograd.forward_ad as fwAD
 from torch import Tensor
 
+from ._foreach import is_compiling
+
 try:
     from torch.optim.optimizer import _get_scalar_dtype
 except ImportError:     # private in torch; the same rule as torch's for non-fused optimizers
@@ -373,7 +375,10 @@ def scratch(work: dict[str, Tensor], name: str, like: Tensor) -> Tensor:
 
 def _memo(ok: Tensor, key, value, compute):
     """Memoise ``compute()`` on the per-step tensor ``ok``; a tensor ``value`` is keyed by
-    identity and kept alive by the memo, so its id cannot be reused within the step."""
+    identity and kept alive by the memo, so its id cannot be reused within the step.  Not under
+    torch.compile, which cannot trace a tensor's ``__dict__`` (and shares the product itself)."""
+    if is_compiling():
+        return compute()
     memo = ok.__dict__.setdefault("_memo", {})
     hit = memo.get(key)
     if hit is None or hit[0] is not value:
