@@ -202,3 +202,32 @@ def test_fused_attention_without_double_backward_names_the_closure():
             return loss
         opt.step(closure)
     assert opt.hypersteps == 2
+
+
+def test_transformers_sdpa_names_the_closure_and_eager_attention_works():
+    transformers = pytest.importorskip("transformers")
+
+    def model(attn):
+        torch.manual_seed(0)
+        cfg = transformers.GPT2Config(vocab_size=32, n_positions=16, n_embd=16, n_layer=1,
+                                      n_head=2, bos_token_id=0, eos_token_id=0,
+                                      attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0,
+                                      attn_implementation=attn)    # (no dropout: the flash kernel)
+        m = transformers.GPT2LMHeadModel(cfg)
+        assert m.config._attn_implementation == attn
+        return m
+
+    tokens = torch.randint(0, 32, (2, 8), generator=torch.Generator().manual_seed(0))
+
+    def train(m, steps=3):
+        opt = HyperOptimizer(torch.optim.SGD, m.parameters(), lr=0.01, method="implicit",
+                             update_every=2)
+        for _ in range(steps):
+            opt.zero_grad()
+            m(input_ids=tokens, labels=tokens).loss.backward(create_graph=opt.needs_graph)
+            opt.step()
+        return opt
+
+    with pytest.raises(CurvatureError, match="attn_implementation='eager'"):
+        train(model("sdpa"))
+    assert train(model("eager")).hypersteps == 1
