@@ -92,3 +92,32 @@ def test_logged_train_loss_is_the_steps_own_under_the_replaying_guard(guard):
         assert all(same)
     else:            # unguarded, the window ends (steps 6 and 11) log a replay's loss
         assert same.count(False) >= 2
+
+
+def test_gradient_clip_val_with_a_closure_method_equals_the_hand_loop():
+    """Lightning clips inside the closure it hands step() (after backward), so every replay of
+    the closure clips too: the hypergradient is the hand loop's with clip_grad_norm_ in the
+    closure, and the closure check (same gradient on re-run) passes."""
+    module = _Module("implicit", guard=True)
+    _fit(module, steps=12, gradient_clip_val=0.05, gradient_clip_algorithm="norm")
+    got = module.optimizers().optimizer if hasattr(module.optimizers(), "optimizer") \
+        else module.optimizers()
+    reference = _Module("implicit", guard=True)
+    opt = reference.configure_optimizers()
+    for i, (x, y) in enumerate(_loader()):
+        if i == 12:
+            break
+
+        def closure(x=x, y=y):
+            opt.zero_grad()
+            loss = ((reference.net(x) - y) ** 2).mean()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(reference.parameters(), 0.05)
+            return loss
+        opt.step(closure)
+    assert got.hypersteps == opt.hypersteps == 2
+    assert float(opt.last_hypergradient()["lr"][0]) != 0
+    torch.testing.assert_close(got.last_hypergradient()["lr"][0],
+                               opt.last_hypergradient()["lr"][0], rtol=1e-9, atol=0)
+    for p, q in zip(module.parameters(), reference.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-12, atol=0)
