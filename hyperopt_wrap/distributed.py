@@ -106,6 +106,12 @@ class Reduction:
         _dist().all_reduce(bad, op=_dist().ReduceOp.MAX, group=self.group)
         return bad == 0
 
+    def sum_(self, t: Tensor) -> Tensor:
+        """``t`` summed over the ranks, in place (``max_grad_norm``'s squared norm over the
+        shards)."""
+        _dist().all_reduce(t, group=self.group)
+        return t
+
     def reduce_window(self, controller) -> None:
         """All-reduce every accumulated hypergradient block and the window's finite flag in one
         collective per dtype (usually one): SUM over shards, AVERAGE over replicas.  A window

@@ -228,12 +228,6 @@ class HyperOptimizer(torch.optim.Optimizer):
             process_group, [p for g in self.param_groups for p in g["params"]])
         if sharded:     # FSDP2: the step runs on the local shards
             distributed.check_sharded_options(self.method, self._granularity, recovery)
-            if max_grad_norm is not None:
-                raise ValueError("max_grad_norm is not supported with sharded (FSDP2) parameters "
-                                 "(the norm would be one shard's); clip with "
-                                 "torch.nn.utils.clip_grad_norm_(model.parameters(), ...) before "
-                                 "opt.step(), which takes the norm over the whole DTensors "
-                                 "(greedy keeps no gradient graph, so an in-place clip is fine)")
             self._shards = distributed.ShardedParams()
             eager_state = {p: self._shards.localise_state(st) for p, st in eager_state.items()}
         for gi, group in enumerate(self.param_groups):
@@ -695,7 +689,9 @@ class HyperOptimizer(torch.optim.Optimizer):
         if self.recovery == "rollback":
             finite = self._stepper.rollback(buckets, finite, _ROLLBACK_GROWTH)
         if self.max_grad_norm is not None:
-            coef, norm = self._stepper.clip(buckets, self.max_grad_norm, self._device)
+            coef, norm = self._stepper.clip(   # (FSDP2: the norm over every rank's shard)
+                buckets, self.max_grad_norm, self._device,
+                self._controller.reduction.sum_ if self._shards is not None else None)
             if source is not None:
                 source.clip = GradClip(coef, norm, self.max_grad_norm)
         self._controller.count_step(finite, backoff=getattr(self, "found_inf", None) is None)

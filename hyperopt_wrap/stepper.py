@@ -260,14 +260,18 @@ class Stepper:
             b.grad.nan_to_num_(0.0, 0.0, 0.0)
         return finite
 
-    def clip(self, buckets: list[Bucket], max_norm: float, device: torch.device):
+    def clip(self, buckets: list[Bucket], max_norm: float, device: torch.device,
+             reduce_sq: Callable[[Tensor], Tensor] | None = None):
         """``max_grad_norm``: scale every bucket's gradient by ``torch.nn.utils.clip_grad_norm_``'s
         coefficient ``min(1, max_norm / (||g|| + 1e-6))``, the norm over all of them; returns
         ``(coef, norm)`` as 0-dim tensors on ``device`` (float32, float64 for a float64 model; no
-        host read)."""
+        host read).  ``reduce_sq`` sums the squared norm over the ranks (FSDP2 shards)."""
         dtype = torch.float64 if any(b.dtype == torch.float64 for b in buckets) else torch.float32
         norms = torch._foreach_norm([b.grad for b in buckets])
-        norm = torch.linalg.vector_norm(torch.stack([n.to(device, dtype) for n in norms]))
+        sq = torch.stack([n.to(device, dtype) for n in norms]).square().sum()
+        if reduce_sq is not None:     # sharded parameters: the sum over every rank's shard
+            sq = reduce_sq(sq)
+        norm = sq.sqrt()
         coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
         for b in buckets:
             b.grad.mul_(coef.to(b.device, b.dtype))

@@ -64,6 +64,10 @@ CONFIGS = {
                       tune=("lr", "weight_decay"), granularity="group", hyper_lr=0.05),
     "adam": dict(optimizer_cls=torch.optim.Adam, lr=0.01, tune=("lr", "momentum"),
                  granularity="group", hyper_lr=0.05, update_every=2),
+    "sgd_clip": dict(optimizer_cls=torch.optim.SGD, lr=0.05, momentum=0.9, tune=("lr",),
+                     granularity="tensor", hyper_lr=0.05, max_grad_norm=0.05),
+    "sgd_noclip": dict(optimizer_cls=torch.optim.SGD, lr=0.05, momentum=0.9, tune=("lr",),
+                       granularity="tensor", hyper_lr=0.05),
     "sgd_element": dict(optimizer_cls=torch.optim.SGD, lr=0.05, momentum=0.9, tune=("lr",),
                         granularity="element", hyper_lr=0.05),
 }
@@ -279,6 +283,7 @@ SCENARIOS = {
     "fsdp_sgd": lambda rank, tmp: _fsdp(rank, tmp, "sgd"),
     "fsdp_sgd_group": lambda rank, tmp: _fsdp(rank, tmp, "sgd_group"),
     "fsdp_adam": lambda rank, tmp: _fsdp(rank, tmp, "adam"),
+    "fsdp_sgd_clip": lambda rank, tmp: _fsdp(rank, tmp, "sgd_clip"),
     "fsdp_val": lambda rank, tmp: _fsdp(rank, tmp, "sgd_group", val=True),
     "fsdp_nan": _fsdp_nan,
     "ddp_val_inf": _ddp_val_inf,
@@ -379,7 +384,7 @@ def test_ddp_val_loss_per_rank_is_averaged(ranks, config):
         assert _max_diff(apart[0]["hyper"], apart[1]["hyper"]) > 1e-6
 
 
-@pytest.mark.parametrize("config", ["sgd", "sgd_group", "adam"])
+@pytest.mark.parametrize("config", ["sgd", "sgd_group", "adam", "sgd_clip"])
 def test_fsdp2_hyperparameters_identical_and_equal_to_one_process(ranks, config):
     out = _scenario(ranks, "fsdp_" + config)
     _assert_identical(out[0]["hyper"], out[1]["hyper"])
@@ -387,6 +392,16 @@ def test_fsdp2_hyperparameters_identical_and_equal_to_one_process(ranks, config)
     _assert_close(out[0]["hyper"], ref["hyper"])
     for w, v in zip(out[0]["weights"], ref["weights"]):
         torch.testing.assert_close(w, v, rtol=1e-10, atol=1e-14)
+
+
+def test_fsdp2_max_grad_norm_takes_the_norm_over_every_shard(ranks):
+    """max_grad_norm under FSDP2 clips by the whole gradient's norm (the squared norms summed
+    over the ranks): the clip is active here (the unclipped run differs), and the sharded run
+    equals one process (test above), which a per-shard norm would not."""
+    clipped, unclipped = single_process("sgd_clip"), single_process("sgd_noclip")
+    assert _max_diff(clipped["hyper"], unclipped["hyper"]) > 1e-6
+    out = _scenario(ranks, "fsdp_sgd_clip")
+    _assert_close(out[1]["hyper"], clipped["hyper"])
 
 
 def test_fsdp2_val_loss_per_rank(ranks):
