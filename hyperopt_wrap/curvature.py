@@ -179,7 +179,9 @@ class GraphSource:
     def __init__(self, grads: list[Tensor], grad_scale: Tensor | None = None):
         self.grads = grads      # p.grad of the step, with its graph (None where p had none)
         # GradScaler's scale when the graph is of the scaled loss (the products are unscaled)
-        self.inv_scale = None if grad_scale is None else grad_scale.double().reciprocal()
+        # (float32: exact for GradScaler's powers of two, and MPS has no float64)
+        self.inv_scale = None if grad_scale is None else \
+            grad_scale.to(torch.float32).reciprocal()
 
     def hvp(self, params: list[Tensor], us: list[Tensor], **_) -> list[Tensor]:
         outs, vecs = [], []
@@ -249,10 +251,10 @@ class ClosureSource:
 
     def check_binding(self, params: list[Tensor], weights: list[Tensor],
                       grads: list[Tensor] | None = None, finite: Tensor | None = None,
-                      loss: bool = True) -> None:
+                      loss: bool = True) -> bool:
         """The closure, re-run at the recorded weights, must give the recorded loss (``loss``)
         and, with ``grads`` (the unclipped gradient the step used; skipped where ``finite`` is
-        False), that gradient: a closure that accumulates into gradients left by earlier
+        False, and then it returns False), that gradient: a closure that accumulates into gradients left by earlier
         micro-batches (a trainer's gradient accumulation) gives only its own micro-batch's."""
         for p, w in zip(params, weights):
             p.data.copy_(w)
@@ -272,7 +274,7 @@ class ClosureSource:
                 "replay restores. Or keep the graph instead: "
                 "loss.backward(create_graph=opt.needs_graph).")
         if grads is None or (finite is not None and not bool(finite)):
-            return
+            return False        # (the gradient was not compared: check a later step)
         diff = torch.linalg.vector_norm(torch.stack(
             [torch.linalg.vector_norm(a.double() - b.double()) for a, b in zip(got, grads)]))
         size = torch.linalg.vector_norm(torch.stack(
@@ -288,7 +290,10 @@ class ClosureSource:
                 "whole step's gradient from zero (zero_grad() first). Use accumulation "
                 "without a second-order method, or a closure over all micro-batches, or the "
                 "gradient graph: loss.backward(create_graph=opt.needs_graph) on every "
-                "micro-batch, then opt.step()")
+                "micro-batch, then opt.step(). It also happens when the closure draws "
+                "randomness outside torch's RNG (numpy or Python random augmentation), which "
+                "the re-run cannot replay: draw it outside the closure")
+        return True
 
     def hvp(self, params: list[Tensor], us: list[Tensor], *, weights: list[Tensor],
             grads: list[Tensor], wnorm: Tensor | None = None) -> list[Tensor]:

@@ -369,12 +369,16 @@ class HyperOptimizer(torch.optim.Optimizer):
         self._watch_grads()
 
     def _watch_grads(self) -> None:
-        """When the method may take curvature from a gradient graph: note ``p.grad``'s version
-        counter as backward leaves it (a post-accumulate-grad hook; a dict write per parameter
-        and backward), so that a graph source can tell a gradient rescaled or clipped in place
-        afterwards (``GradScaler.unscale_``, ``clip_grad_norm_``), which the graph does not
-        differentiate.  The hooks hold the dict only, not the optimizer."""
-        if not self._may_use_graph():
+        """When the method takes curvature (from a gradient graph or a closure): note
+        ``p.grad``'s version counter as backward leaves it (a post-accumulate-grad hook; a dict
+        write per parameter and backward), so that a gradient rescaled or clipped in place
+        afterwards (``clip_grad_norm_``, a trainer's clipping) is seen: a graph does not
+        differentiate it, and a recorded step's closure clipped after its backward gives the
+        clip's Jacobian on the wrong side of the Hessian.  The hooks hold the dict only, not
+        the optimizer."""
+        method = self.method
+        if not (method.needs_curvature or method.needs_closure
+                or type(method).carry_curvature is not HypergradientMethod.carry_curvature):
             return
         if not hasattr(self, "_grad_versions"):
             self._grad_versions: dict[int, int] = {}
@@ -791,6 +795,8 @@ class HyperOptimizer(torch.optim.Optimizer):
                 "curvature='auto' with a closure)")
         if closure is None:
             raise CurvatureError(missing_source_message(self.method.name))
+        if records:
+            self._check_closure_grads(params)
         config = cfg if isinstance(cfg, FiniteDifferences) else FiniteDifferences()
         return ClosureSource(closure, rng, loss, int(self._flags.step_calls), config)
 
@@ -803,9 +809,32 @@ class HyperOptimizer(torch.optim.Optimizer):
             return None
 
         def check(weights: list[Tensor], grads: list[Tensor]) -> None:
-            source.check_binding(params, weights, grads, finite, loss=False)
-            flags.grad_checked = True
+            flags.grad_checked = source.check_binding(params, weights, grads, finite, loss=False)
         return check
+
+    def _check_closure_grads(self, params: list[Tensor]) -> None:
+        """A recorded step's closure must leave ``p.grad`` as its backward produced it: one
+        clipped after backward (``clip_grad_norm_`` in the closure, Lightning's
+        ``gradient_clip_val``) makes its finite differences ``J H u``, the clip's Jacobian
+        after the Hessian, and the reverse pass of a recorded step needs the transpose
+        ``H J u`` (tests/test_amp_clip.py: 0.12 relative off).  Forward-mode carries (RTRL,
+        forward gradients) need ``J H u`` itself and are not checked.  Under DDP, whose reducer
+        writes the averaged gradients into ``p.grad`` after backward, nothing is checked."""
+        reduction = self._controller.reduction
+        if reduction is not None and not reduction.sharded:
+            return
+        versions = getattr(self, "_grad_versions", {})
+        for p in params:
+            noted = versions.get(id(p))
+            if noted is not None and p.grad is not None and p.grad._version > noted:
+                raise CurvatureError(
+                    f"the closure changed p.grad in place after its backward (gradient clipping "
+                    f"such as clip_grad_norm_ in the closure, or Lightning's gradient_clip_val?). "
+                    f"Method {self.method.name!r} differentiates this step in reverse, which needs "
+                    "the clip's Jacobian before the Hessian, and finite differences of a clipped "
+                    "gradient give it after: the hypergradient would be wrong. Clip with "
+                    "HyperOptimizer(..., max_grad_norm=...) instead (Lightning: drop "
+                    "gradient_clip_val), which differentiates the clip exactly")
 
     def _check_graph_grads(self, params: list[Tensor], grad_scale, found_inf) -> None:
         """A gradient graph differentiates ``p.grad`` as backward produced it: one rescaled or
@@ -828,14 +857,14 @@ class HyperOptimizer(torch.optim.Optimizer):
     @staticmethod
     def _in_place_message(what: str) -> str:
         return (f"p.grad was changed in place after loss.backward(create_graph=True) (by {what}), "
-                    "but the gradient graph "
-                "differentiates the gradient as backward left it, so the hypergradient would be "
+                "but the gradient graph differentiates the gradient as backward left it, so the "
+                "hypergradient would be "
                 "wrong. With torch.amp.GradScaler, let scaler.step(opt) hand HyperOptimizer the "
                 "scale (do not call scaler.unscale_(opt) on steps where opt.needs_graph is "
                 "True): it unscales the gradients and the curvature itself. To clip, pass "
                 "max_grad_norm=... to HyperOptimizer instead of calling clip_grad_norm_ (it "
-                "differentiates the clipping too); or use the closure source "
-                "(opt.step(closure), without GradScaler)")
+                "differentiates the clipping too), with the graph or (without GradScaler) with "
+                "the closure source")
 
     # ------------------------------------------------------------------ save / resume
     def _fingerprint(self) -> dict[str, Any]:

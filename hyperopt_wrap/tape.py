@@ -266,11 +266,12 @@ class Replay(contextlib.AbstractContextManager):
                 return src.hvp(params, us)
             flags = self.ctx.flags
             if src.call != flags.step_calls and not flags.replay_checked:
-                src.check_binding(params, weights, grads, step.finite)
-                flags.replay_checked = flags.grad_checked = True
+                compared = src.check_binding(params, weights, grads, step.finite)
+                flags.replay_checked = True
+                flags.grad_checked = flags.grad_checked or compared
             elif not flags.grad_checked:
-                src.check_binding(params, weights, grads, step.finite, loss=False)
-                flags.grad_checked = True
+                flags.grad_checked = src.check_binding(params, weights, grads, step.finite,
+                                                       loss=False)
             return src.hvp(params, us, weights=weights, grads=grads)
 
 

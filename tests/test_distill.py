@@ -309,9 +309,19 @@ def _train(opt, model, steps, start=0, nan_at=None, log=None):
         def closure(x=x, y=y, i=i, calls=calls):
             opt.zero_grad()
             loss = ((model(x) - y) ** 2).mean()
-            loss.backward()
+            hook = None
             if nan_at is not None and nan_at.get(i) == calls[0]:
-                next(model.parameters()).grad[0, 0] = float("nan")
+                # the NaN comes out of backward itself (a gradient hook), as a real one does: a
+                # closure that writes p.grad after its backward is refused on recorded steps
+                w = next(model.parameters())
+                hook = w.register_hook(lambda g: g.index_put((torch.tensor([0]),
+                                                              torch.tensor([0])),
+                                                             torch.tensor(float("nan"),
+                                                                          dtype=g.dtype)))
+            loss.backward()
+            if hook is not None:
+                hook.remove()
+                assert torch.isnan(next(model.parameters()).grad[0, 0])
             if log is not None:
                 log.append((i, calls[0]))
             calls[0] += 1

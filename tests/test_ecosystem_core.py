@@ -14,6 +14,7 @@
 """
 from __future__ import annotations
 
+import copy
 import warnings
 
 import pytest
@@ -137,21 +138,30 @@ def test_torch_optimizer_continues_at_the_tuned_values(cls, kw, granularity):
     sd = opt.state_dict()
     in_use = opt.hyperparameters()
     plain = cls([{"params": m[0].parameters()}, {"params": m[2].parameters()}], lr=1.0, **kw)
-    plain.load_state_dict(sd)
+    plain.load_state_dict(copy.deepcopy(sd))     # (torch's load keeps the state's tensors)
     for gi, group in enumerate(plain.param_groups):
         assert "hyper_nominal" not in group
         for kind in tune:
             got = group["betas"][0] if kind == "momentum" and "betas" in group else group[kind]
             assert got == pytest.approx(float(in_use[kind][gi]), rel=1e-6), (gi, kind)
     assert float(in_use["lr"][0]) != pytest.approx(0.01 * 0.25, rel=1e-3)   # it did move
-    # the two continue in lockstep for a step (hyper_lr would move ours further: frozen)
-    ours = HyperOptimizer(cls, [{"params": m[0].parameters()}, {"params": m[2].parameters(),
-                                                               "lr": 0.02}],
+    # ours, resumed with the hyper-optimizer frozen, and the plain optimizer take the same step
+    twin = copy.deepcopy(m)
+    ours = HyperOptimizer(cls, [{"params": twin[0].parameters()},
+                                {"params": twin[2].parameters(), "lr": 0.02}],
                           lr=0.01, tune=tune, granularity=granularity, hyper_lr=0.05, **kw)
-    ours.load_state_dict(sd)
+    ours.load_state_dict(copy.deepcopy(sd))
     assert ours.state_dict()["param_groups"] == sd["param_groups"]
     for group, saved in zip(ours.param_groups, sd["hyper"]["groups"]):
         assert group["lr"] == saved["lr"]          # the schedule's lr, as kept before saving
+    for g in ours.hyper_optimizer.param_groups:
+        g["lr"] = 0.0
+    for model, o in ((m, plain), (twin, ours)):
+        o.zero_grad()
+        ((model(x[7]) - y[7]) ** 2).mean().backward()
+        o.step()
+    for p, q in zip(m.parameters(), twin.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-9)
 
 
 def test_tensor_granularity_keeps_the_schedule_entries():

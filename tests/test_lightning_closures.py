@@ -34,8 +34,9 @@ class _Memory(Logger):
 
 
 class _Module(L.LightningModule):
-    def __init__(self, method, guard):
+    def __init__(self, method, guard, **options):
         super().__init__()
+        self.options = options
         torch.manual_seed(0)
         self.net = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 1)).double()
         self.method, self.guard = method, guard
@@ -56,7 +57,7 @@ class _Module(L.LightningModule):
 
     def configure_optimizers(self):
         return HyperOptimizer(torch.optim.SGD, self.parameters(), lr=0.05, method=self.method,
-                              curvature="closure", update_every=5)
+                              curvature="closure", update_every=5, **self.options)
 
 
 def _loader(n=64):
@@ -94,30 +95,51 @@ def test_logged_train_loss_is_the_steps_own_under_the_replaying_guard(guard):
         assert same.count(False) >= 2
 
 
-def test_gradient_clip_val_with_a_closure_method_equals_the_hand_loop():
-    """Lightning clips inside the closure it hands step() (after backward), so every replay of
-    the closure clips too: the hypergradient is the hand loop's with clip_grad_norm_ in the
-    closure, and the closure check (same gradient on re-run) passes."""
-    module = _Module("implicit", guard=True)
-    _fit(module, steps=12, gradient_clip_val=0.05, gradient_clip_algorithm="norm")
-    got = module.optimizers().optimizer if hasattr(module.optimizers(), "optimizer") \
-        else module.optimizers()
-    reference = _Module("implicit", guard=True)
+def _hand_loop(method, clip_in_closure=None, steps=12, **options):
+    reference = _Module(method, guard=True, **options)
     opt = reference.configure_optimizers()
     for i, (x, y) in enumerate(_loader()):
-        if i == 12:
+        if i == steps:
             break
 
         def closure(x=x, y=y):
             opt.zero_grad()
             loss = ((reference.net(x) - y) ** 2).mean()
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(reference.parameters(), 0.05)
+            if clip_in_closure:
+                torch.nn.utils.clip_grad_norm_(reference.parameters(), clip_in_closure)
             return loss
         opt.step(closure)
+    return reference, opt
+
+
+def _same(module, reference, opt):
+    got = module.optimizers()
+    got = getattr(got, "optimizer", got)
     assert got.hypersteps == opt.hypersteps == 2
     assert float(opt.last_hypergradient()["lr"][0]) != 0
     torch.testing.assert_close(got.last_hypergradient()["lr"][0],
                                opt.last_hypergradient()["lr"][0], rtol=1e-9, atol=0)
     for p, q in zip(module.parameters(), reference.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-12, atol=0)
+
+
+def test_gradient_clip_val_with_a_reverse_closure_method_is_refused_naming_max_grad_norm():
+    """Lightning clips inside the closure it hands step() (after backward): finite differences
+    then give the clip's Jacobian after the Hessian, which a reverse pass cannot use."""
+    with pytest.raises(CurvatureError, match="drop gradient_clip_val"):
+        _fit(_Module("implicit", guard=True), steps=12, gradient_clip_val=0.05)
+
+
+def test_gradient_clip_val_with_rtrl_equals_the_hand_loop():
+    """RTRL carries tangents forward, which needs exactly the clip's Jacobian after the Hessian
+    (exact against the clipping reference: tests/test_amp_clip.py)."""
+    module = _Module("rtrl", guard=True)
+    _fit(module, steps=12, gradient_clip_val=0.05, gradient_clip_algorithm="norm")
+    _same(module, *_hand_loop("rtrl", clip_in_closure=0.05))
+
+
+def test_max_grad_norm_under_lightning_equals_the_hand_loop():
+    module = _Module("implicit", guard=True, max_grad_norm=0.05)
+    _fit(module, steps=12)
+    _same(module, *_hand_loop("implicit", max_grad_norm=0.05))
