@@ -669,6 +669,8 @@ class HyperOptimizer(torch.optim.Optimizer):
         loss = rng = None
         if closure is not None:
             if needs_source:
+                # (only the gradients this closure's backward produces are checked after it)
+                self.__dict__.get("_grad_versions", {}).clear()
                 rng = capture_rng(sorted({p.device for g in self.param_groups
                                           for p in g["params"]}, key=str))
             with torch.enable_grad():
@@ -823,7 +825,7 @@ class HyperOptimizer(torch.optim.Optimizer):
         reduction = self._controller.reduction
         if reduction is not None and not reduction.sharded:
             return
-        versions = getattr(self, "_grad_versions", {})
+        versions = getattr(self, "_grad_versions", {})     # (noted during this closure)
         for p in params:
             noted = versions.get(id(p))
             if noted is not None and p.grad is not None and p.grad._version > noted:

@@ -241,3 +241,31 @@ def test_transformers_sdpa_names_the_closure_and_eager_attention_works():
     with pytest.raises(CurvatureError, match="attn_implementation='eager'"):
         train(model("sdpa"))
     assert train(model("eager")).hypersteps == 1
+
+
+def test_zero_grad_in_place_on_parameters_a_closure_does_not_use_is_not_clipping():
+    """Only the gradients the closure's own backward produced are checked for in-place writes
+    after it: a parameter it leaves out, zeroed in place by zero_grad(set_to_none=False), is
+    not mistaken for a clipped one."""
+    torch.manual_seed(0)
+    a, b = nn.Linear(3, 1).double(), nn.Linear(3, 1).double()
+    opt = HyperOptimizer(torch.optim.SGD, [*a.parameters(), *b.parameters()], lr=0.1,
+                         method="unroll", curvature="closure", update_every=5)
+    x = torch.randn(4, 3, dtype=torch.double)
+    for t in range(12):
+        def closure(t=t):
+            opt.zero_grad(set_to_none=False)
+            loss = (a if t % 2 else b)(x).pow(2).mean()
+            loss.backward()
+            return loss
+        opt.step(closure)
+    assert opt.hypersteps == 2
+    with pytest.raises(CurvatureError, match="changed p.grad in place after its backward"):
+        for t in range(6):
+            def clipping(t=t):
+                opt.zero_grad(set_to_none=False)
+                loss = (a if t % 2 else b)(x).pow(2).mean()
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_([*a.parameters(), *b.parameters()], 1e-3)
+                return loss
+            opt.step(clipping)
