@@ -460,13 +460,14 @@ class HyperOptimizer(torch.optim.Optimizer):
 
     @property
     def hypersteps(self) -> int:
-        """Hyper-steps taken (a Python int: reading it makes no host synchronisation)."""
+        """Hyper-steps taken (a Python int: reading it makes no host synchronisation, unless a
+        compiled step advanced the count: then its device part is read)."""
         return int(self._controller.hypersteps)
 
     @property
     def steps(self) -> int:
-        """``step()`` calls that stepped (a Python int, no host synchronisation; skipped steps
-        included)."""
+        """``step()`` calls that stepped, skipped steps included (a Python int, read as
+        :attr:`hypersteps` is)."""
         return int(self._steps)
 
     def skip_counters(self) -> dict[str, Tensor]:
