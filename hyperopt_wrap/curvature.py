@@ -196,17 +196,8 @@ class GraphSource:
                 hv = torch.autograd.grad(outs, params, vecs, retain_graph=True,
                                          allow_unused=True)
             except RuntimeError as e:
-                _raise_if_compiled_model(e)
-                if "derivative for" not in str(e) and "not implemented" not in str(e):
-                    raise
-                raise CurvatureError(
-                    f"the gradient graph has no second derivative: {e}. Some kernels have none "
-                    "(fused attention: scaled_dot_product_attention on CPU, flash and memory-"
-                    "efficient attention; a torch.compile'd model, whose aot_autograd backward "
-                    "is not differentiable). Use the closure source instead: construct with "
-                    "curvature='closure' and pass opt.step(closure) (finite differences, no "
-                    "double backward); or a model without the fused kernel (transformers: "
-                    "attn_implementation='eager')") from e
+                _raise_if_no_second_derivative(e)
+                raise
         hv = [torch.zeros_like(p) if h is None else h for p, h in zip(params, hv)]
         if self.inv_scale is not None:
             for h in hv:
@@ -214,15 +205,24 @@ class GraphSource:
         return hv
 
 
-def _raise_if_compiled_model(error: RuntimeError) -> None:
-    """A gradient graph built through a torch.compile'd model has no double backward
-    (aot_autograd's): say where the products can come from instead."""
-    if "double backward" in str(error):
-        raise CurvatureError(
-            "the gradient graph comes from a torch.compile'd model, which has no double "
-            "backward (aot_autograd), so Hessian-vector products cannot be taken from it; "
-            "step with a closure instead: opt.step(closure) with curvature='closure' (finite "
-            "differences of gradients), the closure calling a plain loss.backward()") from error
+def _raise_if_no_second_derivative(error: RuntimeError) -> None:
+    """A gradient graph without a double backward (a torch.compile'd model: aot_autograd's;
+    fused attention kernels): say where the products can come from instead."""
+    text = str(error)
+    if "double backward" in text:
+        what = ("the gradient graph comes from a torch.compile'd model, which has no double "
+                "backward (aot_autograd)")
+    elif "derivative for" in text or "not implemented" in text:
+        what = (f"the gradient graph has no second derivative: {text}. Some kernels have none "
+                "(fused attention: scaled_dot_product_attention's flash kernel on CPU, flash "
+                "and memory-efficient attention)")
+    else:
+        return
+    raise CurvatureError(
+        f"{what}, so Hessian-vector products cannot be taken from it. Use the closure source "
+        "instead: construct with curvature='closure' and pass opt.step(closure) (finite "
+        "differences of gradients, the closure calling a plain loss.backward()); or a model "
+        "without the fused kernel (transformers: attn_implementation='eager')") from error
 
 
 class ClosureSource:
@@ -275,10 +275,8 @@ class ClosureSource:
                 "loss.backward(create_graph=opt.needs_graph).")
         if grads is None or (finite is not None and not bool(finite)):
             return False        # (the gradient was not compared: check a later step)
-        diff = torch.linalg.vector_norm(torch.stack(
-            [torch.linalg.vector_norm(a.double() - b.double()) for a, b in zip(got, grads)]))
-        size = torch.linalg.vector_norm(torch.stack(
-            [torch.linalg.vector_norm(b.double()) for b in grads]))
+        diff = weights_norm([a.double() - b.double() for a, b in zip(got, grads)])
+        size = weights_norm([b.double() for b in grads])
         if float(diff) > 1e-4 * float(size) + 1e-30:
             raise CurvatureError(
                 f"the closure, re-run at the step's weights, gives another gradient than the one "

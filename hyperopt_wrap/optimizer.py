@@ -286,11 +286,16 @@ class HyperOptimizer(torch.optim.Optimizer):
         optimizers that unscale themselves)."""
         return self._may_use_graph()
 
-    def _may_use_graph(self) -> bool:
+    def _takes_curvature(self) -> bool:
+        """The method asks for Hessian-vector products (recorded steps, per-step carries, or
+        the closure at other weights)."""
         method = self.method
-        return not (isinstance(self.curvature, FiniteDifferences) or method.needs_closure) and (
-            method.needs_curvature
-            or type(method).carry_curvature is not HypergradientMethod.carry_curvature)
+        return (method.needs_curvature or method.needs_closure
+                or type(method).carry_curvature is not HypergradientMethod.carry_curvature)
+
+    def _may_use_graph(self) -> bool:
+        return self._takes_curvature() and not (isinstance(self.curvature, FiniteDifferences)
+                                                or self.method.needs_closure)
 
     # ------------------------------------------------------------------ set-up
     def _init_group_hyper(self, gi: int, group: dict, raw_groups: list[dict]) -> None:
@@ -376,9 +381,7 @@ class HyperOptimizer(torch.optim.Optimizer):
         differentiate it, and a recorded step's closure clipped after its backward gives the
         clip's Jacobian on the wrong side of the Hessian.  The hooks hold the dict only, not
         the optimizer."""
-        method = self.method
-        if not (method.needs_curvature or method.needs_closure
-                or type(method).carry_curvature is not HypergradientMethod.carry_curvature):
+        if not self._takes_curvature():
             return
         if not hasattr(self, "_grad_versions"):
             self._grad_versions: dict[int, int] = {}
