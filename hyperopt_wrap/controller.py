@@ -47,7 +47,7 @@ class Controller:
         # skipped steps since the last hyper-step, each of which multiplies the tuned lr by
         # ``backoff`` there (as GradScaler backs off its scale): a run recovers from a blow-up
         self.backoff: float | None = 0.5
-        self.window_skips = torch.zeros((), dtype=torch.int64, device=device)
+        self.window_skips = torch.zeros((), dtype=torch.float32, device=device)   # (a count)
         self.window_finite = torch.ones((), dtype=torch.bool, device=device)
         self.contributions = 0      # hypergradient contributions in the accumulators
         self.hypersteps = Count(device=device)
@@ -138,11 +138,12 @@ class Controller:
         if all(isinstance(g["lr"], (int, float)) and g["lr"] == 0 for g in hyper_opt.param_groups):
             self.window_skips.zero_()
             return
+        ok = 1 - found_inf
         plan = self._fused_plan()
         if plan is not None:
             # torch's fused kernel, called directly with the raw-unit gradients (no .grad
             # round trip); it skips the whole update on the device when found_inf is set
-            _fused_adam_step(plan, found_inf, 1 - found_inf)
+            _fused_adam_step(plan, found_inf, ok)
         elif isinstance(hyper_opt, NormalizedMomentum):     # skips on the device itself
             self._set_raw_grads()
             hyper_opt.step(found_inf=found_inf, eps_scale={
@@ -166,23 +167,23 @@ class Controller:
                 torch.where(finite, t, old, out=t)
             for raw, old in zip(raws, raws_before):
                 torch.where(finite.to(raw.device), raw, old, out=raw)
-        ok = 1 - found_inf
         backoff = self.backoff is not None and "lr" in self.tuned \
             and self.kind_hyper_lr("lr") > 0
         if backoff:
             # lr *= backoff ** skips (raw units: a shift), written back also when the
             # hyper-step itself was skipped
-            skips = self.window_skips.to(torch.float32)
-            shift = skips * math.log(self.backoff)
+            skips = self.window_skips
+            shift = math.log(self.backoff)
+            taken = torch.maximum(ok, skips.clamp(max=1.0))
         for tk in self.tuned.values():
             lo, hi = tk.raw_bounds
-            w = ok
-            if backoff and tk.kind == "lr":
-                w = torch.maximum(ok, (skips > 0).to(ok.dtype))
+            lr_backoff = backoff and tk.kind == "lr"
+            w = taken if lr_backoff else ok
             ok_as: dict[tuple, Tensor] = {(w.device, w.dtype): w}
             for raw, value in zip(tk.raws, tk.values):
-                if backoff and tk.kind == "lr":
-                    raw.add_(shift.to(raw.device, raw.dtype))
+                if lr_backoff:
+                    raw.add_(skips if skips.device == raw.device else skips.to(raw.device),
+                             alpha=shift)
                 raw.clamp_(lo, hi)
                 raw.grad = None
                 key = (value.device, value.dtype)

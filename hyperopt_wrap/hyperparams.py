@@ -283,6 +283,32 @@ class TunedKind:
                 for a, m, t in zip(accs, metas, tangents):
                     a.add_(m.to(a.dtype) * t.to(a.dtype), alpha=scale)
 
+    def accumulate_dots(self, slots, metas: list[Tensor], tangents: list[Tensor], scale: float,
+                        finite: Tensor) -> None:
+        """accum += scale * <meta, tangent> summed over a bucket's tensors, for per-tensor
+        ``metas`` that may not be finite (a fused step's own gradients, unchecked): where
+        ``finite`` (a device bool) is False the step adds 0, as a checked gradient of zeros
+        would.  A shared slot only (global, group: the fused step's lr is the bucket's)."""
+        if slots[0] != "scalar":
+            raise ValueError("accumulate_dots takes a slot shared by the bucket; per-tensor and "
+                             "per-element slots take flat meta-gradients (accumulate_bucket)")
+        _, block, index = slots
+        acc = self.accums[block]
+        if metas[0].dtype != acc.dtype:
+            metas = [m.to(acc.dtype) for m in metas]
+            tangents = [t.to(acc.dtype) for t in tangents]
+        dots = torch.stack([torch.vdot(m.reshape(-1), t.reshape(-1))
+                            for m, t in zip(metas, tangents)])
+        acc[index].add_(torch.where(finite.to(acc.device), dots.sum(), 0.0), alpha=scale)
+
+    def add_dot(self, slots, dot: Tensor, scale: float, finite: Tensor) -> None:
+        """accum += scale * dot for a slot shared by the bucket, 0 where ``finite`` is False."""
+        if slots[0] != "scalar":
+            raise ValueError("add_dot takes a slot shared by the bucket (global, group)")
+        acc = self.accums[slots[1]]
+        acc[slots[2]].add_(torch.where(finite.to(acc.device), dot.to(acc.dtype), 0.0),
+                           alpha=scale)
+
     def add_contributions(self, terms) -> None:
         """accum += value for ``terms`` = iterable of ``(group_index, param_index, value)``,
         ``value`` already reduced to the slot's shape (0-dim, or the parameter's shape for

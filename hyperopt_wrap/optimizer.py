@@ -22,6 +22,7 @@ from .hyperparams import TunedKind, resolve_bounds, resolve_granularity
 from .methods import HypergradientMethod, resolve_method
 from .methods.base import MetaGradients, MethodContext, ReplayFlags
 from .rules import KINDS, get_rule
+from .rules._foreach import is_compiling
 from .stepper import Bucket, Stepper
 
 
@@ -690,35 +691,33 @@ class HyperOptimizer(torch.optim.Optimizer):
         # decided before anything changes: a missing curvature source raises with nothing done
         source = self._curvature_source(buckets, closure, rng, loss, records) \
             if needs_source else None
-        finite = self._stepper.load_grads(buckets, self._device, getattr(self, "found_inf", None),
-                                          getattr(self, "grad_scale", None),
-                                          check_in_place=not isinstance(source, GraphSource))
-        if self._shards is not None:     # skipped on every rank when not finite on one
-            finite = self._stepper.restrict(buckets,
-                                            self._controller.reduction.agree_finite(finite))
-        if self.recovery == "rollback":
-            finite = self._stepper.rollback(buckets, finite, _ROLLBACK_GROWTH)
-        if self.max_grad_norm is not None:
-            coef, norm = self._stepper.clip(   # (FSDP2: the norm over every rank's shard)
-                buckets, self.max_grad_norm, self._device,
-                self._controller.reduction.sum_ if self._shards is not None else None)
-            if source is not None:
-                source.clip = GradClip(coef, norm, self.max_grad_norm)
-        self._controller.count_step(finite, backoff=getattr(self, "found_inf", None) is None)
+        options = [self.rule.options(g) for g in self.param_groups]
+        self._stepper.init_states(buckets, options)
+        foreach = [g.get("foreach") is not False for g in self.param_groups]
+        # torch's fused kernel, on the gradients themselves, where nothing else needs them
+        plan = self._fused_plan(buckets, scales, options, foreach) \
+            if source is None and not records and not carries else None
+        found_inf = getattr(self, "found_inf", None)
+        if plan is not None:
+            finite, dots = self._stepper.check_grads(buckets, self._device, plan, found_inf)
+        else:
+            finite = self._load_grads(buckets, source, found_inf)
+        self._controller.count_step(finite, backoff=found_inf is None)
         try:
             if self.val_loss is None:
                 # E is the training loss at the weights of the last step: its gradient is this
                 # step's gradient, which completes whatever the method has pending.
-                added = method.hypergradient(ctx, state, MetaGradients(buckets,
-                                                                       [b.grad for b in buckets]))
+                meta = MetaGradients(buckets, [b.grad for b in buckets]) if plan is None else \
+                    MetaGradients(buckets, [None] * len(buckets),
+                                  [[p.grad for p in b.params] for b in buckets], finite,
+                                  dots and [(t["lr"].tensors, d) for t, d in zip(plan, dots)])
+                added = method.hypergradient(ctx, state, meta)
                 if added:
                     self._controller.mark_window(finite)
                     self._controller.contributions += added
                     if ctx.position >= self.update_every:
                         self._hyper_step()
             ends_window = ctx.position + 1 >= self.update_every
-            options = [self.rule.options(g) for g in self.param_groups]
-            self._stepper.init_states(buckets, options)
             hyper = [self._bucket_hyper(b, scales) for b in buckets]
             if records:
                 ctx.tape.append(self._stepper.snapshot(len(ctx.tape), buckets, hyper, options,
@@ -736,9 +735,13 @@ class HyperOptimizer(torch.optim.Optimizer):
             self._abandon_window()
             raise
         kinds = method.tangent_kinds(ctx, state, ends_window)
-        foreach = [g.get("foreach") is not False for g in self.param_groups]
-        record = self._stepper.step(buckets, hyper, options, kinds, finite, scales, foreach,
-                                    unversioned=self._unversioned)
+        if plan is None:
+            record = self._stepper.step(buckets, hyper, options, kinds, finite, scales, foreach,
+                                        unversioned=self._unversioned)
+        else:
+            record = self._stepper.step_fused(buckets, hyper, options,
+                                              [{k: t[k] for k in kinds} for t in plan],
+                                              finite, scales)
         method.observe(ctx, state, record)
         self._steps += 1
         ctx.position += 1
@@ -756,6 +759,39 @@ class HyperOptimizer(torch.optim.Optimizer):
             self._shards.release_grads(groups)
         self._settle_versions()
         return loss
+
+    def _load_grads(self, buckets: list[Bucket], source, found_inf: Tensor | None) -> Tensor:
+        """The gradients into the buckets' flat buffers, checked, agreed across ranks, rolled
+        back from and clipped as configured; returns the step's finite flag (on the device)."""
+        finite = self._stepper.load_grads(buckets, self._device, found_inf,
+                                          getattr(self, "grad_scale", None),
+                                          check_in_place=not isinstance(source, GraphSource))
+        if self._shards is not None:     # skipped on every rank when not finite on one
+            finite = self._stepper.restrict(buckets,
+                                            self._controller.reduction.agree_finite(finite))
+        if self.recovery == "rollback":
+            finite = self._stepper.rollback(buckets, finite, _ROLLBACK_GROWTH)
+        if self.max_grad_norm is not None:
+            coef, norm = self._stepper.clip(   # (FSDP2: the norm over every rank's shard)
+                buckets, self.max_grad_norm, self._device,
+                self._controller.reduction.sum_ if self._shards is not None else None)
+            if source is not None:
+                source.clip = GradClip(coef, norm, self.max_grad_norm)
+        return finite
+
+    def _fused_plan(self, buckets: list[Bucket], scales: list[float], options: list[dict],
+                    foreach: list[bool]) -> list[dict] | None:
+        """The tangents the rule's fused kernel leaves behind per bucket (a step it can take
+        alone: no graph kept, no per-shard agreement, rollback, clipping or loss scale, a
+        method that takes it, and not while torch.compile traces: the kernel with a tensor lr
+        has no fake implementation), else None."""
+        if is_compiling() or self._shards is not None or self.recovery == "rollback" \
+                or self.max_grad_norm is not None or self._unversioned \
+                or getattr(self, "grad_scale", None) is not None \
+                or not self.method.takes_fused_step(self._ctx, self._method_state, buckets):
+            return None
+        hyper = [self._bucket_hyper(b, scales) for b in buckets]
+        return self._stepper.fused_plan(buckets, hyper, options, self._ctx.tuned_kinds, foreach)
 
     def _hyper_step(self) -> None:
         self._ctx.position = 0

@@ -46,6 +46,13 @@ class MetaGradients:
     flat meta-gradient (None where E does not depend on any of its parameters)."""
     buckets: list
     flats: list[Tensor | None]
+    #: a fused step's meta-gradients instead (``flats`` all None): per bucket the gradients
+    #: themselves, per tensor, not yet known to be finite; ``finite`` says whether they are
+    grads: list[list[Tensor]] | None = None
+    finite: Tensor | None = None
+    #: and per bucket, where the step's check computed them: state tensors (one per parameter)
+    #: and the sum of their dots with the gradients, ``sum_i <g_i, s_i>`` (0-dim, unchecked)
+    state_dots: list[tuple[list[Tensor], Tensor]] | None = None
 
     def by_param(self) -> dict[int, Tensor]:
         """Per-parameter views keyed by ``id(param)``."""
@@ -156,6 +163,24 @@ class MethodContext:
         scale = scale * self.sign(bucket.group_index)
         tk.accumulate_bucket(slots, bucket, meta, tangent, scale)
 
+    def accumulate_dots(self, kind: str, bucket, metas: list[Tensor], tangents: list[Tensor],
+                        scale: float, finite: Tensor) -> None:
+        """``accumulate`` for a bucket's per-tensor meta-gradients that are not yet known to be
+        finite (a fused step's, :attr:`MetaGradients.grads`): a non-finite step adds 0."""
+        tk = self.tuned[kind]
+        slots = bucket.slots_of(kind, tk)
+        if slots is not None:
+            tk.accumulate_dots(slots, metas, tangents, scale * self.sign(bucket.group_index),
+                               finite)
+
+    def add_dot(self, kind: str, bucket, dot: Tensor, scale: float, finite: Tensor) -> None:
+        """``accum += sign * scale * dot`` for a bucket's 0-dim ``dot`` of its meta-gradient
+        with a tangent (:attr:`MetaGradients.state_dots`), 0 where ``finite`` is False."""
+        tk = self.tuned[kind]
+        slots = bucket.slots_of(kind, tk)
+        if slots is not None:
+            tk.add_dot(slots, dot, scale * self.sign(bucket.group_index), finite)
+
 
 class HypergradientMethod:
     name = "method"
@@ -182,6 +207,14 @@ class HypergradientMethod:
     def init_state(self, ctx: MethodContext) -> dict[str, Any]:
         """The method's running state for one optimizer (saved by the optimizer)."""
         return {}
+
+    def takes_fused_step(self, ctx: MethodContext, state: dict, buckets: list) -> bool:
+        """Whether the coming step may run on the rule's fused kernel (asked only where the
+        step records nothing, carries nothing and needs no curvature): the step's tangents then
+        come as :class:`~hyperopt_wrap.rules.base.StateAlias`es of the optimizer's state, and
+        without ``val_loss`` :meth:`hypergradient` gets the step's gradients per tensor and
+        unchecked (:attr:`MetaGradients.grads`).  The default is False."""
+        return False
 
     def records_step(self, ctx: MethodContext, state: dict, position: int) -> bool:
         """Whether the base step at ``position`` (0-based) in the window is recorded on

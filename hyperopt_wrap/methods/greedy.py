@@ -11,8 +11,11 @@ Baydin et al.'s ``dE/dlr = -g_{t+1} . g_t``.  No Hessian-vector products; it wor
 ``loss.backward(); opt.step()`` loop.  With ``update_every = T`` the T one-step hypergradients
 of a window are averaged (with ``val_loss``, only the window's last step is used).
 
-State: the pending step's tangents (flat, one per bucket and kind), its scheduler scales and
-whether it was taken.
+State: the pending step's tangents (flat, one per bucket and kind; after a fused step, a
+:class:`~hyperopt_wrap.rules.base.StateAlias` of the momentum buffers, saved as a flat tensor of
+its own), its scheduler scales and whether it was taken.  A fused step hands the next step's
+gradient over per tensor with its dot with those buffers already computed (the step's finite
+check), so the hypergradient costs no pass of its own there.
 """
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ import torch
 
 from ..checkpoint import CheckpointError, require
 from ..normalized_momentum import NormalizedMomentum
+from ..rules.base import StateAlias
 from .base import HypergradientMethod, MetaGradients
 
 
@@ -73,6 +77,23 @@ class Greedy(HypergradientMethod):
         else:
             state["pending"] = None
 
+    def takes_fused_step(self, ctx, state, buckets) -> bool:
+        pending = state["pending"]
+        return pending is None or ctx.has_val_loss \
+            or pending["layout"] == [b.key for b in buckets]
+
+    def state_dict(self, state):
+        """A fused step's tangents live in the optimizer's state: saved as tangents of their
+        own (the checkpoint's layout does not depend on which kernel took the step)."""
+        pending = state["pending"]
+        if pending is not None and any(isinstance(t, StateAlias)
+                                       for ts in pending["tangents"] for t in ts.values()):
+            pending = dict(pending, tangents=[
+                {k: t.materialize() if isinstance(t, StateAlias) else t for k, t in ts.items()}
+                for ts in pending["tangents"]])
+            state = dict(state, pending=pending)
+        return super().state_dict(state)
+
     def hypergradient(self, ctx, state, meta: MetaGradients) -> int:
         pending = state["pending"]
         if pending is None:
@@ -81,18 +102,36 @@ class Greedy(HypergradientMethod):
         scales = pending["scales"]
         used = False
         if [b.key for b in meta.buckets] == pending["layout"]:
-            for b, m, tangents in zip(meta.buckets, meta.flats, pending["tangents"]):
-                if m is None:
+            for i, (b, tangents) in enumerate(zip(meta.buckets, pending["tangents"])):
+                m = meta.flats[i]
+                grads = meta.grads[i] if meta.grads is not None else None
+                if m is None and grads is None:
                     continue
                 for kind, t in tangents.items():
                     s = scales[b.group_index] if kind == "lr" else 1.0
-                    ctx.accumulate_flat(kind, b, m, t, s)
+                    if grads is not None:       # a fused step's gradients, per tensor
+                        done = meta.state_dots and isinstance(t, StateAlias) \
+                            and _same(meta.state_dots[i][0], t.tensors)
+                        if done:                # the dot the step's check computed
+                            ctx.add_dot(kind, b, meta.state_dots[i][1], s * t.sign, meta.finite)
+                        else:
+                            ts, sign = (t.tensors, t.sign) if isinstance(t, StateAlias) \
+                                else (b.views(t), 1.0)
+                            ctx.accumulate_dots(kind, b, grads, ts, s * sign, meta.finite)
+                    elif isinstance(t, StateAlias):
+                        ctx.accumulate(kind, [(b.group_index, pi, v, a, s * t.sign)
+                                              for pi, v, a in zip(b.param_indices, b.views(m),
+                                                                  t.tensors)])
+                    else:
+                        ctx.accumulate_flat(kind, b, m, t, s)
                     used = True
         else:   # the parameters with a gradient changed: match them one by one
             metas = meta.by_index()
             for (gi, pis), tangents in zip(pending["layout"], pending["tangents"]):
                 shapes = [ctx.group_params(gi)[pi] for pi in pis]
                 for kind, flat in tangents.items():
+                    if isinstance(flat, StateAlias):
+                        flat = flat.materialize()
                     views = [v.view_as(p) for v, p in zip(flat.split([p.numel() for p in shapes]),
                                                           shapes)]
                     s = scales[gi] if kind == "lr" else 1.0
@@ -103,3 +142,7 @@ class Greedy(HypergradientMethod):
         if used:
             ctx.mark_window(pending["finite"])
         return int(used)
+
+
+def _same(a: list, b: list) -> bool:
+    return len(a) == len(b) and all(x is y for x, y in zip(a, b))

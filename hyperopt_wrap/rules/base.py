@@ -73,6 +73,21 @@ class Tangent(NamedTuple):
     hyper: Mapping[str, Tensor] = _NO_TANGENTS
 
 
+class StateAlias:
+    """A tangent a fused step left in the optimizer's state instead of a buffer of its own:
+    ``sign`` times ``tensors`` (one per parameter of the bucket, shaped like it) as they stand
+    after the step.  Valid until the next step changes that state."""
+    __slots__ = ("tensors", "sign")
+
+    def __init__(self, tensors: list[Tensor], sign: float):
+        self.tensors, self.sign = tensors, sign
+
+    def materialize(self) -> Tensor:
+        """The tangent as a flat tensor of its own (bucket layout)."""
+        flat = torch.cat([t.reshape(-1) for t in self.tensors])
+        return flat if self.sign == 1.0 else flat.mul_(self.sign)
+
+
 class UpdateRule:
     """Base class of a differentiable update rule.
 
@@ -183,6 +198,24 @@ class UpdateRule:
         returns False.  Helpers for implementing it: :mod:`hyperopt_wrap.rules._foreach`.
         """
         return False
+
+    def fused_tangents(self, states: list[State], hyper: dict[str, Any],
+                       options: dict[str, Any], kinds: tuple[str, ...]
+                       ) -> "dict[str, StateAlias] | None":
+        """Optional: whether :meth:`step_fused` can take a bucket's coming step, and then the
+        tangents of ``kinds`` it leaves behind without writing them, as :class:`StateAlias`es of
+        the state after the step (for SGD with momentum, ``d w_new / d lr = -buf_new``).  None
+        (the default) where it cannot; the optimizer then copies and checks the gradients and
+        runs :meth:`step_foreach`."""
+        return None
+
+    def step_fused(self, params: list[Tensor], grads: list[Tensor], states: list[State],
+                   hyper: dict[str, Any], options: dict[str, Any], found_inf: Tensor) -> None:
+        """The step of a bucket that :meth:`fused_tangents` accepted, in one pass of torch's
+        fused kernel, on the user's gradients themselves (not copied, not checked: the kernel
+        leaves everything as it was where ``found_inf``, a float 0-dim tensor on the bucket's
+        device, is nonzero), under ``torch.no_grad()``."""
+        raise NotImplementedError
 
     def vjp(self, param: Tensor, grad: Tensor, state: State, hyper: Hyper,
             options: dict[str, Any], cot_param: Tensor | None, cot_state: State,

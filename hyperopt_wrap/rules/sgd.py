@@ -19,7 +19,9 @@ from torch import Tensor
 from . import _foreach as F
 from .base import (Hyper, State, UpdateRule, add_scaled_, axpy, gated, is_zero, kept,
                    reduce_like, scratch)
-from .base import hyper_tangents, lincomb, or_zeros
+from .base import StateAlias, hyper_tangents, lincomb, or_zeros
+
+_FUSED_SGD = hasattr(torch, "_fused_sgd_")
 
 
 class SGDRule(UpdateRule):
@@ -156,6 +158,29 @@ class SGDRule(UpdateRule):
                 F.mul_(t_mu if kind == "momentum" else t_wd, -F.Coef(lr))
         F.axpy_(params, direction, F.gate(ok, lr), alpha=-1.0)
         return True
+
+    def fused_tangents(self, states, hyper, options, kinds):
+        """torch's fused SGD kernel takes a step with (heavy-ball) momentum and a tuned lr
+        shared by the bucket, from the second step on: one pass over weights, gradient and
+        buffer, against six for the copy, the check, the select and the foreach step.  The lr
+        tangent it leaves behind is the new buffer itself, negated: ``w' = w - lr buf'``."""
+        if not set(kinds) <= {"lr"} or options["nesterov"] or not _FUSED_SGD:
+            return None
+        lr, momentum, wd = hyper["lr"], hyper["momentum"], hyper["weight_decay"]
+        if not (isinstance(momentum, float) and momentum != 0 and isinstance(wd, float)
+                and (isinstance(lr, float) or isinstance(lr, Tensor) and lr.dim() == 0)):
+            return None
+        bufs = [s.get("momentum_buffer") for s in states]
+        if any(b is None for b in bufs):
+            return None
+        return {"lr": StateAlias(bufs, -1.0)} if kinds else {}
+
+    def step_fused(self, params, grads, states, hyper, options, found_inf):
+        torch._fused_sgd_(params, grads, [s["momentum_buffer"] for s in states],
+                          weight_decay=hyper["weight_decay"], momentum=hyper["momentum"],
+                          lr=hyper["lr"], dampening=options["dampening"], nesterov=False,
+                          maximize=options["maximize"], is_first_step=False, grad_scale=None,
+                          found_inf=found_inf)
 
     def vjp(self, param, grad, state, hyper, options, cot_param, cot_state, inputs, kinds):
         """Reverse products of :meth:`update` in closed form (see the module docstring)::

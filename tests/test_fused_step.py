@@ -1,0 +1,277 @@
+"""The fused step: greedy with a tuned lr shared by a bucket on SGD with heavy-ball momentum
+runs torch's ``_fused_sgd_`` on the gradients themselves (no copy, no select), the lr tangent
+left in the momentum buffer.  It must be the same optimizer as the copy-and-foreach path
+(``foreach=False`` groups take that path): weights, buffers, tuned values and hypergradients
+in float64 to 1e-12 step by step, a skipped step included; where it does not apply it is not
+taken; a checkpoint saved between fused steps holds tangents of its own and resumes exactly."""
+import io
+
+import pytest
+import torch
+
+from hyperopt_wrap import HyperOptimizer
+from hyperopt_wrap.stepper import Stepper
+
+from tiny import tiny_batch, tiny_model
+
+RTOL = 1e-12
+
+
+@pytest.fixture
+def fused_calls(monkeypatch):
+    """How many buckets' steps ran on the fused kernel."""
+    calls = []
+    original = Stepper.step_fused
+
+    def spy(self, buckets, *args, **kwargs):
+        calls.append(len(buckets))
+        return original(self, buckets, *args, **kwargs)
+    monkeypatch.setattr(Stepper, "step_fused", spy)
+    return calls
+
+
+def _make(model, foreach=None, granularity="global", groups=None, base=None, **kw):
+    settings = {"lr": 0.05, "momentum": 0.9, "weight_decay": 1e-3, **(base or {})}
+    if groups is not None:      # the first layer at groups[0], the second at groups[1]
+        params = [{"params": list(model[0].parameters()), "lr": groups[0]},
+                  {"params": list(model[2].parameters()), "lr": groups[1]}]
+    else:
+        params = model.parameters()
+    return HyperOptimizer(torch.optim.SGD, params, method="greedy", tune=("lr",),
+                          granularity=granularity, hyper_lr=0.05, foreach=foreach, **settings,
+                          **kw)
+
+
+def _loss(model, i, nan_at=()):
+    dtype = next(model.parameters()).dtype
+    x, y = (t.to(dtype) for t in tiny_batch(i))
+    loss = ((model(x) - y) ** 2).mean()
+    return loss * float("nan") if i in nan_at else loss
+
+
+def _run(opt, model, steps, start=0, nan_at=()):
+    trace = []
+    for i in range(start, start + steps):
+        opt.zero_grad()
+        _loss(model, i, nan_at).backward()
+        opt.step()
+        trace.append(([p.detach().clone() for p in model.parameters()],
+                      {k: _copy(vs) for k, vs in opt.hyperparameters().items()},
+                      {k: _copy(vs) for k, vs in opt.last_hypergradient().items()}))
+    return trace
+
+
+def _copy(entries):
+    """Entries as 1-D float64 tensors (a float, a 0-dim or 1-D tensor, or element blocks)."""
+    out = []
+    for v in entries:
+        if isinstance(v, list):
+            v = torch.cat([t.reshape(-1) for t in v])
+        out.append(torch.as_tensor(v, dtype=torch.float64).reshape(-1).clone())
+    return out
+
+
+def _rel(a, b):
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-300)).item()
+
+
+def _assert_same(trace_a, trace_b, rtol=RTOL):
+    for step, ((wa, ha, ga), (wb, hb, gb)) in enumerate(zip(trace_a, trace_b)):
+        for x, y in zip(wa, wb):
+            assert _rel(x, y) <= rtol, f"weights differ at step {step}"
+        for k in ha:
+            for x, y in zip(ha[k], hb[k]):
+                assert _rel(x, y) <= rtol, f"{k} differs at step {step}"
+        for k in ga:
+            for x, y in zip(ga[k], gb[k]):
+                assert torch.isfinite(x).all()
+                assert (x - y).abs().max().item() <= rtol * max(y.abs().max().item(), 1e-30), \
+                    f"hypergradient of {k} differs at step {step}"
+
+
+CASES = {
+    "global": {},
+    "group granularity, two groups": {"granularity": "group", "groups": (0.03, 0.05)},
+    "a frozen group (lr=0)": {"granularity": "group", "groups": (0.05, 0.0)},
+    "dampening": {"base": {"dampening": 0.3}},
+    "maximize": {"base": {"maximize": True}},
+    "no weight decay": {"base": {"weight_decay": 0.0}},
+    "update_every 3": {"update_every": 3},
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_fused_step_equals_the_copy_and_foreach_path(case, fused_calls):
+    kw = CASES[case]
+    m1, m2 = tiny_model(), tiny_model()
+    fused = _run(_make(m1, **kw), m1, 25)
+    assert len(fused_calls) == 24          # every step but the first (no momentum buffer yet)
+    plain = _run(_make(m2, foreach=False, **kw), m2, 25)
+    assert len(fused_calls) == 24          # foreach=False: the copy-and-foreach path
+    _assert_same(fused, plain)
+    # the tuning moved lr: the comparison is not between two frozen runs
+    assert abs(fused[-1][1]["lr"][0].item() - (kw.get("groups") or (0.05,))[0]) > 1e-4
+
+
+def test_a_non_finite_step_is_skipped_as_on_the_copy_path(fused_calls):
+    m1, m2 = tiny_model(), tiny_model()
+    o1, o2 = _make(m1), _make(m2, foreach=False)
+    fused = _run(o1, m1, 12, nan_at=(6,))
+    plain = _run(o2, m2, 12, nan_at=(6,))
+    assert len(fused_calls) == 11
+    _assert_same(fused, plain)
+    # the NaN step left the weights as they were, counted, and the lr backed off
+    assert all(torch.equal(a, b) for a, b in zip(fused[5][0], fused[6][0]))
+    assert o1.skipped_steps == 1 and o1.skipped_hypersteps == o2.skipped_hypersteps
+    assert all(torch.isfinite(o1.state[p]["momentum_buffer"]).all() for p in m1.parameters())
+    assert fused[7][1]["lr"][0].item() < 0.75 * fused[5][1]["lr"][0].item()
+
+
+def test_found_inf_on_the_wrapper_skips_the_fused_step(fused_calls):
+    model = tiny_model()
+    opt = _make(model)
+    _run(opt, model, 3)
+    before = [p.detach().clone() for p in model.parameters()]
+    bufs = [opt.state[p]["momentum_buffer"].clone() for p in model.parameters()]
+    opt.found_inf = torch.ones(())
+    _run(opt, model, 1, start=3)
+    del opt.found_inf
+    assert fused_calls and all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
+    assert all(torch.equal(b, opt.state[p]["momentum_buffer"])
+               for b, p in zip(bufs, model.parameters()))
+    assert opt.skipped_steps == 1
+
+
+def test_a_checkpoint_between_fused_steps_holds_its_own_tangents_and_resumes_exactly():
+    m1 = tiny_model()
+    o1 = _make(m1)
+    _run(o1, m1, 7)
+    saved = o1.state_dict()
+    pending = saved["hyper"]["method"]["pending"]
+    (tangent,) = [t["lr"] for t in pending["tangents"]]
+    assert isinstance(tangent, torch.Tensor)      # not the live momentum buffers
+    bufs = torch.cat([o1.state[p]["momentum_buffer"].reshape(-1) for p in m1.parameters()])
+    assert torch.equal(tangent, -bufs)
+    buf = io.BytesIO()
+    torch.save({"model": m1.state_dict(), "opt": saved}, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=True)
+    m2 = tiny_model(seed=5)
+    m2.load_state_dict(loaded["model"])
+    o2 = _make(m2)
+    o2.load_state_dict(loaded["opt"])
+    _assert_same(_run(o2, m2, 8, start=7), _run(o1, m1, 8, start=7), rtol=0.0)
+
+
+def test_a_parameter_without_gradient_after_a_fused_step(fused_calls):
+    """The layout changes between steps: the pending tangent (the momentum buffers) is matched
+    parameter by parameter, as a flat one is."""
+    def run(foreach):
+        model = tiny_model()
+        opt = _make(model, foreach=foreach)
+        trace = _run(opt, model, 5)
+        for i in range(5, 9):       # the last layer's bias gets no gradient for a while
+            opt.zero_grad()
+            _loss(model, i).backward()
+            model[2].bias.grad = None
+            opt.step()
+        return trace + _run(opt, model, 5, start=9)
+    fused = run(None)
+    assert fused_calls
+    _assert_same(fused, run(False))
+
+
+def test_with_val_loss_the_fused_step_equals_the_copy_path(fused_calls):
+    def run(foreach):
+        model = tiny_model()
+        xv, yv = tiny_batch(7)
+        opt = _make(model, foreach=foreach, update_every=2,
+                    val_loss=lambda: ((model(xv) - yv) ** 2).mean())
+        return _run(opt, model, 12)
+    fused = run(None)
+    assert len(fused_calls) == 11
+    _assert_same(fused, run(False))
+
+
+NOT_FUSED = {
+    "nesterov": {"base": {"nesterov": True}},
+    "plain SGD (no buffer to hold the tangent)": {"base": {"momentum": 0.0}},
+    "momentum tuned too": {"tune": ("lr", "momentum")},
+    "per-tensor lr": {"granularity": "tensor"},
+    "per-element lr": {"granularity": "element"},
+    "max_grad_norm": {"max_grad_norm": 1.0},
+    "rollback": {"recovery": "rollback"},
+    "bfloat16 (torch's CPU kernel drifts far from its for-loop)": {"dtype": torch.bfloat16},
+}
+
+
+@pytest.mark.parametrize("case", NOT_FUSED)
+def test_the_fused_step_is_not_taken_where_it_does_not_apply(case, fused_calls):
+    kw = dict(NOT_FUSED[case])
+    model = tiny_model().to(kw.pop("dtype", torch.float64))
+    tune = kw.pop("tune", None)
+    if tune is not None:
+        opt = HyperOptimizer(torch.optim.SGD, model.parameters(), method="greedy", tune=tune,
+                             lr=0.05, momentum=0.9)
+    else:
+        opt = _make(model, **kw)
+    _run(opt, model, 6)
+    assert fused_calls == []
+
+
+def test_other_methods_and_rules_do_not_take_it(fused_calls):
+    model = tiny_model()
+    for opt in (HyperOptimizer(torch.optim.SGD, model.parameters(), method="implicit",
+                               tune=("lr",), lr=0.05, momentum=0.9, update_every=3),
+                HyperOptimizer(torch.optim.Adam, model.parameters(), method="greedy",
+                               tune=("lr",), lr=1e-3)):
+        for i in range(6):
+            def closure(i=i):
+                opt.zero_grad()
+                loss = _loss(model, i)
+                loss.backward()
+                return loss
+            opt.step(closure)
+    assert fused_calls == []
+
+
+@pytest.mark.parametrize("bad", [float("inf"), -float("inf"), float("nan")])
+@pytest.mark.parametrize("buffer_entry", [0.0, 1.0])
+def test_one_non_finite_gradient_element_skips_the_fused_step(bad, buffer_entry, fused_calls):
+    """The fused step's check is the gradient's dot with the momentum buffer: one bad element
+    makes it non-finite even where the buffer holds 0 there (inf * 0 is NaN)."""
+    model = tiny_model()
+    opt = _make(model)
+    _run(opt, model, 3)
+    opt.zero_grad()
+    _loss(model, 3).backward()
+    w = model[0].weight
+    w.grad[1, 2] = bad
+    opt.state[w]["momentum_buffer"][1, 2] = buffer_entry
+    before = [p.detach().clone() for p in model.parameters()]
+    bufs = [opt.state[p]["momentum_buffer"].clone() for p in model.parameters()]
+    calls = len(fused_calls)
+    opt.step()
+    assert len(fused_calls) == calls + 1
+    assert opt.skipped_steps == 1
+    assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
+    assert all(torch.equal(b, opt.state[p]["momentum_buffer"])
+               for b, p in zip(bufs, model.parameters()))
+    _run(opt, model, 3, start=4)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert torch.isfinite(opt.hyperparameters()["lr"][0])
+
+
+def test_a_finite_gradient_whose_dot_overflows_is_skipped_as_a_non_finite_one(fused_calls):
+    """The documented limit of the dot check: float32, |g| * |buf| past 3.4e38."""
+    model = tiny_model().float()
+    opt = _make(model)
+    _run(opt, model, 3)
+    opt.zero_grad()
+    _loss(model, 3).backward()
+    w = model[0].weight
+    w.grad.fill_(1e20)
+    opt.state[w]["momentum_buffer"].fill_(1e20)
+    before = w.detach().clone()
+    opt.step()
+    assert fused_calls and opt.skipped_steps == 1 and torch.equal(before, w)
