@@ -710,7 +710,7 @@ class HyperOptimizer(torch.optim.Optimizer):
                 meta = MetaGradients(buckets, [b.grad for b in buckets]) if plan is None else \
                     MetaGradients(buckets, [None] * len(buckets),
                                   [[p.grad for p in b.params] for b in buckets], finite,
-                                  dots and [(t["lr"].tensors, d) for t, d in zip(plan, dots)])
+                                  dots and [(t["lr"].key, d) for t, d in zip(plan, dots)])
                 added = method.hypergradient(ctx, state, meta)
                 if added:
                     self._controller.mark_window(finite)

@@ -66,6 +66,7 @@ class Bucket:
         self.states: list[dict] | None = None    # the params' state dicts, once initialised
         self.detached: list[tuple[Tensor, dict]] = []  # empty ones, not (yet) in opt.state
         self.slots: dict[str, Any] = {}          # per tuned kind: TunedKind.slots_of(...)
+        self.work: dict = {}                     # a fused step's scratch (the rule's)
 
     def tuned_values(self, kind: str, tuned) -> Any:
         """This bucket's tuned values of ``kind`` as the rule takes them: one 0-dim view shared
@@ -302,7 +303,8 @@ class Stepper:
                     or b.device.type not in _FUSED_DEVICES or b.dtype not in _FUSED_DTYPES \
                     or any(p.grad.grad_fn is not None for p in b.params):
                 return None
-            tangents = self.rule.fused_tangents(b.states, h, options[b.group_index], kinds)
+            tangents = self.rule.fused_tangents(b.states, h, options[b.group_index], kinds,
+                                                b.work)
             if tangents is None:
                 return None
             plan.append(tangents)
@@ -321,8 +323,7 @@ class Stepper:
         gradient so large that the dot overflows counts as non-finite.  Elsewhere GradScaler's
         kernel checks ``p.grad`` itself (it multiplies it by 1) and the dots are None."""
         if all(b.device == device for b in buckets):
-            dots = [torch.stack([torch.vdot(p.grad.reshape(-1), t.reshape(-1)) for p, t in
-                                 zip(b.params, tangents["lr"].tensors)]).sum()
+            dots = [tangents["lr"].dot([p.grad for p in b.params])
                     for b, tangents in zip(buckets, plan)]
             bad, one = self._amp_buffers(device)
             bad.zero_()     # (GradScaler's check on the dots: one small kernel per dtype)
@@ -562,7 +563,8 @@ class Stepper:
         seen = set()
         for layout in self._buckets.values():
             for b in layout:
-                for flat, _ in b._flats.values():
+                for flat in [f for f, _ in b._flats.values()] + [
+                        t for t in b.work.values() if isinstance(t, Tensor)]:
                     if id(flat) not in seen:
                         seen.add(id(flat))
                         out.append(flat)

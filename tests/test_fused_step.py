@@ -30,14 +30,17 @@ def fused_calls(monkeypatch):
     return calls
 
 
-def _make(model, foreach=None, granularity="global", groups=None, base=None, **kw):
-    settings = {"lr": 0.05, "momentum": 0.9, "weight_decay": 1e-3, **(base or {})}
+def _make(model, foreach=None, granularity="global", groups=None, base=None, cls=None, **kw):
+    cls = cls or torch.optim.SGD
+    settings = {"lr": 0.05, "momentum": 0.9, "weight_decay": 1e-3} if cls is torch.optim.SGD \
+        else {"lr": 0.01, "weight_decay": 1e-3}
+    settings.update(base or {})
     if groups is not None:      # the first layer at groups[0], the second at groups[1]
         params = [{"params": list(model[0].parameters()), "lr": groups[0]},
                   {"params": list(model[2].parameters()), "lr": groups[1]}]
     else:
         params = model.parameters()
-    return HyperOptimizer(torch.optim.SGD, params, method="greedy", tune=("lr",),
+    return HyperOptimizer(cls, params, method="greedy", tune=("lr",),
                           granularity=granularity, hyper_lr=0.05, foreach=foreach, **settings,
                           **kw)
 
@@ -100,31 +103,52 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("case", CASES)
+ADAM_CASES = {
+    "Adam": {},
+    "Adam, amsgrad": {"base": {"amsgrad": True}},
+    "Adam, maximize": {"base": {"maximize": True}},
+    "Adam, no weight decay": {"base": {"weight_decay": 0.0}},
+    "AdamW without weight decay": {"cls": torch.optim.AdamW, "base": {"weight_decay": 0.0}},
+    "Adam, two groups": {"granularity": "group", "groups": (0.02, 0.01)},
+    "Adam, update_every 3": {"update_every": 3},
+}
+
+
+@pytest.mark.parametrize("case", list(CASES) + list(ADAM_CASES))
 def test_fused_step_equals_the_copy_and_foreach_path(case, fused_calls):
-    kw = CASES[case]
+    kw = {**CASES, **ADAM_CASES}[case]
+    adam = case in ADAM_CASES
+    if adam:
+        kw = {"cls": torch.optim.Adam, **kw}
     m1, m2 = tiny_model(), tiny_model()
     fused = _run(_make(m1, **kw), m1, 25)
-    assert len(fused_calls) == 24          # every step but the first (no momentum buffer yet)
+    # every step but SGD's first (no momentum buffer yet); Adam's first too
+    assert len(fused_calls) == (25 if adam else 24)
     plain = _run(_make(m2, foreach=False, **kw), m2, 25)
-    assert len(fused_calls) == 24          # foreach=False: the copy-and-foreach path
+    assert len(fused_calls) == (25 if adam else 24)   # foreach=False: the copying path
     _assert_same(fused, plain)
     # the tuning moved lr: the comparison is not between two frozen runs
-    assert abs(fused[-1][1]["lr"][0].item() - (kw.get("groups") or (0.05,))[0]) > 1e-4
+    lr0 = (kw.get("groups") or (0.01 if adam else 0.05,))[0]
+    assert abs(fused[-1][1]["lr"][0].item() - lr0) > 1e-4 * lr0
 
 
-def test_a_non_finite_step_is_skipped_as_on_the_copy_path(fused_calls):
+@pytest.mark.parametrize("cls", [torch.optim.SGD, torch.optim.Adam])
+def test_a_non_finite_step_is_skipped_as_on_the_copy_path(cls, fused_calls):
     m1, m2 = tiny_model(), tiny_model()
-    o1, o2 = _make(m1), _make(m2, foreach=False)
+    o1, o2 = _make(m1, cls=cls), _make(m2, foreach=False, cls=cls)
     fused = _run(o1, m1, 12, nan_at=(6,))
+    state_at_5 = {k: v.clone() for k, v in o1.state[m1[0].weight].items()}
     plain = _run(o2, m2, 12, nan_at=(6,))
-    assert len(fused_calls) == 11
+    assert len(fused_calls) == (11 if cls is torch.optim.SGD else 12)
     _assert_same(fused, plain)
     # the NaN step left the weights as they were, counted, and the lr backed off
     assert all(torch.equal(a, b) for a, b in zip(fused[5][0], fused[6][0]))
     assert o1.skipped_steps == 1 and o1.skipped_hypersteps == o2.skipped_hypersteps
-    assert all(torch.isfinite(o1.state[p]["momentum_buffer"]).all() for p in m1.parameters())
+    assert all(torch.isfinite(t).all() for p in m1.parameters() for t in o1.state[p].values())
     assert fused[7][1]["lr"][0].item() < 0.75 * fused[5][1]["lr"][0].item()
+    if cls is torch.optim.Adam:     # 11 steps taken, the skipped one not counted
+        assert o1.state[m1[0].weight]["step"].item() == 11 == o2.state[m2[0].weight]["step"]
+    del state_at_5
 
 
 def test_found_inf_on_the_wrapper_skips_the_fused_step(fused_calls):
@@ -142,23 +166,36 @@ def test_found_inf_on_the_wrapper_skips_the_fused_step(fused_calls):
     assert opt.skipped_steps == 1
 
 
-def test_a_checkpoint_between_fused_steps_holds_its_own_tangents_and_resumes_exactly():
+@pytest.mark.parametrize("cls", [torch.optim.SGD, torch.optim.Adam])
+def test_a_checkpoint_between_fused_steps_holds_its_own_tangents_and_resumes_exactly(cls):
     m1 = tiny_model()
-    o1 = _make(m1)
+    o1 = _make(m1, cls=cls)
     _run(o1, m1, 7)
     saved = o1.state_dict()
     pending = saved["hyper"]["method"]["pending"]
     (tangent,) = [t["lr"] for t in pending["tangents"]]
-    assert isinstance(tangent, torch.Tensor)      # not the live momentum buffers
-    bufs = torch.cat([o1.state[p]["momentum_buffer"].reshape(-1) for p in m1.parameters()])
-    assert torch.equal(tangent, -bufs)
+    assert isinstance(tangent, torch.Tensor)      # not the live optimizer state
+    assert pending["in_state"] == [["lr"]]
+    if cls is torch.optim.SGD:
+        expected = -torch.cat([o1.state[p]["momentum_buffer"].reshape(-1)
+                               for p in m1.parameters()])
+    else:                                         # -m_hat / (sqrt(v_hat) + eps), by hand
+        parts = []
+        for p in m1.parameters():
+            st = o1.state[p]
+            t = st["step"].item()
+            m_hat = st["exp_avg"] / (1 - 0.9 ** t)
+            v_hat = st["exp_avg_sq"] / (1 - 0.999 ** t)
+            parts.append((-m_hat / (v_hat.sqrt() + 1e-8)).reshape(-1))
+        expected = torch.cat(parts)
+    assert _rel(tangent, expected) <= 1e-12
     buf = io.BytesIO()
     torch.save({"model": m1.state_dict(), "opt": saved}, buf)
     buf.seek(0)
     loaded = torch.load(buf, weights_only=True)
     m2 = tiny_model(seed=5)
     m2.load_state_dict(loaded["model"])
-    o2 = _make(m2)
+    o2 = _make(m2, cls=cls)
     o2.load_state_dict(loaded["opt"])
     _assert_same(_run(o2, m2, 8, start=7), _run(o1, m1, 8, start=7), rtol=0.0)
 
@@ -202,6 +239,10 @@ NOT_FUSED = {
     "max_grad_norm": {"max_grad_norm": 1.0},
     "rollback": {"recovery": "rollback"},
     "bfloat16 (torch's CPU kernel drifts far from its for-loop)": {"dtype": torch.bfloat16},
+    "AdamW with weight decay (its lr tangent reads the weights before the step)":
+        {"cls": torch.optim.AdamW},
+    "Adam, beta1 tuned too": {"cls": torch.optim.Adam, "tune": ("lr", "momentum")},
+    "Adam, per-tensor lr": {"cls": torch.optim.Adam, "granularity": "tensor"},
 }
 
 
@@ -211,20 +252,22 @@ def test_the_fused_step_is_not_taken_where_it_does_not_apply(case, fused_calls):
     model = tiny_model().to(kw.pop("dtype", torch.float64))
     tune = kw.pop("tune", None)
     if tune is not None:
-        opt = HyperOptimizer(torch.optim.SGD, model.parameters(), method="greedy", tune=tune,
-                             lr=0.05, momentum=0.9)
+        cls = kw.pop("cls", torch.optim.SGD)
+        opt = HyperOptimizer(cls, model.parameters(), method="greedy", tune=tune,
+                             **({"lr": 0.05, "momentum": 0.9} if cls is torch.optim.SGD
+                                else {"lr": 0.01}))
     else:
         opt = _make(model, **kw)
     _run(opt, model, 6)
     assert fused_calls == []
 
 
-def test_other_methods_and_rules_do_not_take_it(fused_calls):
+def test_other_methods_do_not_take_it(fused_calls):
     model = tiny_model()
     for opt in (HyperOptimizer(torch.optim.SGD, model.parameters(), method="implicit",
                                tune=("lr",), lr=0.05, momentum=0.9, update_every=3),
-                HyperOptimizer(torch.optim.Adam, model.parameters(), method="greedy",
-                               tune=("lr",), lr=1e-3)):
+                HyperOptimizer(torch.optim.Adam, model.parameters(), method="unroll",
+                               tune=("lr",), lr=1e-3, update_every=5)):
         for i in range(6):
             def closure(i=i):
                 opt.zero_grad()
@@ -275,3 +318,20 @@ def test_a_finite_gradient_whose_dot_overflows_is_skipped_as_a_non_finite_one(fu
     before = w.detach().clone()
     opt.step()
     assert fused_calls and opt.skipped_steps == 1 and torch.equal(before, w)
+
+
+def test_a_malformed_in_state_entry_is_refused_with_nothing_changed():
+    from hyperopt_wrap.checkpoint import CheckpointError
+    model = tiny_model()
+    opt = _make(model, cls=torch.optim.Adam)
+    _run(opt, model, 4)
+    saved = opt.state_dict()
+    before = opt.state_dict()
+    for bad in ("lr", [["momentum"]], [["lr"], ["lr"]]):
+        broken = {**saved, "hyper": {**saved["hyper"], "method": {"pending": {
+            **saved["hyper"]["method"]["pending"], "in_state": bad}}}}
+        with pytest.raises(CheckpointError, match="in_state"):
+            opt.load_state_dict(broken)
+        after = opt.state_dict()
+        assert torch.equal(after["hyper"]["method"]["pending"]["tangents"][0]["lr"],
+                           before["hyper"]["method"]["pending"]["tangents"][0]["lr"])

@@ -50,9 +50,10 @@ class MetaGradients:
     #: themselves, per tensor, not yet known to be finite; ``finite`` says whether they are
     grads: list[list[Tensor]] | None = None
     finite: Tensor | None = None
-    #: and per bucket, where the step's check computed them: state tensors (one per parameter)
-    #: and the sum of their dots with the gradients, ``sum_i <g_i, s_i>`` (0-dim, unchecked)
-    state_dots: list[tuple[list[Tensor], Tensor]] | None = None
+    #: and per bucket, where the step's check computed it: the ``key`` of a
+    #: :class:`~hyperopt_wrap.rules.base.StateAlias` and its dot with the gradients (0-dim,
+    #: unchecked), as the previous step left the state
+    state_dots: list[tuple[tuple, Tensor]] | None = None
 
     def by_param(self) -> dict[int, Tensor]:
         """Per-parameter views keyed by ``id(param)``."""

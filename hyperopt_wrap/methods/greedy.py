@@ -63,6 +63,13 @@ class Greedy(HypergradientMethod):
             raise CheckpointError("hyper['method']['pending'] holds tangents of another size "
                                   "than this model's parameters; load it into the same "
                                   "model architecture")
+        in_state = pending.get("in_state")
+        if in_state is not None and not (
+                isinstance(in_state, (list, tuple)) and len(in_state) == len(tangents)
+                and all(isinstance(ks, (list, tuple)) and all(k in t for k in ks)
+                        for ks, t in zip(in_state, tangents))):
+            raise CheckpointError("hyper['method']['pending']['in_state'] must list, per "
+                                  "bucket, kinds of its tangents; the checkpoint is corrupt")
 
     def tangent_kinds(self, ctx, state, ends_window):
         if not ctx.has_val_loss or ends_window:
@@ -90,7 +97,11 @@ class Greedy(HypergradientMethod):
                                        for ts in pending["tangents"] for t in ts.values()):
             pending = dict(pending, tangents=[
                 {k: t.materialize() if isinstance(t, StateAlias) else t for k, t in ts.items()}
-                for ts in pending["tangents"]])
+                for ts in pending["tangents"]],
+                # the values the state itself gives: a resumed fused step reads them from the
+                # restored state as the uninterrupted one does, bit for bit
+                in_state=[[k for k, t in ts.items() if isinstance(t, StateAlias)]
+                          for ts in pending["tangents"]])
             state = dict(state, pending=pending)
         return super().state_dict(state)
 
@@ -100,6 +111,7 @@ class Greedy(HypergradientMethod):
             return 0
         state["pending"] = None
         scales = pending["scales"]
+        in_state = pending.get("in_state") or [()] * len(pending["tangents"])
         used = False
         if [b.key for b in meta.buckets] == pending["layout"]:
             for i, (b, tangents) in enumerate(zip(meta.buckets, pending["tangents"])):
@@ -110,18 +122,20 @@ class Greedy(HypergradientMethod):
                 for kind, t in tangents.items():
                     s = scales[b.group_index] if kind == "lr" else 1.0
                     if grads is not None:       # a fused step's gradients, per tensor
-                        done = meta.state_dots and isinstance(t, StateAlias) \
-                            and _same(meta.state_dots[i][0], t.tensors)
-                        if done:                # the dot the step's check computed
-                            ctx.add_dot(kind, b, meta.state_dots[i][1], s * t.sign, meta.finite)
+                        if meta.state_dots and (isinstance(t, StateAlias)
+                                                and meta.state_dots[i][0] == t.key
+                                                or kind in in_state[i]):
+                            # the dot the step's finite check computed
+                            ctx.add_dot(kind, b, meta.state_dots[i][1], s, meta.finite)
+                        elif isinstance(t, StateAlias):
+                            ctx.add_dot(kind, b, t.dot(grads), s, meta.finite)
                         else:
-                            ts, sign = (t.tensors, t.sign) if isinstance(t, StateAlias) \
-                                else (b.views(t), 1.0)
-                            ctx.accumulate_dots(kind, b, grads, ts, s * sign, meta.finite)
+                            ctx.accumulate_dots(kind, b, grads, b.views(t), s, meta.finite)
                     elif isinstance(t, StateAlias):
-                        ctx.accumulate(kind, [(b.group_index, pi, v, a, s * t.sign)
+                        ts, factor = t.parts()
+                        ctx.accumulate(kind, [(b.group_index, pi, v, a * factor, s)
                                               for pi, v, a in zip(b.param_indices, b.views(m),
-                                                                  t.tensors)])
+                                                                  ts)])
                     else:
                         ctx.accumulate_flat(kind, b, m, t, s)
                     used = True
@@ -142,7 +156,3 @@ class Greedy(HypergradientMethod):
         if used:
             ctx.mark_window(pending["finite"])
         return int(used)
-
-
-def _same(a: list, b: list) -> bool:
-    return len(a) == len(b) and all(x is y for x, y in zip(a, b))

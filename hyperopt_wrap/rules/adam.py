@@ -18,7 +18,50 @@ from torch import Tensor
 from . import _foreach as F
 from .base import (Hyper, State, UpdateRule, add_scaled_, axpy, gated, is_zero, kept,
                    new_step_count, reduce_like, scratch, step_count_as_float64)
-from .base import hyper_tangents, lincomb, or_zeros
+from .base import StateAlias, hyper_tangents, lincomb, or_zeros
+
+_FUSED_ADAM = hasattr(torch, "_fused_adam_")
+
+
+class AdamDirection(StateAlias):
+    """Adam's lr tangent as the state holds it after a step, computed when read::
+
+        d w' / d lr = -r / bc1,   r = m' / (sqrt(v') / bc2s + eps) = bc2s m' / (sqrt(v') + eps bc2s)
+
+    with ``v'`` amsgrad's running max where it keeps one and the bias corrections at each
+    parameter's own counter (clamped at 1: before any step the moments are 0 and so is the
+    tangent).  The denominators are built in the bucket's scratch, one parameter-sized buffer
+    per tensor kept in ``work``."""
+    __slots__ = ("seconds", "steps", "beta1", "beta2", "eps", "work")
+
+    def __init__(self, exp_avgs, seconds, steps, beta1, beta2, eps, work):
+        super().__init__(exp_avgs, -1.0)
+        self.seconds, self.steps = seconds, steps
+        self.beta1, self.beta2, self.eps, self.work = beta1, beta2, eps, work
+
+    def _ratios(self) -> tuple[list[Tensor], Tensor]:
+        """``bc2s m' / (sqrt(v') + eps bc2s)`` per tensor (in the scratch) and ``-1 / bc1``
+        per tensor (a float64 vector)."""
+        t = step_count_as_float64(torch.stack(self.steps)).clamp(min=1)
+        bc2s = (1 - self.beta2 ** t).sqrt()
+        factors = (-bc2s / (1 - self.beta1 ** t))
+        eps_bc2s = self.eps * bc2s
+        out = []
+        for i, (m, v) in enumerate(zip(self.tensors, self.seconds)):
+            d = scratch(self.work, i, m)
+            torch.sqrt(v, out=d).add_(eps_bc2s[i])
+            out.append(torch.div(m, d, out=d))
+        return out, factors
+
+    def parts(self):
+        ratios, factors = self._ratios()
+        return [r.mul(factors[i].to(r.dtype)) for i, r in enumerate(ratios)], 1.0
+
+    def dot(self, metas):
+        ratios, factors = self._ratios()
+        dots = torch.stack([torch.vdot(g.reshape(-1), r.reshape(-1))
+                            for g, r in zip(metas, ratios)])
+        return (dots * factors).sum()
 
 
 class AdamRule(UpdateRule):
@@ -209,6 +252,41 @@ class AdamRule(UpdateRule):
                 F.mul_(params, 1 - F.Coef(lr) * F.Coef(wd) * okc)
             F.addcdiv_(params, m, denom, -(step_size * okc) * bc2s)
         return True
+
+    def fused_tangents(self, states, hyper, options, kinds, work):
+        """torch's fused Adam kernel takes a step with an lr shared by the bucket (L2 weight
+        decay, amsgrad and maximize included; not AdamW's decoupled decay, whose lr tangent
+        reads the weights before the step): one pass over weights, gradient and moments.  The
+        lr tangent is computed from the moments when it is read (:class:`AdamDirection`)."""
+        if not set(kinds) <= {"lr"} or not _FUSED_ADAM:
+            return None
+        lr, beta1, wd = hyper["lr"], hyper["momentum"], hyper["weight_decay"]
+        if not (isinstance(beta1, float) and isinstance(wd, float)
+                and (isinstance(lr, float) or isinstance(lr, Tensor) and lr.dim() == 0)
+                and not (wd != 0 and options["decoupled"])):
+            return None
+        amsgrad = options["amsgrad"]
+        seconds = [s["max_exp_avg_sq" if amsgrad else "exp_avg_sq"] for s in states]
+        alias = AdamDirection([s["exp_avg"] for s in states], seconds,
+                              [s["step"] for s in states], beta1, options["beta2"],
+                              options["eps"], work)
+        return {"lr": alias} if kinds else {}
+
+    def step_fused(self, params, grads, states, hyper, options, found_inf):
+        """As torch's ``_fused_adam``: the counters advance by ``1 - found_inf`` first (a
+        skipped step leaves them, as it leaves everything), then the kernel."""
+        steps = [s["step"] for s in states]
+        ok = 1 - found_inf
+        ok = ok if ok.dtype == steps[0].dtype else ok.to(steps[0].dtype)
+        torch._foreach_add_(steps, [ok] * len(steps))
+        amsgrad = options["amsgrad"]
+        torch._fused_adam_(params, grads, [s["exp_avg"] for s in states],
+                           [s["exp_avg_sq"] for s in states],
+                           [s["max_exp_avg_sq"] for s in states] if amsgrad else [], steps,
+                           lr=hyper["lr"], beta1=hyper["momentum"], beta2=options["beta2"],
+                           weight_decay=hyper["weight_decay"], eps=options["eps"],
+                           amsgrad=amsgrad, maximize=options["maximize"], grad_scale=None,
+                           found_inf=found_inf)
 
     def vjp(self, param, grad, state, hyper, options, cot_param, cot_state, inputs, kinds):
         """Reverse products of :meth:`update` in closed form, with cotangents ``a`` of the new

@@ -76,16 +76,33 @@ class Tangent(NamedTuple):
 class StateAlias:
     """A tangent a fused step left in the optimizer's state instead of a buffer of its own:
     ``sign`` times ``tensors`` (one per parameter of the bucket, shaped like it) as they stand
-    after the step.  Valid until the next step changes that state."""
+    after the step.  Valid until the next step changes that state.  Subclasses compute the
+    tangent from the state (:class:`~hyperopt_wrap.rules.adam.AdamDirection`)."""
     __slots__ = ("tensors", "sign")
 
     def __init__(self, tensors: list[Tensor], sign: float):
         self.tensors, self.sign = tensors, sign
 
+    @property
+    def key(self) -> tuple[int, ...]:
+        """Which state it reads (two aliases of the same state have the same key)."""
+        return tuple(id(t) for t in self.tensors)
+
+    def parts(self) -> tuple[list[Tensor], float]:
+        """Per-parameter tensors and a factor: the tangent is ``factor * tensors[i]``."""
+        return self.tensors, self.sign
+
+    def dot(self, metas: list[Tensor]) -> Tensor:
+        """``sum_i <metas[i], tangent_i>`` (0-dim, not checked for finiteness)."""
+        d = torch.stack([torch.vdot(m.reshape(-1), t.reshape(-1))
+                         for m, t in zip(metas, self.tensors)]).sum()
+        return d if self.sign == 1.0 else d.mul_(self.sign)
+
     def materialize(self) -> Tensor:
         """The tangent as a flat tensor of its own (bucket layout)."""
-        flat = torch.cat([t.reshape(-1) for t in self.tensors])
-        return flat if self.sign == 1.0 else flat.mul_(self.sign)
+        tensors, factor = self.parts()
+        flat = torch.cat([t.reshape(-1) for t in tensors])
+        return flat if isinstance(factor, float) and factor == 1.0 else flat.mul_(factor)
 
 
 class UpdateRule:
@@ -200,13 +217,15 @@ class UpdateRule:
         return False
 
     def fused_tangents(self, states: list[State], hyper: dict[str, Any],
-                       options: dict[str, Any], kinds: tuple[str, ...]
+                       options: dict[str, Any], kinds: tuple[str, ...], work: dict
                        ) -> "dict[str, StateAlias] | None":
         """Optional: whether :meth:`step_fused` can take a bucket's coming step, and then the
         tangents of ``kinds`` it leaves behind without writing them, as :class:`StateAlias`es of
-        the state after the step (for SGD with momentum, ``d w_new / d lr = -buf_new``).  None
-        (the default) where it cannot; the optimizer then copies and checks the gradients and
-        runs :meth:`step_foreach`."""
+        the state after the step (for SGD with momentum, ``d w_new / d lr = -buf_new``); the
+        aliases may keep scratch in ``work`` (the bucket's, persistent).  Before the step they
+        read the state as the previous step left it: the optimizer's finite check dots them
+        with the gradients.  None (the default) where it cannot; the optimizer then copies and
+        checks the gradients and runs :meth:`step_foreach`."""
         return None
 
     def step_fused(self, params: list[Tensor], grads: list[Tensor], states: list[State],

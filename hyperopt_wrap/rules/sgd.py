@@ -159,7 +159,7 @@ class SGDRule(UpdateRule):
         F.axpy_(params, direction, F.gate(ok, lr), alpha=-1.0)
         return True
 
-    def fused_tangents(self, states, hyper, options, kinds):
+    def fused_tangents(self, states, hyper, options, kinds, work):
         """torch's fused SGD kernel takes a step with (heavy-ball) momentum and a tuned lr
         shared by the bucket, from the second step on: one pass over weights, gradient and
         buffer, against six for the copy, the check, the select and the foreach step.  The lr
