@@ -279,7 +279,8 @@ def propagate(view, tangents: list[dict], hyper_tangent: Callable, discount: flo
     A skipped step (non-finite gradient) is the identity, so there every tangent keeps its
     value: ``Z' = Z'_new * ok + Z * (1 - ok)``, exact for ok in {0, 1} because the products are
     finite (the rule saw zero gradients, and non-finite Hessian-vector products are zeroed
-    first) -- in place on the fresh outputs, not ``torch.where`` (several times slower here)."""
+    first) -- ``lerp`` with the 0/1 weight into the old tangent's storage, not ``torch.where``
+    (several times slower here)."""
     items = view.items
     keys = [(it.group_index, it.param_index) for it in items]
     hz: list = [None] * len(tangents)
@@ -308,25 +309,28 @@ def propagate(view, tangents: list[dict], hyper_tangent: Callable, discount: flo
     for it, key, results in zip(items, keys, out):
         dk = (it.param.device, it.param.dtype)
         if dk not in gates:
-            ok = view.finite.to(it.param.device, it.param.dtype)
-            gates[dk] = (ok, 1 - ok)
-        ok, bad = gates[dk]
+            gates[dk] = view.finite.to(it.param.device, it.param.dtype)
+        ok = gates[dk]
         for z, (zw_new, zs_new) in zip(tangents, results):
-            old = z["w"].get(key)
-            z["w"][key] = _keep_if_skipped(zw_new, old, ok, bad)
-            view.retire(old)
+            z["w"][key] = _keep_if_skipped(zw_new, z["w"].get(key), ok, view)
             olds = z["s"].get(key, {})
-            z["s"][key] = {n: _keep_if_skipped(v, olds.get(n), ok, bad)
+            z["s"][key] = {n: _keep_if_skipped(v, olds.get(n), ok, view)
                            for n, v in zs_new.items()}
-            for v in olds.values():
-                view.retire(v)
+            for n, v in olds.items():
+                if n not in zs_new:
+                    view.retire(v)
 
 
-def _keep_if_skipped(new: Tensor, old: Tensor | None, ok: Tensor, bad: Tensor) -> Tensor:
-    new.mul_(ok)
-    if old is not None:
-        new.addcmul_(old, bad)
-    return new
+def _keep_if_skipped(new: Tensor, old: Tensor | None, ok: Tensor, view) -> Tensor:
+    """``new`` where the step was taken, ``old`` (zero if None) where it was skipped: ``lerp``
+    with a 0/1 weight is an exact select (``b - (b - a) * 0`` and ``a + 0 * (b - a)``), one
+    pass into ``old``'s storage; the other buffer goes back to the pool."""
+    if old is None or old.shape != new.shape or old.dtype != new.dtype:
+        view.retire(old)
+        return new.mul_(ok)
+    old.lerp_(new, ok)
+    view.retire(new)
+    return old
 
 
 def _clone(obj):
