@@ -285,29 +285,31 @@ class TunedKind:
 
     def accumulate_dots(self, slots, metas: list[Tensor], tangents: list[Tensor], scale: float,
                         finite: Tensor) -> None:
-        """accum += scale * <meta, tangent> summed over a bucket's tensors, for per-tensor
+        """accum += scale * <meta, tangent> per tensor into each slot, for a bucket's per-tensor
         ``metas`` that may not be finite (a fused step's own gradients, unchecked): where
         ``finite`` (a device bool) is False the step adds 0, as a checked gradient of zeros
-        would.  A shared slot only (global, group: the fused step's lr is the bucket's)."""
-        if slots[0] != "scalar":
-            raise ValueError("accumulate_dots takes a slot shared by the bucket; per-tensor and "
-                             "per-element slots take flat meta-gradients (accumulate_bucket)")
-        _, block, index = slots
-        acc = self.accums[block]
+        would.  Shared and per-tensor slots (a fused step's lr is a 0-dim value)."""
+        acc = self.accums[slots[1]]
         if metas[0].dtype != acc.dtype:
             metas = [m.to(acc.dtype) for m in metas]
             tangents = [t.to(acc.dtype) for t in tangents]
-        dots = torch.stack([torch.vdot(m.reshape(-1), t.reshape(-1))
-                            for m, t in zip(metas, tangents)])
-        acc[index].add_(torch.where(finite.to(acc.device), dots.sum(), 0.0), alpha=scale)
+        self.add_dots(slots, torch.stack([torch.vdot(m.reshape(-1), t.reshape(-1))
+                                          for m, t in zip(metas, tangents)]), scale, finite)
 
-    def add_dot(self, slots, dot: Tensor, scale: float, finite: Tensor) -> None:
-        """accum += scale * dot for a slot shared by the bucket, 0 where ``finite`` is False."""
-        if slots[0] != "scalar":
-            raise ValueError("add_dot takes a slot shared by the bucket (global, group)")
-        acc = self.accums[slots[1]]
-        acc[slots[2]].add_(torch.where(finite.to(acc.device), dot.to(acc.dtype), 0.0),
-                           alpha=scale)
+    def add_dots(self, slots, dots: Tensor, scale: float, finite: Tensor) -> None:
+        """accum += scale * dots for a bucket's per-tensor ``dots`` (1-D), summed into a shared
+        slot or one per tensor; 0 where ``finite`` is False."""
+        how, block = slots[0], slots[1]
+        if how == "element":
+            raise ValueError("per-element slots take flat meta-gradients (accumulate_bucket)")
+        acc = self.accums[block]
+        dots = torch.where(finite.to(acc.device), dots.to(acc.dtype), 0.0)
+        if how == "scalar":
+            acc[slots[2]].add_(dots.sum(), alpha=scale)
+        elif slots[2] == list(range(acc.numel())):
+            acc.add_(dots, alpha=scale)
+        else:
+            acc.index_add_(0, torch.tensor(slots[2], device=acc.device), dots, alpha=scale)
 
     def add_contributions(self, terms) -> None:
         """accum += value for ``terms`` = iterable of ``(group_index, param_index, value)``,

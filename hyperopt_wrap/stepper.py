@@ -317,13 +317,14 @@ class Stepper:
 
         Where every bucket is on ``device``, the check is the gradients' dot
         with the state the plan's lr tangent aliases (the momentum buffers, as they stand before
-        the step), returned per bucket: a dot is non-finite whenever any gradient element is
+        the step), returned per bucket and tensor: a dot is non-finite whenever any gradient
+        element is
         (``inf * 0`` and ``nan * x`` are NaN, and no sum with a non-finite term is finite), and
         greedy's hypergradient is that same dot, so the check costs no pass of its own.  A
         gradient so large that the dot overflows counts as non-finite.  Elsewhere GradScaler's
         kernel checks ``p.grad`` itself (it multiplies it by 1) and the dots are None."""
         if all(b.device == device for b in buckets):
-            dots = [tangents["lr"].dot([p.grad for p in b.params])
+            dots = [tangents["lr"].dots([p.grad for p in b.params])
                     for b, tangents in zip(buckets, plan)]
             bad, one = self._amp_buffers(device)
             bad.zero_()     # (GradScaler's check on the dots: one small kernel per dtype)

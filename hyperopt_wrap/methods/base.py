@@ -51,8 +51,8 @@ class MetaGradients:
     grads: list[list[Tensor]] | None = None
     finite: Tensor | None = None
     #: and per bucket, where the step's check computed it: the ``key`` of a
-    #: :class:`~hyperopt_wrap.rules.base.StateAlias` and its dot with the gradients (0-dim,
-    #: unchecked), as the previous step left the state
+    #: :class:`~hyperopt_wrap.rules.base.StateAlias` and its dots with the gradients (one per
+    #: tensor, unchecked), as the previous step left the state
     state_dots: list[tuple[tuple, Tensor]] | None = None
 
     def by_param(self) -> dict[int, Tensor]:
@@ -174,13 +174,13 @@ class MethodContext:
             tk.accumulate_dots(slots, metas, tangents, scale * self.sign(bucket.group_index),
                                finite)
 
-    def add_dot(self, kind: str, bucket, dot: Tensor, scale: float, finite: Tensor) -> None:
-        """``accum += sign * scale * dot`` for a bucket's 0-dim ``dot`` of its meta-gradient
-        with a tangent (:attr:`MetaGradients.state_dots`), 0 where ``finite`` is False."""
+    def add_dots(self, kind: str, bucket, dots: Tensor, scale: float, finite: Tensor) -> None:
+        """``accum += sign * scale * dots`` for a bucket's per-tensor dots of its meta-gradient
+        with a tangent (1-D, :attr:`MetaGradients.state_dots`), 0 where ``finite`` is False."""
         tk = self.tuned[kind]
         slots = bucket.slots_of(kind, tk)
         if slots is not None:
-            tk.add_dot(slots, dot, scale * self.sign(bucket.group_index), finite)
+            tk.add_dots(slots, dots, scale * self.sign(bucket.group_index), finite)
 
 
 class HypergradientMethod:
@@ -352,3 +352,8 @@ class RecordingMethod(HypergradientMethod):
     @staticmethod
     def window_ready(ctx: MethodContext) -> bool:
         return ctx.window_complete and bool(ctx.tape)
+
+    def takes_fused_step(self, ctx: MethodContext, state: dict, buckets: list) -> bool:
+        """The steps between recordings need nothing of the step, except the one whose
+        gradient completes a recorded window (its flat meta-gradient is read)."""
+        return ctx.has_val_loss or not self.window_ready(ctx)

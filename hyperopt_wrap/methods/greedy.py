@@ -125,10 +125,10 @@ class Greedy(HypergradientMethod):
                         if meta.state_dots and (isinstance(t, StateAlias)
                                                 and meta.state_dots[i][0] == t.key
                                                 or kind in in_state[i]):
-                            # the dot the step's finite check computed
-                            ctx.add_dot(kind, b, meta.state_dots[i][1], s, meta.finite)
+                            # the dots the step's finite check computed
+                            ctx.add_dots(kind, b, meta.state_dots[i][1], s, meta.finite)
                         elif isinstance(t, StateAlias):
-                            ctx.add_dot(kind, b, t.dot(grads), s, meta.finite)
+                            ctx.add_dots(kind, b, t.dots(grads), s, meta.finite)
                         else:
                             ctx.accumulate_dots(kind, b, grads, b.views(t), s, meta.finite)
                     elif isinstance(t, StateAlias):

@@ -19,6 +19,7 @@ from . import _foreach as F
 from .base import (Hyper, State, UpdateRule, add_scaled_, axpy, gated, is_zero, kept,
                    new_step_count, reduce_like, scratch, step_count_as_float64)
 from .base import StateAlias, hyper_tangents, lincomb, or_zeros
+from .base import fused_lr_runs as _runs, fused_scalar_lr as _scalar_lr
 
 _FUSED_ADAM = hasattr(torch, "_fused_adam_")
 
@@ -57,11 +58,11 @@ class AdamDirection(StateAlias):
         ratios, factors = self._ratios()
         return [r.mul(factors[i].to(r.dtype)) for i, r in enumerate(ratios)], 1.0
 
-    def dot(self, metas):
+    def dots(self, metas):
         ratios, factors = self._ratios()
         dots = torch.stack([torch.vdot(g.reshape(-1), r.reshape(-1))
                             for g, r in zip(metas, ratios)])
-        return (dots * factors).sum()
+        return dots * factors
 
 
 class AdamRule(UpdateRule):
@@ -261,8 +262,7 @@ class AdamRule(UpdateRule):
         if not set(kinds) <= {"lr"} or not _FUSED_ADAM:
             return None
         lr, beta1, wd = hyper["lr"], hyper["momentum"], hyper["weight_decay"]
-        if not (isinstance(beta1, float) and isinstance(wd, float)
-                and (isinstance(lr, float) or isinstance(lr, Tensor) and lr.dim() == 0)
+        if not (isinstance(beta1, float) and isinstance(wd, float) and _scalar_lr(lr)
                 and not (wd != 0 and options["decoupled"])):
             return None
         amsgrad = options["amsgrad"]
@@ -280,13 +280,17 @@ class AdamRule(UpdateRule):
         ok = ok if ok.dtype == steps[0].dtype else ok.to(steps[0].dtype)
         torch._foreach_add_(steps, [ok] * len(steps))
         amsgrad = options["amsgrad"]
-        torch._fused_adam_(params, grads, [s["exp_avg"] for s in states],
-                           [s["exp_avg_sq"] for s in states],
-                           [s["max_exp_avg_sq"] for s in states] if amsgrad else [], steps,
-                           lr=hyper["lr"], beta1=hyper["momentum"], beta2=options["beta2"],
-                           weight_decay=hyper["weight_decay"], eps=options["eps"],
-                           amsgrad=amsgrad, maximize=options["maximize"], grad_scale=None,
-                           found_inf=found_inf)
+        lr = hyper["lr"]
+        for idx in _runs(lr, len(params)):     # one call, or one per tensor (per-tensor lr)
+            sub = [states[i] for i in idx]
+            torch._fused_adam_(
+                [params[i] for i in idx], [grads[i] for i in idx],
+                [s["exp_avg"] for s in sub], [s["exp_avg_sq"] for s in sub],
+                [s["max_exp_avg_sq"] for s in sub] if amsgrad else [], [steps[i] for i in idx],
+                lr=lr[idx[0]] if isinstance(lr, list) else lr, beta1=hyper["momentum"],
+                beta2=options["beta2"], weight_decay=hyper["weight_decay"], eps=options["eps"],
+                amsgrad=amsgrad, maximize=options["maximize"], grad_scale=None,
+                found_inf=found_inf)
 
     def vjp(self, param, grad, state, hyper, options, cot_param, cot_state, inputs, kinds):
         """Reverse products of :meth:`update` in closed form, with cotangents ``a`` of the new

@@ -92,10 +92,10 @@ class StateAlias:
         """Per-parameter tensors and a factor: the tangent is ``factor * tensors[i]``."""
         return self.tensors, self.sign
 
-    def dot(self, metas: list[Tensor]) -> Tensor:
-        """``sum_i <metas[i], tangent_i>`` (0-dim, not checked for finiteness)."""
+    def dots(self, metas: list[Tensor]) -> Tensor:
+        """``<metas[i], tangent_i>`` per parameter (1-D, not checked for finiteness)."""
         d = torch.stack([torch.vdot(m.reshape(-1), t.reshape(-1))
-                         for m, t in zip(metas, self.tensors)]).sum()
+                         for m, t in zip(metas, self.tensors)])
         return d if self.sign == 1.0 else d.mul_(self.sign)
 
     def materialize(self) -> Tensor:
@@ -103,6 +103,19 @@ class StateAlias:
         tensors, factor = self.parts()
         flat = torch.cat([t.reshape(-1) for t in tensors])
         return flat if isinstance(factor, float) and factor == 1.0 else flat.mul_(factor)
+
+
+def fused_scalar_lr(lr) -> bool:
+    """Whether a fused kernel can take this lr: a float, one 0-dim tensor for the bucket, or
+    one 0-dim tensor per parameter (a call per tensor); not per-element values."""
+    if isinstance(lr, list):
+        return all(isinstance(v, Tensor) and v.dim() == 0 for v in lr)
+    return isinstance(lr, float) or isinstance(lr, Tensor) and lr.dim() == 0
+
+
+def fused_lr_runs(lr, n: int) -> list[list[int]]:
+    """The parameter indices of each fused call: all at once, or one by one for a list."""
+    return [[i] for i in range(n)] if isinstance(lr, list) else [list(range(n))]
 
 
 class UpdateRule:

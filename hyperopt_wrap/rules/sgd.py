@@ -20,6 +20,7 @@ from . import _foreach as F
 from .base import (Hyper, State, UpdateRule, add_scaled_, axpy, gated, is_zero, kept,
                    reduce_like, scratch)
 from .base import StateAlias, hyper_tangents, lincomb, or_zeros
+from .base import fused_lr_runs as _runs, fused_scalar_lr as _scalar_lr
 
 _FUSED_SGD = hasattr(torch, "_fused_sgd_")
 
@@ -168,7 +169,7 @@ class SGDRule(UpdateRule):
             return None
         lr, momentum, wd = hyper["lr"], hyper["momentum"], hyper["weight_decay"]
         if not (isinstance(momentum, float) and momentum != 0 and isinstance(wd, float)
-                and (isinstance(lr, float) or isinstance(lr, Tensor) and lr.dim() == 0)):
+                and _scalar_lr(lr)):
             return None
         bufs = [s.get("momentum_buffer") for s in states]
         if any(b is None for b in bufs):
@@ -176,11 +177,14 @@ class SGDRule(UpdateRule):
         return {"lr": StateAlias(bufs, -1.0)} if kinds else {}
 
     def step_fused(self, params, grads, states, hyper, options, found_inf):
-        torch._fused_sgd_(params, grads, [s["momentum_buffer"] for s in states],
-                          weight_decay=hyper["weight_decay"], momentum=hyper["momentum"],
-                          lr=hyper["lr"], dampening=options["dampening"], nesterov=False,
-                          maximize=options["maximize"], is_first_step=False, grad_scale=None,
-                          found_inf=found_inf)
+        lr = hyper["lr"]
+        for idx in _runs(lr, len(params)):     # one call, or one per tensor (per-tensor lr)
+            torch._fused_sgd_(
+                [params[i] for i in idx], [grads[i] for i in idx],
+                [states[i]["momentum_buffer"] for i in idx], weight_decay=hyper["weight_decay"],
+                momentum=hyper["momentum"], lr=lr[idx[0]] if isinstance(lr, list) else lr,
+                dampening=options["dampening"], nesterov=False, maximize=options["maximize"],
+                is_first_step=False, grad_scale=None, found_inf=found_inf)
 
     def vjp(self, param, grad, state, hyper, options, cot_param, cot_state, inputs, kinds):
         """Reverse products of :meth:`update` in closed form (see the module docstring)::
