@@ -741,7 +741,7 @@ class HyperOptimizer(torch.optim.Optimizer):
         else:
             record = self._stepper.step_fused(buckets, hyper, options,
                                               [{k: t[k] for k in kinds} for t in plan],
-                                              finite, scales)
+                                              finite, scales, release=not method.needs_curvature)
         method.observe(ctx, state, record)
         self._steps += 1
         ctx.position += 1

@@ -356,3 +356,18 @@ def test_a_malformed_in_state_entry_is_refused_with_nothing_changed():
         after = opt.state_dict()
         assert torch.equal(after["hyper"]["method"]["pending"]["tangents"][0]["lr"],
                            before["hyper"]["method"]["pending"]["tangents"][0]["lr"])
+
+
+def test_many_small_tensors_keep_the_copying_path(fused_calls):
+    """The fused step's dots and per-tensor calls loop over tensors in Python; a bucket of
+    many small ones (on average under 4096 elements, more than 8 tensors) is copied instead."""
+    def chain(n):
+        torch.manual_seed(0)
+        return torch.nn.Sequential(*[torch.nn.Linear(5, 5, bias=False) for _ in range(n)],
+                                   torch.nn.Linear(5, 2)).double()
+    for n, fused in ((9, False), (6, True)):
+        model = chain(n)
+        opt = _make(model, cls=torch.optim.Adam)
+        before = len(fused_calls)
+        _run(opt, model, 3)
+        assert (len(fused_calls) > before) == fused, n
