@@ -156,3 +156,61 @@ def _closure_loss(opt, model, x, y):
     loss = ((model(x) - y) ** 2).mean()
     loss.backward()
     return loss
+
+
+# the fused step (torch's _fused_sgd_ / _fused_adam_ on the gradients themselves): greedy with a
+# shared or per-tensor lr on heavy-ball SGD or Adam, and implicit between its recorded steps
+FUSED_BASES = {"sgd": (torch.optim.SGD, dict(lr=0.05, momentum=0.9, weight_decay=1e-3)),
+               "adam": (torch.optim.Adam, dict(lr=1e-2, weight_decay=1e-3))}
+
+
+@pytest.mark.parametrize("method", ["greedy", "implicit"])
+@pytest.mark.parametrize("granularity", ["global", "tensor"])
+@pytest.mark.parametrize("base", sorted(FUSED_BASES))
+@pytest.mark.parametrize("device", DEVICES)
+def test_the_fused_step_follows_torch_in_place_without_host_sync(device, base, granularity,
+                                                                  method, monkeypatch):
+    from hyperopt_wrap.stepper import Stepper
+    calls = []
+    original = Stepper.step_fused
+
+    def spy(self, *args, **kwargs):
+        calls.append(1)
+        return original(self, *args, **kwargs)
+    monkeypatch.setattr(Stepper, "step_fused", spy)
+    dtype = _dtype(device)
+    cls, kwargs = FUSED_BASES[base]
+    batches = _batches(device, dtype)
+
+    def make(model, hyper_lr=None):
+        extra = {} if hyper_lr is None else {"hyper_lr": hyper_lr}
+        return HyperOptimizer(cls, model.parameters(), method=method, tune=("lr",),
+                              granularity=granularity, update_every=3, **extra, **kwargs)
+    # parity with torch at hyper_lr 0, parameters and state written in place
+    ours_model, torch_model = _model(device, dtype), _model(device, dtype)
+    opt, ref = make(ours_model, hyper_lr=0.0), cls(torch_model.parameters(), **kwargs)
+    _step(opt, ours_model, batches[0], "closure")
+    _step(ref, torch_model, batches[0], "plain")
+    ptrs = [p.data_ptr() for p in ours_model.parameters()] + [
+        v.data_ptr() for p in ours_model.parameters() for v in opt.state[p].values()]
+    for batch in batches[1:]:
+        _step(opt, ours_model, batch, "closure")
+        _step(ref, torch_model, batch, "plain")
+    assert calls, "the fused step was not taken"
+    assert [p.data_ptr() for p in ours_model.parameters()] + [
+        v.data_ptr() for p in ours_model.parameters() for v in opt.state[p].values()] == ptrs
+    tol = dict(rtol=1e-12, atol=1e-14) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-6)
+    for a, b in zip(ours_model.parameters(), torch_model.parameters()):
+        torch.testing.assert_close(a, b, **tol)
+    # no host synchronisation in the fused steps (tuning on)
+    model = _model(device, dtype)
+    opt = make(model)
+    for batch in batches[:4]:
+        _step(opt, model, batch, "closure")
+    allowed = {id(s["step"]) for s in opt.hyper_optimizer.state.values() if "step" in s}
+    before = len(calls)
+    for x, y in batches[4:]:
+        with _no_sync(device, monkeypatch, allowed):
+            opt.step(lambda x=x, y=y: _closure_loss(opt, model, x, y))
+    assert len(calls) > before and opt.skipped_hypersteps == 0
+    assert all(torch.isfinite(p).all() for p in model.parameters())
