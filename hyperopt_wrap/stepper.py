@@ -293,7 +293,9 @@ class Stepper:
                    ) -> list[dict] | None:
         """Per bucket, the tangents the rule's fused kernel would leave behind
         (:meth:`UpdateRule.fused_tangents`), when every bucket's step can take it: initialised
-        state, float32 or float64 gradients without a graph on a device with fused kernels,
+        state, contiguous float32 or float64 weights, gradients (without a graph) and state
+        (torch's CPU kernels walk storage order and pair the wrong elements of a channels_last
+        weight with a contiguous buffer), on a device with fused kernels,
         foreach not turned off, and few tensors or large ones (the dots and the per-tensor
         calls are a Python loop over the tensors: on 200 tensors of 16x16 greedy Adam took
         19.9 ms a step fused against 18.2 ms copied); else None.  (torch 2.13's CPU kernel in bfloat16 and float16
@@ -305,7 +307,8 @@ class Stepper:
                     or b.device.type not in _FUSED_DEVICES or b.dtype not in _FUSED_DTYPES \
                     or not (len(b.params) <= _DIRECT_MAX
                             or b.numel >= _DIRECT_NUMEL * len(b.params)) \
-                    or any(p.grad.grad_fn is not None for p in b.params):
+                    or any(p.grad.grad_fn is not None or not p.is_contiguous()
+                           or not p.grad.is_contiguous() for p in b.params):
                 return None
             tangents = self.rule.fused_tangents(b.states, h, options[b.group_index], kinds,
                                                 b.work)

@@ -179,7 +179,8 @@ def test_a_checkpoint_between_fused_steps_holds_its_own_tangents_and_resumes_exa
     pending = saved["hyper"]["method"]["pending"]
     (tangent,) = [t["lr"] for t in pending["tangents"]]
     assert isinstance(tangent, torch.Tensor)      # not the live optimizer state
-    assert pending["in_state"] == [["lr"]]
+    assert pending["in_state"] == [{"lr": [] if cls is torch.optim.SGD
+                                    else [0.9, 0.999, 1e-8, False]}]
     if cls is torch.optim.SGD:
         expected = -torch.cat([o1.state[p]["momentum_buffer"].reshape(-1)
                                for p in m1.parameters()])
@@ -348,7 +349,7 @@ def test_a_malformed_in_state_entry_is_refused_with_nothing_changed():
     _run(opt, model, 4)
     saved = opt.state_dict()
     before = opt.state_dict()
-    for bad in ("lr", [["momentum"]], [["lr"], ["lr"]]):
+    for bad in ("lr", [["lr"]], [{"momentum": []}], [{"lr": []}, {"lr": []}], [{"lr": 0.9}]):
         broken = {**saved, "hyper": {**saved["hyper"], "method": {"pending": {
             **saved["hyper"]["method"]["pending"], "in_state": bad}}}}
         with pytest.raises(CheckpointError, match="in_state"):
@@ -371,3 +372,70 @@ def test_many_small_tensors_keep_the_copying_path(fused_calls):
         before = len(fused_calls)
         _run(opt, model, 3)
         assert (len(fused_calls) > before) == fused, n
+
+
+def _sgd_net(memory_format):
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(2, 4, 3), torch.nn.Tanh(), torch.nn.Flatten(),
+                              torch.nn.Linear(4 * 3 * 3, 2)).double()
+    return net.to(memory_format=memory_format)
+
+
+def test_channels_last_weights_keep_the_copying_path_and_follow_torch(fused_calls):
+    """torch's CPU kernels walk storage order: a channels_last weight with a contiguous
+    momentum buffer (the copying path's) would pair the wrong elements.  Found in review:
+    0.145 relative off torch's SGD after 6 steps before the layout check."""
+    x = torch.randn(8, 2, 5, 5, dtype=torch.float64).to(memory_format=torch.channels_last)
+    y = torch.randn(8, 2, dtype=torch.float64)
+    ours, theirs = _sgd_net(torch.channels_last), _sgd_net(torch.channels_last)
+    opt = HyperOptimizer(torch.optim.SGD, ours.parameters(), method="greedy", tune=("lr",),
+                         hyper_lr=0.0, lr=0.05, momentum=0.9, weight_decay=1e-3)
+    ref = torch.optim.SGD(theirs.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-3)
+    for _ in range(6):
+        for o, m in ((opt, ours), (ref, theirs)):
+            o.zero_grad()
+            ((m(x) - y) ** 2).mean().backward()
+            o.step()
+    for a, b in zip(ours.parameters(), theirs.parameters()):
+        assert _rel(a.detach(), b.detach()) <= 1e-12
+
+
+def test_a_non_contiguous_gradient_keeps_the_copying_path(fused_calls):
+    model = tiny_model()
+    opt = _make(model)
+    _run(opt, model, 3)
+    calls = len(fused_calls)
+    opt.zero_grad()
+    _loss(model, 3).backward()
+    w = model[0].weight
+    w.grad = w.grad.t().contiguous().t()            # the same values, transposed strides
+    assert not w.grad.is_contiguous()
+    opt.step()
+    assert len(fused_calls) == calls
+
+
+@pytest.mark.parametrize("change", ["betas", "eps", "amsgrad"])
+def test_adam_settings_changed_between_steps_read_the_pending_tangent_as_it_was(change,
+                                                                                 fused_calls):
+    """The check's dots are formed with the coming step's betas and eps; a pending tangent
+    formed with others is read with its own (found in review: 0.36 relative off with betas
+    written every step, 8 off for one beta2 change, OneCycleLR's default)."""
+    def run(foreach):
+        model = tiny_model()
+        opt = _make(model, cls=torch.optim.Adam, foreach=foreach)
+        trace = []
+        for i in range(10):
+            g = opt.param_groups[0]
+            if change == "betas":
+                g["betas"] = (0.9 - 0.02 * i, 0.999 - 0.01 * i)
+            elif change == "eps" and i == 5:
+                g["eps"] = 1e-3
+            elif change == "amsgrad" and i == 5:
+                g["amsgrad"] = True
+                for p in model.parameters():
+                    opt.state[p].setdefault("max_exp_avg_sq", opt.state[p]["exp_avg_sq"].clone())
+            trace += _run(opt, model, 1, start=i)
+        return trace
+    fused = run(None)
+    assert fused_calls
+    _assert_same(fused, run(False))

@@ -66,10 +66,12 @@ class Greedy(HypergradientMethod):
         in_state = pending.get("in_state")
         if in_state is not None and not (
                 isinstance(in_state, (list, tuple)) and len(in_state) == len(tangents)
-                and all(isinstance(ks, (list, tuple)) and all(k in t for k in ks)
+                and all(isinstance(ks, dict) and all(k in t and isinstance(v, (list, tuple))
+                                                     for k, v in ks.items())
                         for ks, t in zip(in_state, tangents))):
-            raise CheckpointError("hyper['method']['pending']['in_state'] must list, per "
-                                  "bucket, kinds of its tangents; the checkpoint is corrupt")
+            raise CheckpointError("hyper['method']['pending']['in_state'] must hold, per "
+                                  "bucket, the kinds of its tangents that the optimizer state "
+                                  "holds and their settings; the checkpoint is corrupt")
 
     def tangent_kinds(self, ctx, state, ends_window):
         if not ctx.has_val_loss or ends_window:
@@ -100,8 +102,8 @@ class Greedy(HypergradientMethod):
                 for ts in pending["tangents"]],
                 # the values the state itself gives: a resumed fused step reads them from the
                 # restored state as the uninterrupted one does, bit for bit
-                in_state=[[k for k, t in ts.items() if isinstance(t, StateAlias)]
-                          for ts in pending["tangents"]])
+                in_state=[{k: list(t.settings) for k, t in ts.items()
+                           if isinstance(t, StateAlias)} for ts in pending["tangents"]])
             state = dict(state, pending=pending)
         return super().state_dict(state)
 
@@ -111,7 +113,7 @@ class Greedy(HypergradientMethod):
             return 0
         state["pending"] = None
         scales = pending["scales"]
-        in_state = pending.get("in_state") or [()] * len(pending["tangents"])
+        in_state = pending.get("in_state") or [{}] * len(pending["tangents"])
         used = False
         if [b.key for b in meta.buckets] == pending["layout"]:
             for i, (b, tangents) in enumerate(zip(meta.buckets, pending["tangents"])):
@@ -122,9 +124,10 @@ class Greedy(HypergradientMethod):
                 for kind, t in tangents.items():
                     s = scales[b.group_index] if kind == "lr" else 1.0
                     if grads is not None:       # a fused step's gradients, per tensor
-                        if meta.state_dots and (isinstance(t, StateAlias)
-                                                and meta.state_dots[i][0] == t.key
-                                                or kind in in_state[i]):
+                        if meta.state_dots and (
+                                meta.state_dots[i][0] == t.key if isinstance(t, StateAlias)
+                                else tuple(in_state[i].get(kind, (None,)))
+                                == meta.state_dots[i][0][1]):
                             # the dots the step's finite check computed
                             ctx.add_dots(kind, b, meta.state_dots[i][1], s, meta.finite)
                         elif isinstance(t, StateAlias):

@@ -33,12 +33,17 @@ class AdamDirection(StateAlias):
     parameter's own counter (clamped at 1: before any step the moments are 0 and so is the
     tangent).  The denominators are built in the bucket's scratch, one parameter-sized buffer
     per tensor kept in ``work``."""
-    __slots__ = ("seconds", "steps", "beta1", "beta2", "eps", "work")
+    __slots__ = ("seconds", "steps", "beta1", "beta2", "eps", "amsgrad", "work")
 
-    def __init__(self, exp_avgs, seconds, steps, beta1, beta2, eps, work):
+    def __init__(self, exp_avgs, seconds, steps, beta1, beta2, eps, amsgrad, work):
         super().__init__(exp_avgs, -1.0)
         self.seconds, self.steps = seconds, steps
-        self.beta1, self.beta2, self.eps, self.work = beta1, beta2, eps, work
+        self.beta1, self.beta2, self.eps, self.amsgrad = beta1, beta2, eps, amsgrad
+        self.work = work
+
+    @property
+    def settings(self) -> tuple:
+        return (self.beta1, self.beta2, self.eps, self.amsgrad)
 
     def _ratios(self) -> tuple[list[Tensor], Tensor]:
         """``bc2s m' / (sqrt(v') + eps bc2s)`` per tensor (in the scratch) and ``-1 / bc1``
@@ -266,10 +271,13 @@ class AdamRule(UpdateRule):
                 and not (wd != 0 and options["decoupled"])):
             return None
         amsgrad = options["amsgrad"]
+        names = ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if amsgrad else ())
+        if not all(s[n].is_contiguous() for s in states for n in names):
+            return None     # (the kernel walks storage order: layouts must agree)
         seconds = [s["max_exp_avg_sq" if amsgrad else "exp_avg_sq"] for s in states]
         alias = AdamDirection([s["exp_avg"] for s in states], seconds,
                               [s["step"] for s in states], beta1, options["beta2"],
-                              options["eps"], work)
+                              options["eps"], amsgrad, work)
         return {"lr": alias} if kinds else {}
 
     def step_fused(self, params, grads, states, hyper, options, found_inf):

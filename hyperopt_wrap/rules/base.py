@@ -83,10 +83,14 @@ class StateAlias:
     def __init__(self, tensors: list[Tensor], sign: float):
         self.tensors, self.sign = tensors, sign
 
+    #: the settings the tangent is formed with (none for SGD's buffer)
+    settings: tuple = ()
+
     @property
-    def key(self) -> tuple[int, ...]:
-        """Which state it reads (two aliases of the same state have the same key)."""
-        return tuple(id(t) for t in self.tensors)
+    def key(self) -> tuple:
+        """Which state it reads and with which settings: two aliases with the same key are the
+        same tangent (a changed Adam beta or eps makes another one)."""
+        return tuple(id(t) for t in self.tensors), self.settings
 
     def parts(self) -> tuple[list[Tensor], float]:
         """Per-parameter tensors and a factor: the tangent is ``factor * tensors[i]``."""

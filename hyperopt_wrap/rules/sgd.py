@@ -172,8 +172,8 @@ class SGDRule(UpdateRule):
                 and _scalar_lr(lr)):
             return None
         bufs = [s.get("momentum_buffer") for s in states]
-        if any(b is None for b in bufs):
-            return None
+        if any(b is None or not b.is_contiguous() for b in bufs):
+            return None     # (the kernel walks storage order: layouts must agree)
         return {"lr": StateAlias(bufs, -1.0)} if kinds else {}
 
     def step_fused(self, params, grads, states, hyper, options, found_inf):
