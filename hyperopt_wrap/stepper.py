@@ -19,7 +19,8 @@ torch's fused kernel (:meth:`Stepper.fused_plan`, :meth:`Stepper.check_grads`,
 :meth:`Stepper.step_fused`): the gradients are neither copied nor selected, the kernel skips a
 non-finite step on the device (``found_inf``), and the tangents stay in the optimizer's state
 (:class:`~hyperopt_wrap.rules.base.StateAlias`: SGD's lr tangent is minus the new momentum
-buffer).  Greedy with a shared lr on SGD with momentum steps this way from its second step.
+buffer).  Greedy with a global or per-tensor lr on SGD with momentum (from its second step) or
+Adam steps this way, and so do implicit and unroll between their recorded steps.
 
 Before the write a method may ask :meth:`Stepper.view` for the step as it is about to happen:
 per parameter its weights, gradient, state and hyperparameters, with ``jvp`` (the rule's
@@ -292,15 +293,16 @@ class Stepper:
                    options: list[dict], kinds: tuple[str, ...], foreach: list[bool]
                    ) -> list[dict] | None:
         """Per bucket, the tangents the rule's fused kernel would leave behind
-        (:meth:`UpdateRule.fused_tangents`), when every bucket's step can take it: initialised
-        state, contiguous float32 or float64 weights, gradients (without a graph) and state
-        (torch's CPU kernels walk storage order and pair the wrong elements of a channels_last
-        weight with a contiguous buffer), on a device with fused kernels,
-        foreach not turned off, and few tensors or large ones (the dots and the per-tensor
-        calls are a Python loop over the tensors: on 200 tensors of 16x16 greedy Adam took
-        19.9 ms a step fused against 18.2 ms copied); else None.  (torch 2.13's CPU kernel in bfloat16 and float16
-        ends 10 steps of a small regression 0.56 away from torch's own for-loop SGD, on weights
-        of size 0.54: low precision keeps the copying path.)"""
+        (:meth:`UpdateRule.fused_tangents`), when every bucket's step can take it; else None.
+
+        It needs initialised state; contiguous float32 or float64 weights, gradients (without
+        a graph) and state (torch's CPU kernels walk storage order and pair the wrong elements
+        of a channels_last weight with a contiguous buffer); a device with fused kernels;
+        foreach not turned off; and few tensors or large ones (the dots and the per-tensor
+        calls are a Python loop: on 200 tensors of 16x16 greedy Adam took 19.9 ms a step fused
+        against 18.2 ms copied).  Low precision keeps the copying path: torch 2.13's CPU kernel
+        in bfloat16 ends 10 steps of a small regression 0.56 away from torch's own for-loop
+        SGD, on weights of size 0.54."""
         plan = []
         for b, h in zip(buckets, hyper):
             if b.states is None or not foreach[b.group_index] \
@@ -322,14 +324,13 @@ class Stepper:
         """For a fused step: whether every gradient is finite (a bool on ``device``), nothing
         copied; the step's skip flags wait in ``self._skips`` as float ``found_inf`` per device.
 
-        Where every bucket is on ``device``, the check is the gradients' dot
-        with the state the plan's lr tangent aliases (the momentum buffers, as they stand before
-        the step), returned per bucket and tensor: a dot is non-finite whenever any gradient
-        element is
-        (``inf * 0`` and ``nan * x`` are NaN, and no sum with a non-finite term is finite), and
-        greedy's hypergradient is that same dot, so the check costs no pass of its own.  A
-        gradient so large that the dot overflows counts as non-finite.  Elsewhere GradScaler's
-        kernel checks ``p.grad`` itself (it multiplies it by 1) and the dots are None."""
+        Where every bucket is on ``device``, the check is the gradients' dots with the state
+        the plan's lr tangent aliases (as the previous step left it), returned per bucket and
+        tensor: a dot is non-finite whenever any gradient element is (``inf * 0`` and
+        ``nan * x`` are NaN, and no sum with a non-finite term is finite), and greedy's
+        hypergradient is that same dot, so the check costs no pass of its own.  A gradient so
+        large that the dot overflows counts as non-finite.  Elsewhere GradScaler's kernel
+        checks ``p.grad`` itself (it multiplies it by 1) and the dots are None."""
         if all(b.device == device for b in buckets):
             dots = [tangents["lr"].dots([p.grad for p in b.params])
                     for b, tangents in zip(buckets, plan)]
