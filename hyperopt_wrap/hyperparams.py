@@ -273,7 +273,7 @@ class TunedKind:
             if indices == list(range(acc.numel())):
                 acc.add_(sums, alpha=scale)
             else:
-                acc.index_add_(0, torch.tensor(indices, device=acc.device), sums, alpha=scale)
+                acc.index_add_(0, self._index(indices, acc.device), sums, alpha=scale)
         else:
             accs = [self.accums[b] for b in slots[1]]
             metas, tangents = bucket.views(meta), bucket.views(tangent)
@@ -296,6 +296,16 @@ class TunedKind:
         self.add_dots(slots, torch.stack([torch.vdot(m.reshape(-1), t.reshape(-1))
                                           for m, t in zip(metas, tangents)]), scale, finite)
 
+    def _index(self, indices: list[int], device) -> Tensor:
+        """``indices`` as a tensor on ``device``, made once (on CUDA a fresh one each step
+        would be a host-to-device copy inside ``step()``)."""
+        cache = self.__dict__.setdefault("_indices", {})
+        key = (tuple(indices), device)
+        hit = cache.get(key)
+        if hit is None:
+            hit = cache[key] = torch.tensor(indices, device=device)
+        return hit
+
     def add_dots(self, slots, dots: Tensor, scale: float, finite: Tensor) -> None:
         """accum += scale * dots for a bucket's per-tensor ``dots`` (1-D), summed into a shared
         slot or one per tensor; 0 where ``finite`` is False."""
@@ -309,7 +319,7 @@ class TunedKind:
         elif slots[2] == list(range(acc.numel())):
             acc.add_(dots, alpha=scale)
         else:
-            acc.index_add_(0, torch.tensor(slots[2], device=acc.device), dots, alpha=scale)
+            acc.index_add_(0, self._index(slots[2], acc.device), dots, alpha=scale)
 
     def add_contributions(self, terms) -> None:
         """accum += value for ``terms`` = iterable of ``(group_index, param_index, value)``,

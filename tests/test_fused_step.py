@@ -205,12 +205,14 @@ def test_a_checkpoint_between_fused_steps_holds_its_own_tangents_and_resumes_exa
     _assert_same(_run(o2, m2, 8, start=7), _run(o1, m1, 8, start=7), rtol=0.0)
 
 
-def test_a_parameter_without_gradient_after_a_fused_step(fused_calls):
+@pytest.mark.parametrize("granularity", ["global", "tensor"])
+def test_a_parameter_without_gradient_after_a_fused_step(granularity, fused_calls):
     """The layout changes between steps: the pending tangent (the momentum buffers) is matched
-    parameter by parameter, as a flat one is."""
+    parameter by parameter, as a flat one is; per-tensor slots of a bucket that covers part of
+    its group are indexed."""
     def run(foreach):
         model = tiny_model()
-        opt = _make(model, foreach=foreach)
+        opt = _make(model, foreach=foreach, granularity=granularity)
         trace = _run(opt, model, 5)
         for i in range(5, 9):       # the last layer's bias gets no gradient for a while
             opt.zero_grad()
