@@ -12,10 +12,11 @@ Baydin et al.'s ``dE/dlr = -g_{t+1} . g_t``.  No Hessian-vector products; it wor
 of a window are averaged (with ``val_loss``, only the window's last step is used).
 
 State: the pending step's tangents (flat, one per bucket and kind; after a fused step, a
-:class:`~hyperopt_wrap.rules.base.StateAlias` of the momentum buffers, saved as a flat tensor of
-its own), its scheduler scales and whether it was taken.  A fused step hands the next step's
-gradient over per tensor with its dot with those buffers already computed (the step's finite
-check), so the hypergradient costs no pass of its own there.
+:class:`~hyperopt_wrap.rules.base.StateAlias` of the optimizer state: SGD's momentum buffers,
+Adam's moments; saved as a flat tensor of its own), its scheduler scales and whether it was
+taken.  A fused step hands the next step's gradient over per tensor with its dots with that
+state already computed (the step's finite check), so the hypergradient costs no pass of its
+own there.
 """
 from __future__ import annotations
 

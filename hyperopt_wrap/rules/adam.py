@@ -272,7 +272,7 @@ class AdamRule(UpdateRule):
             return None
         amsgrad = options["amsgrad"]
         names = ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if amsgrad else ())
-        if not all(s[n].is_contiguous() for s in states for n in names):
+        if not all(s.get(n) is not None and s[n].is_contiguous() for s in states for n in names):
             return None     # (the kernel walks storage order: layouts must agree)
         seconds = [s["max_exp_avg_sq" if amsgrad else "exp_avg_sq"] for s in states]
         alias = AdamDirection([s["exp_avg"] for s in states], seconds,
