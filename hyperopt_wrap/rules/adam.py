@@ -260,8 +260,8 @@ class AdamRule(UpdateRule):
         return True
 
     def fused_tangents(self, states, hyper, options, kinds, work):
-        """torch's fused Adam kernel takes a step with an lr shared by the bucket (L2 weight
-        decay, amsgrad and maximize included; not AdamW's decoupled decay, whose lr tangent
+        """torch's fused Adam kernel takes a step with an lr shared by the bucket or one per
+        tensor (a call each; L2 weight decay, amsgrad and maximize included; not AdamW's decoupled decay, whose lr tangent
         reads the weights before the step): one pass over weights, gradient and moments.  The
         lr tangent is computed from the moments when it is read (:class:`AdamDirection`)."""
         if not set(kinds) <= {"lr"} or not _FUSED_ADAM:

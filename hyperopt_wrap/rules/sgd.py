@@ -161,10 +161,11 @@ class SGDRule(UpdateRule):
         return True
 
     def fused_tangents(self, states, hyper, options, kinds, work):
-        """torch's fused SGD kernel takes a step with (heavy-ball) momentum and a tuned lr
-        shared by the bucket, from the second step on: one pass over weights, gradient and
-        buffer, against six for the copy, the check, the select and the foreach step.  The lr
-        tangent it leaves behind is the new buffer itself, negated: ``w' = w - lr buf'``."""
+        """torch's fused SGD kernel takes a step with (heavy-ball) momentum and an lr shared
+        by the bucket or one per tensor (a call each), from the second step on: one pass over
+        weights, gradient and buffer, against six for the copy, the check, the select and the
+        foreach step.  The lr tangent it leaves behind is the new buffer itself, negated:
+        ``w' = w - lr buf'``."""
         if not set(kinds) <= {"lr"} or options["nesterov"] or not _FUSED_SGD:
             return None
         lr, momentum, wd = hyper["lr"], hyper["momentum"], hyper["weight_decay"]
