@@ -18,10 +18,10 @@ from torch import Tensor
 from .checkpoint import CheckpointError, check_tensor, require
 from .counter import Count
 from .rules._foreach import is_compiling
+from .rules.base import FUSED_DEVICES
 from .normalized_momentum import NormalizedMomentum
 from .hyperparams import TunedKind
 
-_FUSED_DEVICES = ("cpu", "cuda", "xpu", "mps")   # where torch's fused Adam kernel runs
 
 
 class Controller:
@@ -37,7 +37,7 @@ class Controller:
         self.hyper_kwargs = dict(hyper_optimizer_kwargs or {})
         if hyper_optimizer in (torch.optim.Adam, torch.optim.AdamW) and not (
                 {"fused", "foreach", "capturable", "differentiable"} & set(self.hyper_kwargs)) \
-                and device.type in _FUSED_DEVICES:
+                and device.type in FUSED_DEVICES:
             # One kernel per hyper-step, its step counter on the device, and a found_inf input
             # that skips a non-finite hyper-step without a host sync.
             self.hyper_kwargs["fused"] = True

@@ -37,7 +37,7 @@ import torch
 from torch import Tensor
 
 from .rules import UpdateRule
-from .rules.base import TensorPool, pooled, scratch
+from .rules.base import FUSED_DEVICES, TensorPool, pooled, scratch
 from .tape import TapedParam, TapedStep
 
 
@@ -46,8 +46,6 @@ from .tape import TapedParam, TapedStep
 # large CPU tensors); buckets of many small tensors take one cat.
 _DIRECT_MAX = 8
 _DIRECT_NUMEL = 4096
-# devices where torch has fused optimizer kernels (torch.utils._foreach_utils lists them)
-_FUSED_DEVICES = ("cpu", "cuda", "xpu", "mps", "hpu")
 _FUSED_DTYPES = (torch.float32, torch.float64)
 
 
@@ -255,24 +253,11 @@ class Stepper:
         for b, d in zip(buckets, direct):
             if not d:
                 torch.cat([p.grad.reshape(-1) for p in b.params], out=b.grad)
-        by_device: dict[torch.device, list[tuple[Bucket, bool]]] = {}
+        checked: dict[torch.device, dict[torch.dtype, list[Tensor]]] = {}
         for b, d in zip(buckets, direct):
-            by_device.setdefault(b.device, []).append((b, d))
-        flags = []
-        for dev, bs in by_device.items():
-            bad, one = self._amp_buffers(dev)
-            bad.zero_()
-            inv = one if grad_scale is None else grad_scale.to(dev, torch.float32).reciprocal()
-            checked: dict[torch.dtype, list[Tensor]] = {}
-            for b, d in bs:
-                checked.setdefault(b.dtype, []).extend(
-                    [p.grad for p in b.params] if d else [b.grad])
-            for tensors in checked.values():    # the check takes one dtype per call
-                torch._amp_foreach_non_finite_check_and_unscale_(tensors, bad, inv)
-            flags.append(bad if dev == device else bad.to(device, non_blocking=True))
-        bad = flags[0] if len(flags) == 1 else torch.stack(flags).amax()
-        if found_inf is not None:
-            bad = torch.maximum(bad, found_inf.to(device, torch.float32))
+            checked.setdefault(b.device, {}).setdefault(b.dtype, []).extend(
+                [p.grad for p in b.params] if d else [b.grad])
+        bad = self._amp_check(checked, device, found_inf, grad_scale)
         finite = bad == 0
         ok = 1 - bad
         oks = self._oks = {}       # the 0/1 factor per (device, dtype), for the step too
@@ -306,7 +291,7 @@ class Stepper:
         plan = []
         for b, h in zip(buckets, hyper):
             if b.states is None or not foreach[b.group_index] \
-                    or b.device.type not in _FUSED_DEVICES or b.dtype not in _FUSED_DTYPES \
+                    or b.device.type not in FUSED_DEVICES or b.dtype not in _FUSED_DTYPES \
                     or not (len(b.params) <= _DIRECT_MAX
                             or b.numel >= _DIRECT_NUMEL * len(b.params)) \
                     or any(p.grad.grad_fn is not None or not p.is_contiguous()
@@ -331,36 +316,20 @@ class Stepper:
         hypergradient is that same dot, so the check costs no pass of its own.  A gradient so
         large that the dot overflows counts as non-finite.  Elsewhere GradScaler's kernel
         checks ``p.grad`` itself (it multiplies it by 1) and the dots are None."""
+        checked: dict[torch.device, dict[torch.dtype, list[Tensor]]] = {}
         if all(b.device == device for b in buckets):
             dots = [tangents["lr"].dots([p.grad for p in b.params])
                     for b, tangents in zip(buckets, plan)]
-            bad, one = self._amp_buffers(device)
-            bad.zero_()     # (GradScaler's check on the dots: one small kernel per dtype)
-            by_dtype: dict[torch.dtype, list[Tensor]] = {}
-            for d in dots:
-                by_dtype.setdefault(d.dtype, []).append(d)
-            for tensors in by_dtype.values():
-                torch._amp_foreach_non_finite_check_and_unscale_(tensors, bad, one)
-            flags = {device: bad}
+            for d in dots:          # (the check on the dots: one small kernel per dtype)
+                checked.setdefault(device, {}).setdefault(d.dtype, []).append(d)
         else:
             dots = None
-            by_device: dict[torch.device, dict[torch.dtype, list[Tensor]]] = {}
             for b in buckets:
-                by_device.setdefault(b.device, {}).setdefault(b.dtype, []).extend(
+                checked.setdefault(b.device, {}).setdefault(b.dtype, []).extend(
                     p.grad for p in b.params)
-            flags = {}
-            for dev, by_dtype in by_device.items():
-                bad, one = self._amp_buffers(dev)
-                bad.zero_()
-                for tensors in by_dtype.values():
-                    torch._amp_foreach_non_finite_check_and_unscale_(tensors, bad, one)
-                flags[dev] = bad
-            bad = flags[device] if len(flags) == 1 and device in flags else \
-                torch.stack([f.to(device, non_blocking=True) for f in flags.values()]).amax()
-        if found_inf is not None:
-            bad = torch.maximum(bad, found_inf.to(device, torch.float32))
+        bad = self._amp_check(checked, device, found_inf)
         self._skips = {dev: bad if dev == bad.device else bad.to(dev, non_blocking=True)
-                       for dev in flags} if len(flags) > 1 or found_inf is not None else flags
+                       for dev in checked}
         return bad == 0, dots
 
     def step_fused(self, buckets: list[Bucket], hyper: list[dict[str, Any]],
@@ -451,6 +420,25 @@ class Stepper:
                     cur.lerp_(snap, w)
                     snap.copy_(cur)
         return take
+
+    def _amp_check(self, checked: dict, device: torch.device, found_inf: Tensor | None = None,
+                   grad_scale: Tensor | None = None) -> Tensor:
+        """GradScaler's check (``_amp_foreach_non_finite_check_and_unscale_``: exact, one pass,
+        one call per device and dtype; it multiplies the tensors by ``1 / grad_scale``, by 1
+        without one) of ``checked[device][dtype]``; returns the skip flag on ``device`` (float,
+        nonzero where a value is not finite), ``found_inf`` folded in."""
+        flags = []
+        for dev, by_dtype in checked.items():
+            bad, one = self._amp_buffers(dev)
+            bad.zero_()
+            inv = one if grad_scale is None else grad_scale.to(dev, torch.float32).reciprocal()
+            for tensors in by_dtype.values():
+                torch._amp_foreach_non_finite_check_and_unscale_(tensors, bad, inv)
+            flags.append(bad if dev == device else bad.to(device, non_blocking=True))
+        bad = flags[0] if len(flags) == 1 else torch.stack(flags).amax()
+        if found_inf is not None:
+            bad = torch.maximum(bad, found_inf.to(device, torch.float32))
+        return bad
 
     def _amp_buffers(self, device) -> tuple[Tensor, Tensor]:
         hit = self._amp.get(device)

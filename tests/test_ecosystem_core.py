@@ -88,6 +88,14 @@ def test_replaying_flag_and_the_returned_loss():
     assert logged == returned == pytest.approx(own, rel=1e-12)
 
 
+def _scheduled_steps(opt, sched, m, x, y, steps):
+    for t in range(steps):
+        opt.zero_grad()
+        ((m(x[t]) - y[t]) ** 2).mean().backward()
+        opt.step()
+        sched.step()
+
+
 def test_one_cycle_momentum_is_warned_once_and_cycle_momentum_false_tunes():
     m = _model()
     opt = HyperOptimizer(torch.optim.SGD, m.parameters(), lr=0.05, momentum=0.9,
@@ -96,11 +104,7 @@ def test_one_cycle_momentum_is_warned_once_and_cycle_momentum_false_tunes():
     x, y = _data()
     with warnings.catch_warnings(record=True) as rec:
         warnings.simplefilter("always")
-        for t in range(8):
-            opt.zero_grad()
-            ((m(x[t]) - y[t]) ** 2).mean().backward()
-            opt.step()
-            sched.step()
+        _scheduled_steps(opt, sched, m, x, y, 8)
     ours = [w for w in rec if "cycle_momentum=False" in str(w.message)]
     assert len(ours) == 1
     # the composition that works: the schedule drives lr (a scale on the tuned lr), momentum tuned
@@ -111,11 +115,7 @@ def test_one_cycle_momentum_is_warned_once_and_cycle_momentum_false_tunes():
                                                 cycle_momentum=False)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        for t in range(8):
-            opt.zero_grad()
-            ((m(x[t]) - y[t]) ** 2).mean().backward()
-            opt.step()
-            sched.step()
+        _scheduled_steps(opt, sched, m, x, y, 8)
     assert float(opt.hyperparameters()["momentum"][0]) != pytest.approx(0.9, abs=1e-6)
 
 

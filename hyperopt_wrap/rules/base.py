@@ -109,6 +109,18 @@ class StateAlias:
         return flat if isinstance(factor, float) and factor == 1.0 else flat.mul_(factor)
 
 
+def _fused_devices() -> tuple[str, ...]:
+    try:        # torch's own list (private; its name has moved between releases)
+        from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+        return tuple(_get_fused_kernels_supported_devices())
+    except ImportError:
+        return ("cpu", "cuda", "xpu", "mps")
+
+
+#: device types where torch has fused optimizer kernels (fused Adam, fused SGD)
+FUSED_DEVICES = _fused_devices()
+
+
 def fused_scalar_lr(lr) -> bool:
     """Whether a fused kernel can take this lr: a float, one 0-dim tensor for the bucket, or
     one 0-dim tensor per parameter (a call per tensor); not per-element values."""
