@@ -123,6 +123,13 @@ def _dadapt(params, h, val_loss):
 
 ELEMENT_LR = {"lr": "element", "momentum": "global", "weight_decay": "global"}
 TENSOR_LR = {"lr": "tensor", "momentum": "global", "weight_decay": "global"}
+
+
+def _granular(method: str, granularity: dict) -> str:
+    """A per-tensor / per-element row's description (its default hyper-optimizer since 0.6)."""
+    within = "2" if granularity["lr"] == "tensor" else "1.1"
+    return (f"{method} with granularity {granularity}; default hyper-optimizer: Hierarchical (a "
+            f"level moved as the global lr is, entries within x{within} of it)")
 # rtrl's cost relative to the others', for the job queue only: measured alone, one of its steps
 # costs about 1.5-2.5x greedy's on digits and diabetes and 2.2x on the LSTM (closure source)
 RTRL_COST = 3.5
@@ -140,17 +147,17 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("unroll", "ours", "HyperOptimizer(method='unroll') at its defaults (horizon 5, "
            "update_every 10), global, val_loss; curvature from the graph (closure on the LSTM)",
            _ours("unroll"), cost=2.0, curvature=True),
-    Method("greedy element-lr", "ours", "greedy with granularity " + str(ELEMENT_LR),
+    Method("greedy element-lr", "ours", _granular("greedy", ELEMENT_LR),
            _ours("greedy", granularity=ELEMENT_LR), cost=1.7),
-    Method("greedy tensor-lr", "ours", "greedy with granularity " + str(TENSOR_LR),
+    Method("greedy tensor-lr", "ours", _granular("greedy", TENSOR_LR),
            _ours("greedy", granularity=TENSOR_LR), cost=1.6),
-    Method("implicit element-lr", "ours", "implicit with granularity " + str(ELEMENT_LR),
+    Method("implicit element-lr", "ours", _granular("implicit", ELEMENT_LR),
            _ours("implicit", granularity=ELEMENT_LR), cost=1.7, curvature=True),
-    Method("implicit tensor-lr", "ours", "implicit with granularity " + str(TENSOR_LR),
+    Method("implicit tensor-lr", "ours", _granular("implicit", TENSOR_LR),
            _ours("implicit", granularity=TENSOR_LR), cost=1.6, curvature=True),
-    Method("unroll element-lr", "ours", "unroll with granularity " + str(ELEMENT_LR),
+    Method("unroll element-lr", "ours", _granular("unroll", ELEMENT_LR),
            _ours("unroll", granularity=ELEMENT_LR), cost=2.2, curvature=True),
-    Method("unroll tensor-lr", "ours", "unroll with granularity " + str(TENSOR_LR),
+    Method("unroll tensor-lr", "ours", _granular("unroll", TENSOR_LR),
            _ours("unroll", granularity=TENSOR_LR), cost=2.1, curvature=True),
     Method("rtrl", "ours", "HyperOptimizer(method='rtrl') at its defaults (forward "
            "sensitivities of the three kinds, discount 1, update_every 10), global, val_loss; "
@@ -160,8 +167,8 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            "defaults ((FG)^2U, 2 Rademacher directions, update_every 10), global, val_loss; two "
            "Hessian-vector products a step (graph; closure on the LSTM)",
            _ours("forward_gradient"), cost=2.5, curvature=True),
-    Method("forward_gradient element-lr", "ours", "forward_gradient with granularity "
-           + str(ELEMENT_LR), _ours("forward_gradient", granularity=ELEMENT_LR), cost=2.7,
+    Method("forward_gradient element-lr", "ours", _granular("forward_gradient", ELEMENT_LR),
+           _ours("forward_gradient", granularity=ELEMENT_LR), cost=2.7,
            curvature=True),
     Method("sgld", "ours", "HyperOptimizer(method='sgld') at its defaults (temperature 1e-4, "
            "first-order recurrence, discount 0.9, update_every 10), global, val_loss",

@@ -19,6 +19,7 @@ from .checkpoint import CheckpointError, check_tensor, require
 from .counter import Count
 from .rules._foreach import is_compiling
 from .rules.base import FUSED_DEVICES
+from .hierarchical import SHARED_LEVEL, Hierarchical
 from .normalized_momentum import NormalizedMomentum
 from .hyperparams import TunedKind
 
@@ -68,7 +69,15 @@ class Controller:
         return float(lr)
 
     def raw_groups(self) -> list[dict]:
-        return [{"params": [], "lr": self.kind_hyper_lr(k), "kind": k} for k in self.tuned]
+        groups = [{"params": [], "lr": self.kind_hyper_lr(k), "kind": k} for k in self.tuned]
+        if issubclass(self.hyper_optimizer_cls, Hierarchical):
+            for g in groups:     # a kind tuned globally or per group: every entry its own level
+                granularity = self.tuned[g["kind"]].granularity
+                if granularity not in SHARED_LEVEL:
+                    g["spread"] = None
+                elif "spread" not in self.hyper_kwargs:
+                    g["spread"] = SHARED_LEVEL[granularity]
+        return groups
 
     def build(self, raw_groups: list[dict]) -> None:
         try:
@@ -303,7 +312,7 @@ class Controller:
             raise CheckpointError(f"{where} has other parameter groups than this optimizer's "
                                   "hyper-optimizer; the checkpoint comes from another "
                                   "configuration")
-        signature = ("betas", "normalize", "momentum", "dampening")
+        signature = ("betas", "normalize", "momentum", "dampening", "spread")
         if any((k in t) != (k in g) for t, g in zip(theirs, groups) for k in signature):
             raise CheckpointError(
                 f"{where} was saved by another hyper-optimizer class than this optimizer's "

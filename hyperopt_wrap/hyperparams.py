@@ -32,8 +32,12 @@ from torch import Tensor
 
 GRANULARITIES = ("global", "group", "tensor", "element")
 
-# Authors' defaults (Clarke et al. 2022): log10 lr clamped to [-10, 0].
-DEFAULT_BOUNDS = {"lr": (1e-10, 1.0), "momentum": (0.0, 0.9999), "weight_decay": (1e-10, 1.0)}
+# Authors' defaults (Clarke et al. 2022): log10 lr clamped to [-10, 0].  Momentum at most 0.99
+# (0.9999 until 0.5): a greedy one-step hypergradient drives momentum up early in training, and
+# at 0.9999 (a step 10^4 times the gradient's) runs oscillated for hundreds of steps or never
+# came back; at 0.99 the study's global rows are unchanged or better and the per-tensor and
+# per-element rows stop blowing up (RESULTS.md, "Per-tensor and per-element values").
+DEFAULT_BOUNDS = {"lr": (1e-10, 1.0), "momentum": (0.0, 0.99), "weight_decay": (1e-10, 1.0)}
 
 
 @dataclass(frozen=True)
@@ -123,7 +127,7 @@ def resolve_bounds(bounds, tune: tuple[str, ...]) -> dict[str, tuple[tuple[float
             raise ValueError(f"bounds['momentum'] must lie in [0, 1) with high < 1, got {(lo, hi)}: "
                              "momentum is tuned in logit space, where 1 is out of reach (and a "
                              "value rounded to 1.0 could never move again); e.g. "
-                             "bounds={'momentum': (0.0, 0.9999)}")
+                             "bounds={'momentum': (0.0, 0.999)}")
         out[kind] = ((lo, hi), kind in bounds)
     return out
 

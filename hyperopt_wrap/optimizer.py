@@ -14,6 +14,7 @@ from torch import Tensor
 from .checkpoint import CheckpointError, check_base_state, check_shapes, require
 from .controller import Controller
 from .counter import Count
+from .hierarchical import SHARED_LEVEL, Hierarchical
 from .normalized_momentum import NormalizedMomentum
 from . import distributed
 from .curvature import (ClosureSource, CurvatureError, FiniteDifferences, GradClip, GraphSource,
@@ -95,7 +96,10 @@ class HyperOptimizer(torch.optim.Optimizer):
         hyper_optimizer: torch optimizer class for the raw values.  Default: the method's
             (greedy with ``val_loss``: :class:`~hyperopt_wrap.NormalizedMomentum`, momentum on
             hypergradients normalised per block, scale-free; otherwise ``torch.optim.Adam``, as
-            before 0.3), decided at construction.
+            before 0.3), decided at construction.  Where a kind is tuned per tensor or per
+            element, :class:`~hyperopt_wrap.Hierarchical` with that rule as its level: a
+            shared level moved as the global value would be, each entry within a factor
+            ``exp(spread)`` (default 2) of it.
         hyper_optimizer_kwargs: extra keyword arguments for it.
         update_every: base steps per hyper-step (default: the method's; greedy: 1).
         val_loss: optional zero-argument callable returning a validation loss at the current
@@ -103,7 +107,7 @@ class HyperOptimizer(torch.optim.Optimizer):
             With ``maximize=True`` the meta-objective is maximised too (``val_loss`` then
             returns the quantity you maximise).
         bounds: ``{kind: (low, high)}`` in natural units; defaults lr and weight decay in
-            ``[1e-10, 1]``, momentum in ``[0, 0.9999]``.
+            ``[1e-10, 1]``, momentum in ``[0, 0.99]``.
         curvature: where second-order methods (implicit, unroll) get Hessian-vector products:
             ``"auto"`` (default: the gradient graph when ``p.grad`` carries one, i.e. after
             ``loss.backward(create_graph=opt.needs_graph)``, else the closure given to
@@ -201,6 +205,14 @@ class HyperOptimizer(torch.optim.Optimizer):
                 _check_value(kind, optimizer_kwargs[kind], "")
         if hyper_optimizer is None:    # (decided here: a val_loss set later keeps it)
             hyper_optimizer = self.method.hyper_optimizer_for(val_loss is not None)
+            if any(self._granularity[k] in SHARED_LEVEL for k in tune):
+                # per-tensor / per-element values: a level moved as the global value would
+                # be, plus bounded deviations (RESULTS.md, "Per-tensor and per-element values")
+                level = "normalized" if issubclass(hyper_optimizer, NormalizedMomentum) \
+                    else "adam" if hyper_optimizer is torch.optim.Adam else None
+                if level is not None:
+                    hyper_optimizer = Hierarchical
+                    hyper_optimizer_kwargs = {"level": level, **(hyper_optimizer_kwargs or {})}
         _check_hyper_optimizer(hyper_optimizer, hyper_optimizer_kwargs)
         if isinstance(hyper_lr, dict):
             wrong = set(hyper_lr) ^ set(tune)

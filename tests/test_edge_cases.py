@@ -13,7 +13,7 @@ import pickle
 import pytest
 import torch
 
-from hyperopt_wrap import HyperOptimizer, Implicit
+from hyperopt_wrap import HyperOptimizer, Implicit, NormalizedMomentum
 
 GRANULARITIES = ("global", "group", "tensor", "element")
 
@@ -299,19 +299,28 @@ def test_no_gradients_at_all_is_a_no_op_that_returns_the_closure_loss():
     assert opt.hypersteps == 0 and len(opt.state) == 0
 
 
-def test_frozen_parameters_are_untouched_and_can_be_unfrozen_later():
+@pytest.mark.parametrize("hyper", [None, NormalizedMomentum], ids=["hierarchical", "normalized"])
+def test_frozen_parameters_are_untouched_and_can_be_unfrozen_later(hyper):
     m = _model()
     ps = list(m.parameters())
     for p in ps[:2]:
         p.requires_grad_(False)
     frozen = [p.clone() for p in ps[:2]]
     opt = HyperOptimizer(torch.optim.SGD, m.parameters(), lr=0.1, momentum=0.9,
-                         granularity="tensor")
+                         granularity="tensor", hyper_optimizer=hyper)
     _train(opt, m, 3)
     assert all(torch.equal(a, b) for a, b in zip(frozen, ps[:2]))
     assert all(ps[i] not in opt.state for i in (0, 1))
     lr = opt.hyperparameters()["lr"][0]
-    assert float(lr[0]) == float(lr[1]) == pytest.approx(0.1)   # untouched slots
+    if hyper is None:
+        # the default (Hierarchical): slots without a signal of their own follow the shared
+        # level (less the others' re-centring), so an unfrozen tensor starts from the lr the
+        # others share
+        level = float(lr.log().mean().exp())
+        assert float(lr[0]) == float(lr[1]) != pytest.approx(0.1)
+        assert abs(math.log(float(lr[0]) / level)) <= 2 * math.log(2)
+    else:
+        assert float(lr[0]) == float(lr[1]) == pytest.approx(0.1)   # untouched slots
     for p in ps[:2]:
         p.requires_grad_(True)
     _train(opt, m, 3, start=3)

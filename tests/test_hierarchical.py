@@ -1,0 +1,164 @@
+"""Hierarchical, the default hyper-optimizer for per-tensor and per-element values: a shared
+level moved as the global value is, plus bounded deviations.  With the spread at 0 a per-tensor
+or per-element run is the global run; the deviations stay bounded and centred; a skipped step
+moves nothing; save/resume is exact; bad options are refused; the defaults pick it."""
+import math
+
+import pytest
+import torch
+
+from hyperopt_wrap import Hierarchical, HyperOptimizer, NormalizedMomentum
+
+from tiny import reloaded, tiny_batch, tiny_model, train
+
+KINDS = ("lr", "momentum", "weight_decay")
+
+
+def _make(model, granularity, method="greedy", val=True, **kw):
+    xv, yv = tiny_batch(5)
+    val_loss = (lambda: ((model(xv) - yv) ** 2).mean()) if val else None
+    return HyperOptimizer(torch.optim.SGD, model.parameters(), lr=0.05, momentum=0.5,
+                          weight_decay=1e-3, tune=KINDS, method=method, val_loss=val_loss,
+                          granularity={"lr": granularity, "momentum": "global",
+                                       "weight_decay": "global"}, **kw)
+
+
+def _lrs(opt):
+    lr = opt.hyperparameters()["lr"][0]
+    if isinstance(lr, list):
+        return torch.cat([t.reshape(-1) for t in lr])
+    return lr.reshape(-1)
+
+
+@pytest.mark.parametrize("granularity", ["tensor", "element"])
+@pytest.mark.parametrize("method,val", [("greedy", True), ("greedy", False),
+                                        ("implicit", True)],
+                         ids=["greedy-normalized-level", "greedy-adam-level",
+                              "implicit-adam-level"])
+def test_spread_zero_reproduces_the_global_run(granularity, method, val):
+    """With every deviation held at 0 the level is the global value: its hypergradient is the
+    entries' sum and it steps by the global run's rule, so weights and hyperparameters follow
+    the global run (float64, 30 steps; the sums are taken in another order: rounding only)."""
+    runs = {}
+    for gran, kw in (("global", {}), (granularity, {"hyper_optimizer_kwargs": {"spread": 0.0}})):
+        model = tiny_model()
+        opt = _make(model, gran, method, val, **kw)
+        train(opt, model, 30, closure=method == "implicit")
+        runs[gran] = (model, opt)
+    (m0, o0), (m1, o1) = runs["global"], runs[granularity]
+    assert type(o1._controller.hyper_optimizer) is Hierarchical
+    lr0 = float(_lrs(o0)[0])
+    assert lr0 != pytest.approx(0.05, rel=1e-3)     # the lr moved
+    torch.testing.assert_close(_lrs(o1), torch.full_like(_lrs(o1), lr0), rtol=1e-8, atol=0)
+    for k in ("momentum", "weight_decay"):
+        torch.testing.assert_close(o1.hyperparameters()[k][0], o0.hyperparameters()[k][0],
+                                   rtol=1e-8, atol=0)
+    for a, b in zip(m1.parameters(), m0.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-12)
+
+
+@pytest.mark.parametrize("granularity", ["tensor", "element"])
+def test_deviations_are_bounded_and_centred(granularity):
+    spread = math.log(1.5)
+    model = tiny_model()
+    opt = _make(model, granularity, hyper_optimizer_kwargs={"spread": spread,
+                                                            "deviation_lr": 1.0})
+    train(opt, model, 60)
+    raw = _lrs(opt).log()
+    dev = raw - raw.mean()
+    assert dev.abs().max() > 0.5 * spread            # the entries moved apart...
+    assert dev.abs().max() <= 2 * spread + 1e-12     # ...within the bound (after re-centring)
+    assert sum(p.isfinite().all() for p in model.parameters()) == 4
+
+
+def test_a_skipped_step_moves_nothing():
+    """found_inf set: raw values and every state tensor, counters included, bit-exact."""
+    blocks = [torch.randn(3, 4, dtype=torch.float64), torch.randn(5, dtype=torch.float64)]
+    opt = Hierarchical([{"params": blocks}], lr=0.1)
+    for b in blocks:
+        b.grad = torch.randn_like(b)
+    opt.step(found_inf=torch.zeros(()))
+    before = [b.clone() for b in blocks]
+    state = {k: v.clone() for st in opt.state.values() for k, v in st.items()}
+    for b in blocks:
+        b.grad = torch.randn_like(b)
+    opt.step(found_inf=torch.ones(()))
+    for b, old in zip(blocks, before):
+        assert torch.equal(b, old)
+    after = {k: v for st in opt.state.values() for k, v in st.items()}
+    assert all(torch.equal(after[k], v) for k, v in state.items())
+
+
+def test_a_nan_hypergradient_is_zeroed_before_it_reaches_the_state():
+    blocks = [torch.zeros(4, dtype=torch.float64)]
+    opt = Hierarchical([{"params": blocks}], lr=0.1)
+    blocks[0].grad = torch.tensor([1.0, float("nan"), -1.0, 2.0], dtype=torch.float64)
+    opt.step(found_inf=torch.ones(()))
+    blocks[0].grad = torch.tensor([1.0, 1.0, -1.0, 2.0], dtype=torch.float64)
+    opt.step(found_inf=torch.zeros(()))
+    assert blocks[0].isfinite().all()
+    assert all(v.isfinite().all() for st in opt.state.values() for v in st.values())
+
+
+@pytest.mark.parametrize("granularity", ["tensor", "element"])
+def test_save_and_resume_is_exact(granularity):
+    model = tiny_model()
+    opt = _make(model, granularity)
+    train(opt, model, 7)
+    model2, opt2, _ = reloaded(model, opt, lambda m: _make(m, granularity))
+    train(opt, model, 6, start=7)
+    train(opt2, model2, 6, start=7)
+    assert torch.equal(_lrs(opt), _lrs(opt2))
+    for a, b in zip(model.parameters(), model2.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_a_checkpoint_of_another_hyper_optimizer_is_refused():
+    model = tiny_model()
+    opt = _make(model, "tensor", hyper_optimizer=NormalizedMomentum)
+    train(opt, model, 3)
+    with pytest.raises(Exception, match="another hyper-optimizer class"):
+        reloaded(model, opt, lambda m: _make(m, "tensor"))
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"level": "sgd"}, "level must be one of"),
+    ({"spread": -1.0}, "spread must be a finite number >= 0"),
+    ({"spread": math.inf}, "spread must be a finite number >= 0"),
+    ({"deviation_lr": -0.1}, "deviation_lr must be >= 0"),
+    ({"betas": (0.9, 1.0)}, "betas must be two numbers"),
+    ({"adam_eps": 0.0}, "adam_eps must be > 0"),
+    ({"lr": -1.0}, "Invalid learning rate"),
+    ({"momentum": 1.0}, "Invalid momentum"),
+    ({"eps": 0.0}, "Invalid eps"),
+])
+def test_bad_options_are_refused(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        Hierarchical([torch.zeros(3)], **kwargs)
+
+
+@pytest.mark.parametrize("granularity,method,val,expected", [
+    ("tensor", "greedy", True, ("Hierarchical", "normalized")),
+    ("element", "greedy", True, ("Hierarchical", "normalized")),
+    ("element", "greedy", False, ("Hierarchical", "adam")),
+    ("element", "implicit", True, ("Hierarchical", "adam")),
+    ("element", "unroll", True, ("Hierarchical", "adam")),
+    ("global", "greedy", True, ("NormalizedMomentum", None)),
+    ("group", "greedy", True, ("NormalizedMomentum", None)),
+    ("global", "implicit", True, ("Adam", None)),
+])
+def test_the_default_hyper_optimizer(granularity, method, val, expected):
+    model = tiny_model()
+    opt = _make(model, granularity, method, val)
+    h = opt._controller.hyper_optimizer
+    assert (type(h).__name__, h.defaults.get("level")) == expected
+    if expected[0] == "Hierarchical":      # the kinds tuned globally: a level each, no spread
+        spreads = {g["kind"]: g["spread"] for g in h.param_groups}
+        assert spreads["momentum"] is None and spreads["weight_decay"] is None
+        assert spreads["lr"] == pytest.approx(math.log(2 if granularity == "tensor" else 1.1))
+
+
+def test_a_hyper_optimizer_named_by_the_user_is_kept():
+    model = tiny_model()
+    opt = _make(model, "element", hyper_optimizer=NormalizedMomentum)
+    assert type(opt._controller.hyper_optimizer) is NormalizedMomentum
