@@ -214,3 +214,36 @@ def test_the_fused_step_follows_torch_in_place_without_host_sync(device, base, g
             opt.step(lambda x=x, y=y: _closure_loss(opt, model, x, y))
     assert len(calls) > before and opt.skipped_hypersteps == 0
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("method", ["greedy", "implicit"])
+@pytest.mark.parametrize("granularity", ["tensor", "element"])
+@pytest.mark.parametrize("device", DEVICES)
+def test_hierarchical_steps_on_the_device_without_host_sync(device, granularity, method,
+                                                            monkeypatch):
+    """The default hyper-optimizer per tensor and per element (Hierarchical: a normalised
+    level for greedy with val_loss, an Adam level for implicit) makes no host synchronisation;
+    its state and the tuned values stay on the parameters' device."""
+    from hyperopt_wrap import Hierarchical
+    dtype = _dtype(device)
+    model = _model(device, dtype)
+    xv, yv = _batches(device, dtype, 9)[-1]
+    opt = HyperOptimizer(torch.optim.SGD, model.parameters(), method=method, tune=KINDS,
+                         granularity={"lr": granularity, "momentum": "global",
+                                      "weight_decay": "global"},
+                         update_every=1 if method == "greedy" else 3, lr=0.05, momentum=0.9,
+                         weight_decay=1e-3, val_loss=lambda: ((model(xv) - yv) ** 2).mean())
+    assert type(opt.hyper_optimizer) is Hierarchical
+    batches = _batches(device, dtype)
+    for batch in batches[:4]:
+        _step(opt, model, batch, "closure")
+    for x, y in batches[4:]:
+        with _no_sync(device, monkeypatch, set()):
+            opt.step(lambda x=x, y=y: _closure_loss(opt, model, x, y))
+    assert opt.hypersteps >= 2 and opt.skipped_hypersteps == 0
+    states = [v for st in opt.hyper_optimizer.state.values() for v in st.values()]
+    assert states and all(v.device.type == device for v in states)
+    lrs = opt.hyperparameters()["lr"][0]
+    lrs = lrs if isinstance(lrs, list) else [lrs]
+    assert all(t.device.type == device and torch.isfinite(t).all() for t in lrs)
+    assert len({float(v) for t in lrs for v in t.reshape(-1)}) > 1     # the entries differ

@@ -8,6 +8,7 @@ import math
 import re
 
 import pytest
+import torch
 
 pytest.importorskip("sklearn")
 
@@ -183,4 +184,23 @@ def test_the_hyper_optimizer_experiment_runs():
     from benchmarks import hyper_optimizers
     res = hyper_optimizers.main(["--tasks", "digits", "--methods", "greedy", "--inits", "1",
                                  "--steps", "12", "--jobs", "1", "--hypers", "adam,normalized"])
-    assert len(res) == 6 and all(math.isfinite(v[0]) for v in res.values())
+    assert len(res) == 6 and all(math.isfinite(v[0][0]) and math.isfinite(v[0][1])
+                                 for v in res.values())
+    # Hierarchical at a spread and momentum bound of one's own (its level: the method's rule)
+    res = hyper_optimizers.main(["--tasks", "digits", "--methods", "greedy,implicit",
+                                 "--inits", "1", "--steps", "12", "--jobs", "1",
+                                 "--hypers", "hierarchical", "--granularities", "element",
+                                 "--spread", "1.25", "--momentum-bound", "0.9999"])
+    assert sorted(n for _, n in res) == ["greedy element hierarchical",
+                                         "implicit element hierarchical"]
+    assert all(math.isfinite(v[0][0]) for v in res.values())
+    make = hyper_optimizers._make("implicit", "element", "hierarchical",
+                                  {"spread": 1.25, "momentum_bound": 0.9999})
+    opt = make(torch.nn.Linear(2, 1).parameters(),
+               {"lr": 0.1, "momentum": 0.9999, "weight_decay": 1e-4}, lambda: torch.zeros(()))
+    groups = {g["kind"]: g for g in opt._controller.hyper_optimizer.param_groups}
+    assert groups["lr"]["level"] == "adam" and groups["lr"]["spread"] == pytest.approx(
+        math.log(1.25)) and groups["momentum"]["spread"] is None
+    for bad in (["--spread", "0.5"], ["--hypers", "sgd"], ["--granularities", "row"]):
+        with pytest.raises(SystemExit):
+            hyper_optimizers.main(["--inits", "1", *bad])
