@@ -96,8 +96,9 @@ class Hierarchical(NormalizedMomentum):
     @torch.no_grad()
     def step(self, closure=None, found_inf: Tensor | None = None,
              eps_scale: dict | None = None):
-        """One step of every group (about thirty tensor operations a group, on one flat vector
-        of its entries); ``eps_scale`` as for :class:`NormalizedMomentum`."""
+        """One step of every group; ``eps_scale`` as for :class:`NormalizedMomentum`.  The
+        blocks' ``.grad`` are consumed: per tensor or per element they are normalised in place
+        (HyperOptimizer drops them after the step)."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -108,84 +109,127 @@ class Hierarchical(NormalizedMomentum):
                 self._step_group(group, params, found_inf, eps_scale or {})
         return loss
 
-    def _lengths(self, sizes: list[int], dev: torch.device) -> Tensor:
-        """The blocks' sizes as a device tensor, made once per layout (no copy a step)."""
-        cache = self.__dict__.setdefault("_lengths_cache", {})
-        key = (tuple(sizes), dev)
+    def _step_group(self, group: dict, params: list[Tensor], found_inf, eps_scale) -> None:
+        dev = params[0].device
+        wide = torch.float32 if dev.type == "mps" else torch.float64
+        ok = None if found_inf is None else 1 - found_inf.to(dev, wide)
+        first = self.state[params[0]]
+        if "step" not in first:
+            first["step"] = torch.zeros((), dtype=torch.float32, device=dev)
+        step = first["step"]
+        step.add_(1 if ok is None else ok.to(step.dtype))
+        b1 = group["momentum"]
+        bc1 = (1 - b1 ** step.clamp(min=1)).to(wide)   # (in float32, as NormalizedMomentum's)
+        if group["spread"] is None:
+            self._step_own(group, params, ok, eps_scale, step.to(wide).clamp(min=1), bc1)
+        else:
+            self._step_shared(group, params, ok, eps_scale, step.to(wide).clamp(min=1), bc1)
+
+    @staticmethod
+    def _level_step(group: dict, m: Tensor, v: Tensor, grad: Tensor, floor: Tensor, ok,
+                    t: Tensor, bc1: Tensor) -> Tensor:
+        """The level's rule on its state ``m``, ``v`` (in place, gated by ``ok``): the step."""
+        lr = group["lr"]
+        if group["level"] == "normalized":
+            tiny = torch.finfo(grad.dtype).tiny
+            g_hat = grad / torch.maximum(grad.abs(), floor).clamp(min=tiny)
+            m.lerp_(g_hat, _gated(1 - group["momentum"], ok, m.dtype))
+            return (m / bc1).clamp(-1, 1).mul_(-lr)
+        beta1, beta2 = group["betas"]
+        m.lerp_(grad, _gated(1 - beta1, ok, m.dtype))
+        v.lerp_(grad * grad, _gated(1 - beta2, ok, v.dtype))
+        return (m / (1 - beta1 ** t)).div_(
+            (v / (1 - beta2 ** t)).sqrt_().add_(group["adam_eps"])).mul_(-lr)
+
+    def _step_own(self, group, params, ok, eps_scale, t, bc1) -> None:
+        """Every entry a level of its own (kinds tuned globally or per group: a few entries)."""
+        dtype = params[0].dtype
+        sizes = [p.numel() for p in params]
+        for p in params:
+            if "level_avg" not in self.state[p]:
+                self.state[p].update(level_avg=torch.zeros_like(p), level_sq=torch.zeros_like(p))
+        x = torch.cat([p.reshape(-1) for p in params])
+        g = torch.cat([p.grad.reshape(-1) for p in params]).to(dtype)
+        if ok is not None:
+            g = torch.nan_to_num(g, 0.0, 0.0, 0.0)
+        e = torch.cat([eps_scale[p].reshape(-1).to(dtype).abs() if p in eps_scale
+                       else torch.ones(p.numel(), dtype=dtype, device=p.device) for p in params])
+        m = torch.cat([self.state[p]["level_avg"].reshape(-1) for p in params])
+        v = torch.cat([self.state[p]["level_sq"].reshape(-1) for p in params])
+        new = x + self._level_step(group, m, v, g, group["eps"] * e, ok, t, bc1)
+        for p, mp, vp in zip(params, m.split(sizes), v.split(sizes)):
+            self.state[p]["level_avg"].copy_(mp.view_as(p))
+            self.state[p]["level_sq"].copy_(vp.view_as(p))
+        if ok is not None:
+            new = torch.lerp(x, new, ok.to(dtype))   # an exact select: a skipped step moves nothing
+        torch._foreach_copy_(params, [part.view_as(p) for part, p in zip(new.split(sizes), params)])
+
+    def _step_shared(self, group, params, ok, eps_scale, t, bc1) -> None:
+        """One level for the group's entries, and their deviations: block by block, in the
+        blocks' dtype (the sums in float64), a dozen passes over the entries and no copy of
+        them all."""
+        wide = t.dtype
+        first = self.state[params[0]]
+        if "level_avg" not in first:
+            first["level_avg"] = torch.zeros((), dtype=wide, device=t.device)
+            first["level_sq"] = torch.zeros((), dtype=wide, device=t.device)
+        grads = []
+        for p in params:
+            if "exp_avg" not in self.state[p]:
+                self.state[p]["exp_avg"] = torch.zeros_like(p)
+            # (the hypergradients are the hyper-optimizer's to consume: HyperOptimizer drops
+            # them after the step, so a NaN is zeroed and the blocks normalised in place)
+            grads.append(p.grad if ok is None else torch.nan_to_num_(p.grad, 0.0, 0.0, 0.0))
+        total = sum(p.numel() for p in params)
+        counts = self._counts(params, t.device, wide)
+        # the level: the entries' mean; its hypergradient their sum; the dead zone eps * the
+        # mean |d value / d raw| (natural units, as for a global value)
+        xs = torch.stack([p.sum(dtype=wide) for p in params])
+        gs = torch.stack([g.sum(dtype=wide) for g in grads])
+        scales = [eps_scale[p] for p in params if p in eps_scale]
+        e_sums = torch.stack(torch._foreach_norm(scales, 1, dtype=wide)) if len(scales) == \
+            len(params) else counts
+        level = xs.sum() / total
+        floor = group["eps"] * e_sums.sum() / total
+        delta = self._level_step(group, first["level_avg"], first["level_sq"], gs.sum(), floor,
+                                 ok, t, bc1)
+        # the deviations: each block's hypergradient over its RMS (at least the dead zone)
+        rms = torch.stack(torch._foreach_norm(grads, 2, dtype=wide)) / counts.sqrt()
+        scale = torch.maximum(rms, group["eps"] * e_sums / counts)
+        weight = _gated(1 - group["momentum"], ok, wide)
+        rate = group["lr"] * group["deviation_lr"]
+        spread = group["spread"]
+        devs, sums = [], []
+        for i, (p, g) in enumerate(zip(params, grads)):
+            m = self.state[p]["exp_avg"]
+            tiny = torch.finfo(p.dtype).tiny
+            m.lerp_(g.div_(scale[i].clamp(min=tiny).to(p.dtype)), weight.to(p.dtype))
+            d = (p - level.to(p.dtype)).sub_((m / bc1.to(p.dtype)).clamp_(-1, 1), alpha=rate)
+            d.clamp_(-spread, spread)
+            devs.append(d)
+            sums.append(d.sum(dtype=wide))
+        shift = level + delta - torch.stack(sums).sum() / total     # re-centred on the level
+        for p, d in zip(params, devs):
+            new = d.add_(shift.to(p.dtype))
+            if ok is None:
+                p.copy_(new)
+            else:                   # an exact select: a skipped step moves nothing
+                p.lerp_(new, ok.to(p.dtype))
+
+    def _counts(self, params: list[Tensor], dev: torch.device, dtype) -> Tensor:
+        """The blocks' sizes on the device, made once per layout (no copy a step)."""
+        cache = self.__dict__.setdefault("_counts_cache", {})
+        key = (tuple(p.numel() for p in params), dev, dtype)
         if key not in cache:
-            cache[key] = torch.tensor(sizes, device=dev)
+            cache[key] = torch.tensor([float(n) for n in key[0]], dtype=dtype, device=dev)
         return cache[key]
 
     def __getstate__(self):
         state = super().__getstate__()
-        state.pop("_lengths_cache", None)
+        state.pop("_counts_cache", None)
         return state
 
-    def _step_group(self, group: dict, params: list[Tensor], found_inf, eps_scale) -> None:
-        dev, dtype = params[0].device, params[0].dtype
-        wide = torch.float32 if dev.type == "mps" else torch.float64
-        sizes = [p.numel() for p in params]
-        x = torch.cat([p.reshape(-1) for p in params]).to(wide)
-        g = torch.cat([p.grad.reshape(-1) for p in params]).to(wide)
-        ok = None
-        if found_inf is not None:
-            ok = 1 - found_inf.to(dev, wide)
-            g = torch.nan_to_num(g, 0.0, 0.0, 0.0)
-        e = torch.cat([eps_scale[p].reshape(-1).to(wide).abs() if p in eps_scale
-                       else torch.ones(n, dtype=wide, device=dev)
-                       for p, n in zip(params, sizes)])
-        lr, b1, eps, spread = group["lr"], group["momentum"], group["eps"], group["spread"]
-        first = self.state[params[0]]
-        if not first:
-            shape = () if spread is not None else (x.numel(),)
-            first["step"] = torch.zeros((), dtype=torch.float32, device=dev)
-            first["level_avg"] = torch.zeros(shape, dtype=wide, device=dev)
-            first["level_sq"] = torch.zeros(shape, dtype=wide, device=dev)
-        if spread is not None:
-            for p in params:
-                if "exp_avg" not in self.state[p]:
-                    self.state[p]["exp_avg"] = torch.zeros_like(p)
-        step = first["step"]
-        step.add_(1 if ok is None else ok.to(step.dtype))
-        t = step.to(wide).clamp(min=1)
-        # NormalizedMomentum's bias correction, in float32 as there
-        bc1 = (1 - b1 ** step.clamp(min=1)).to(wide)
-        w = (lambda c: c) if ok is None else (lambda c: c * ok)
-        # the level: one scalar (its hypergradient the entries' sum), or every entry
-        if spread is not None:
-            level, grad, floor = x.mean(), g.sum(), eps * e.mean()
-        else:
-            level, grad, floor = x, g, eps * e
-        m, v = first["level_avg"].to(wide), first["level_sq"].to(wide)
-        if group["level"] == "normalized":
-            g_hat = grad / torch.maximum(grad.abs(), floor).clamp(min=torch.finfo(wide).tiny)
-            m.lerp_(g_hat, w(1 - b1))
-            delta = (m / bc1).clamp_(-1, 1).mul_(-lr)
-        else:
-            beta1, beta2 = group["betas"]
-            m.lerp_(grad, w(1 - beta1))
-            v.lerp_(grad * grad, w(1 - beta2))
-            delta = (m / (1 - beta1 ** t)).div_(
-                (v / (1 - beta2 ** t)).sqrt_().add_(group["adam_eps"])).mul_(-lr)
-        first["level_avg"].copy_(m)
-        first["level_sq"].copy_(v)
-        if spread is None:
-            new = x + delta
-        else:       # the deviations: NormalizedMomentum per block, clamped, re-centred
-            d = x - level
-            lengths = self._lengths(sizes, dev)
-            rms = (torch.segment_reduce(g.square(), "sum", lengths=lengths)
-                   / lengths.to(wide)).sqrt().repeat_interleave(lengths, output_size=x.numel())
-            g_hat = g / torch.maximum(rms, eps * e).clamp_(min=torch.finfo(wide).tiny)
-            dm = torch.cat([self.state[p]["exp_avg"].reshape(-1) for p in params]).to(wide)
-            dm.lerp_(g_hat, w(1 - b1))
-            for p, part in zip(params, dm.split(sizes)):
-                self.state[p]["exp_avg"].copy_(part.view_as(p))
-            rate = lr * group["deviation_lr"]
-            d.sub_((dm / bc1).clamp_(-1, 1), alpha=rate).clamp_(-spread, spread)
-            d.sub_(d.mean())
-            new = d.add_(level + delta)
-        if ok is not None:
-            new = torch.lerp(x, new, ok)        # an exact select: a skipped step moves nothing
-        torch._foreach_copy_(params, [part.view_as(p).to(dtype)
-                                      for part, p in zip(new.split(sizes), params)])
+
+def _gated(weight: float, ok: Tensor | None, dtype) -> "float | Tensor":
+    """A lerp weight, 0 where the step is skipped (``ok`` = 0; a device tensor, no sync)."""
+    return weight if ok is None else (ok * weight).to(dtype)
