@@ -77,12 +77,7 @@ class Hierarchical(NormalizedMomentum):
             raise ValueError(f"Invalid momentum: {momentum} (must lie in [0, 1))")
         if not eps > 0.0:
             raise ValueError(f"Invalid eps: {eps} (must be > 0)")
-        if level not in LEVELS:
-            raise ValueError(f"level must be one of {LEVELS}, got {level!r}")
-        if spread is not None and not (isinstance(spread, (int, float)) and spread >= 0
-                                       and math.isfinite(spread)):
-            raise ValueError(f"spread must be a finite number >= 0 (raw units, e.g. "
-                             f"math.log(2)) or None, got {spread!r}")
+        _check_group(level, spread)
         if not (isinstance(deviation_lr, (int, float)) and deviation_lr >= 0):
             raise ValueError(f"deviation_lr must be >= 0, got {deviation_lr!r}")
         if not (len(betas) == 2 and all(0.0 <= b < 1.0 for b in betas)):
@@ -167,32 +162,43 @@ class Hierarchical(NormalizedMomentum):
     def _step_shared(self, group, params, ok, eps_scale, t, bc1) -> None:
         """One level for the group's entries, and their deviations: block by block, in the
         blocks' dtype (the sums in float64), a dozen passes over the entries and no copy of
-        them all."""
+        them all.  The level is the entries' mean shift from their origins (their values at
+        construction), so entries that started apart (two param groups at different lrs) keep
+        their offsets and deviate from them by at most ``spread``."""
         wide = t.dtype
         first = self.state[params[0]]
-        if "level_avg" not in first:
-            first["level_avg"] = torch.zeros((), dtype=wide, device=t.device)
-            first["level_sq"] = torch.zeros((), dtype=wide, device=t.device)
-        grads = []
+        if "level_avg" not in first:   # (in the blocks' dtype, as torch's load_state_dict casts)
+            first["level_avg"] = torch.zeros((), dtype=params[0].dtype, device=t.device)
+            first["level_sq"] = torch.zeros((), dtype=params[0].dtype, device=t.device)
+        grads, origins = [], []
         for p in params:
-            if "exp_avg" not in self.state[p]:
-                self.state[p]["exp_avg"] = torch.zeros_like(p)
+            st = self.state[p]
+            if "exp_avg" not in st:
+                st["exp_avg"] = torch.zeros_like(p)
+            if "origin" not in st:     # (recorded at construction; otherwise: its value now)
+                st["origin"] = p.detach().clone()
+            origins.append(st["origin"])
             # (the hypergradients are the hyper-optimizer's to consume: HyperOptimizer drops
             # them after the step, so a NaN is zeroed and the blocks normalised in place)
             grads.append(p.grad if ok is None else torch.nan_to_num_(p.grad, 0.0, 0.0, 0.0))
         total = sum(p.numel() for p in params)
         counts = self._counts(params, t.device, wide)
-        # the level: the entries' mean; its hypergradient their sum; the dead zone eps * the
-        # mean |d value / d raw| (natural units, as for a global value)
-        xs = torch.stack([p.sum(dtype=wide) for p in params])
+        # the level: the entries' mean shift from their origins; its hypergradient the
+        # entries' sum; the dead zone eps * the mean |d value / d raw| (natural units, as for a
+        # global value)
+        shifts = torch.stack([p.sum(dtype=wide) - (o.sum(dtype=wide) if o.dim() else
+                                                   o.to(wide) * p.numel())
+                              for p, o in zip(params, origins)])
         gs = torch.stack([g.sum(dtype=wide) for g in grads])
         scales = [eps_scale[p] for p in params if p in eps_scale]
         e_sums = torch.stack(torch._foreach_norm(scales, 1, dtype=wide)) if len(scales) == \
             len(params) else counts
-        level = xs.sum() / total
+        level = shifts.sum() / total
         floor = group["eps"] * e_sums.sum() / total
-        delta = self._level_step(group, first["level_avg"], first["level_sq"], gs.sum(), floor,
-                                 ok, t, bc1)
+        m, v = first["level_avg"].to(wide), first["level_sq"].to(wide)
+        delta = self._level_step(group, m, v, gs.sum(), floor, ok, t, bc1)
+        first["level_avg"].copy_(m)
+        first["level_sq"].copy_(v)
         # the deviations: each block's hypergradient over its RMS (at least the dead zone)
         rms = torch.stack(torch._foreach_norm(grads, 2, dtype=wide)) / counts.sqrt()
         scale = torch.maximum(rms, group["eps"] * e_sums / counts)
@@ -200,21 +206,38 @@ class Hierarchical(NormalizedMomentum):
         rate = group["lr"] * group["deviation_lr"]
         spread = group["spread"]
         devs, sums = [], []
-        for i, (p, g) in enumerate(zip(params, grads)):
+        for i, (p, g, o) in enumerate(zip(params, grads, origins)):
             m = self.state[p]["exp_avg"]
             tiny = torch.finfo(p.dtype).tiny
             m.lerp_(g.div_(scale[i].clamp(min=tiny).to(p.dtype)), weight.to(p.dtype))
-            d = (p - level.to(p.dtype)).sub_((m / bc1.to(p.dtype)).clamp_(-1, 1), alpha=rate)
-            d.clamp_(-spread, spread)
+            d = p - (o.to(wide) + level).to(p.dtype) if o.dim() == 0 else (p - o).sub_(
+                level.to(p.dtype))
+            d.sub_((m / bc1.to(p.dtype)).clamp_(-1, 1), alpha=rate).clamp_(-spread, spread)
             devs.append(d)
             sums.append(d.sum(dtype=wide))
-        shift = level + delta - torch.stack(sums).sum() / total     # re-centred on the level
-        for p, d in zip(params, devs):
-            new = d.add_(shift.to(p.dtype))
+        shift = level + delta - torch.stack(sums).sum() / total     # re-centred
+        for p, d, o in zip(params, devs, origins):
+            new = d.add_((o.to(wide) + shift).to(p.dtype)) if o.dim() == 0 else \
+                d.add_(o).add_(shift.to(p.dtype))
             if ok is None:
                 p.copy_(new)
             else:                   # an exact select: a skipped step moves nothing
                 p.lerp_(new, ok.to(p.dtype))
+
+    def add_param_group(self, param_group: dict) -> None:
+        """torch's, and for a group with a ``spread``: each block's origin (its value now; one
+        number for a block whose entries are equal, read here at construction, never in
+        ``step``)."""
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        _check_group(group["level"], group["spread"])
+        if group["spread"] is None:
+            return
+        with torch.no_grad():
+            for p in group["params"]:
+                flat = p.detach().reshape(-1)
+                uniform = flat.numel() > 0 and bool((flat == flat[0]).all())
+                self.state[p]["origin"] = flat[0].clone() if uniform else p.detach().clone()
 
     def _counts(self, params: list[Tensor], dev: torch.device, dtype) -> Tensor:
         """The blocks' sizes on the device, made once per layout (no copy a step)."""
@@ -228,6 +251,15 @@ class Hierarchical(NormalizedMomentum):
         state = super().__getstate__()
         state.pop("_counts_cache", None)
         return state
+
+
+def _check_group(level, spread) -> None:
+    if level not in LEVELS:
+        raise ValueError(f"level must be one of {LEVELS}, got {level!r}")
+    if spread is not None and not (isinstance(spread, (int, float)) and spread >= 0
+                                   and math.isfinite(spread)):
+        raise ValueError(f"spread must be a finite number >= 0 (raw units, e.g. math.log(2)) "
+                         f"or None, got {spread!r}")
 
 
 def _gated(weight: float, ok: Tensor | None, dtype) -> "float | Tensor":

@@ -2,6 +2,7 @@
 level moved as the global value is, plus bounded deviations.  With the spread at 0 a per-tensor
 or per-element run is the global run; the deviations stay bounded and centred; a skipped step
 moves nothing; save/resume is exact; bad options are refused; the defaults pick it."""
+import io
 import math
 
 import pytest
@@ -15,7 +16,8 @@ KINDS = ("lr", "momentum", "weight_decay")
 
 
 def _make(model, granularity, method="greedy", val=True, **kw):
-    xv, yv = tiny_batch(5)
+    dtype = next(model.parameters()).dtype
+    xv, yv = (t.to(dtype) for t in tiny_batch(5))
     val_loss = (lambda: ((model(xv) - yv) ** 2).mean()) if val else None
     return HyperOptimizer(torch.optim.SGD, model.parameters(), lr=0.05, momentum=0.5,
                           weight_decay=1e-3, tune=KINDS, method=method, val_loss=val_loss,
@@ -113,6 +115,61 @@ def test_save_and_resume_is_exact(granularity):
         assert torch.equal(a, b)
 
 
+def test_save_and_resume_is_exact_in_float32():
+    """torch's load_state_dict casts state to the blocks' dtype: the level's state is kept in
+    it, so a float32 run resumes bit for bit too."""
+    def make(model):
+        return _make(model, "element")
+    model = tiny_model().float()
+    opt = make(model)
+
+    def run(opt, model, steps, start):
+        for i in range(start, start + steps):
+            x, y = tiny_batch(i)
+            opt.zero_grad()
+            ((model(x.float()) - y.float()) ** 2).mean().backward()
+            opt.step()
+    run(opt, model, 7, 0)
+    buf = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buf)
+    buf.seek(0)
+    saved = torch.load(buf, weights_only=True)
+    model2 = tiny_model(seed=9).float()
+    model2.load_state_dict(saved["model"])
+    opt2 = make(model2)
+    opt2.load_state_dict(saved["opt"])
+    run(opt, model, 6, 7)
+    run(opt2, model2, 6, 7)
+    assert torch.equal(_lrs(opt), _lrs(opt2))
+    for a, b in zip(model.parameters(), model2.parameters()):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("spread", [0.0, math.log(2)])
+def test_entries_that_start_apart_keep_their_offsets(spread):
+    """Two param groups at lr 0.1 and 0.01, per tensor: the level is the entries' mean shift
+    from where they started, so the groups keep their ratio of 10 (spread 0: exactly) or stay
+    within the spread of it; nothing is pulled together at the first step."""
+    model = tiny_model()
+    first, second = list(model.parameters())[:2], list(model.parameters())[2:]
+    xv, yv = tiny_batch(5)
+    opt = HyperOptimizer(torch.optim.SGD, [{"params": first}, {"params": second, "lr": 0.01}],
+                         lr=0.1, momentum=0.5, granularity="tensor", tune=("lr",),
+                         val_loss=lambda: ((model(xv) - yv) ** 2).mean(),
+                         hyper_optimizer_kwargs={"spread": spread, "deviation_lr": 1.0})
+    train(opt, model, 1)
+    lrs = [g for g in opt.hyperparameters()["lr"]]
+    assert float(lrs[0][0]) / float(lrs[1][0]) == pytest.approx(10.0, rel=0.2)
+    train(opt, model, 40, start=1)
+    lrs = torch.cat([t.reshape(-1) for t in opt.hyperparameters()["lr"]])
+    ratio = (lrs[:2].log().mean() - lrs[2:].log().mean()).exp()
+    if spread == 0:
+        assert float(ratio) == pytest.approx(10.0, rel=1e-9)
+        assert float(lrs[0]) != pytest.approx(0.1, rel=1e-3)      # the level moved
+    else:
+        assert 10.0 / 4.0 ** 2 <= float(ratio) <= 10.0 * 4.0 ** 2
+
+
 def test_a_checkpoint_of_another_hyper_optimizer_is_refused():
     model = tiny_model()
     opt = _make(model, "tensor", hyper_optimizer=NormalizedMomentum)
@@ -128,13 +185,16 @@ def test_a_checkpoint_of_another_hyper_optimizer_is_refused():
     ({"deviation_lr": -0.1}, "deviation_lr must be >= 0"),
     ({"betas": (0.9, 1.0)}, "betas must be two numbers"),
     ({"adam_eps": 0.0}, "adam_eps must be > 0"),
+    ({"params": [{"params": [torch.zeros(3)], "spread": -2.0}]}, "spread must be"),
+    ({"params": [{"params": [torch.zeros(3)], "level": "sgd"}]}, "level must be"),
     ({"lr": -1.0}, "Invalid learning rate"),
     ({"momentum": 1.0}, "Invalid momentum"),
     ({"eps": 0.0}, "Invalid eps"),
 ])
 def test_bad_options_are_refused(kwargs, match):
+    params = kwargs.pop("params", [torch.zeros(3)])
     with pytest.raises(ValueError, match=match):
-        Hierarchical([torch.zeros(3)], **kwargs)
+        Hierarchical(params, **kwargs)
 
 
 @pytest.mark.parametrize("granularity,method,val,expected", [
