@@ -93,7 +93,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
     p.add_argument("--spread", type=float, default=None,
                    help="hierarchical: the largest factor of an entry from the level (e.g. 2)")
     p.add_argument("--momentum-bound", type=float, default=None,
-                   help="momentum's upper bound (default HyperOptimizer's, 0.99)")
+                   help="momentum's upper bound; initial momenta above it are lowered to "
+                        "0.999 x it (default: HyperOptimizer's 0.99, which widens to contain an "
+                        "initial momentum above it instead)")
     args = p.parse_args(argv)
     tasks, methods = args.tasks.split(","), args.methods.split(",")
     hypers, granularities = args.hypers.split(","), args.granularities.split(",")

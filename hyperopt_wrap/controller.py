@@ -87,10 +87,30 @@ class Controller:
                           f"{e}") from e
 
     def add_raw_groups(self, raw_groups: list[dict]) -> None:
+        hyper = self.hyper_optimizer
         for rg in raw_groups:
-            if rg["params"]:
-                self.hyper_optimizer.add_param_group(rg)
+            if not rg["params"]:
+                continue
+            if isinstance(hyper, Hierarchical):    # a kind has one level: its group grows
+                index = next((i for i, g in enumerate(hyper.param_groups)
+                              if g.get("kind") == rg["kind"]), None)
+                if index is not None:
+                    hyper.extend_group(index, rg["params"])
+                    continue
+            hyper.add_param_group(rg)
         self._plan = None
+
+    def fill_group(self, kind: str, group_index: int, value: float) -> None:
+        """A user wrote ``kind`` of a param group: every slot of it takes ``value``; under
+        Hierarchical the written entries are rebased onto the level (kept, not clamped back)."""
+        tk, hyper = self.tuned[kind], self.hyper_optimizer
+        slots = set(tk.group_slots[group_index] or ())
+        levels = {b: hyper.level_of(tk.raws[b]) for b, _ in slots} \
+            if isinstance(hyper, Hierarchical) else {}
+        tk.fill_group(group_index, value)
+        for block, index in slots:
+            if block in levels:
+                hyper.rebase(tk.raws[block], index, levels[block])
 
     # ------------------------------------------------------------------ the window
     def mark_window(self, finite: Tensor) -> None:
@@ -347,6 +367,15 @@ class Controller:
                         dst.copy_(src)
         self.hyper_optimizer.load_state_dict(saved["hyper_optimizer"])
         self._plan = None       # the loaded state tensors are new
+        for tk in self.tuned.values():
+            # default bounds widen to contain a loaded value, as they do an initial one (a
+            # momentum of 0.995 saved under 0.5's bound 0.9999 is not clamped to 0.99)
+            if not tk.given and tk.values:
+                loaded = torch.cat([v.detach().reshape(-1).double().cpu() for v in tk.values])
+                lo, hi = tk.bounds
+                wider = (min(lo, float(loaded.min())), max(hi, float(loaded.max())))
+                if wider != (lo, hi):
+                    tk._set_bounds(wider)
         c = saved["counters"]
         self.contributions = c["contributions"]
         self.hypersteps = Count(c["hypersteps"], self.skipped_steps.device)

@@ -28,10 +28,18 @@ no better); per-element, x1.25 cost greedy or implicit up to 10% on digits or di
 greedy's digits loss 9x), x1.1 0-9%.  HyperOptimizer's defaults: ``spread = log 2`` per tensor,
 ``log 1.1`` per element (:data:`SHARED_LEVEL`).
 
+The level is the entries' mean shift from their *origins* (their values at construction), so
+entries that start apart (param groups at different lrs) keep their offsets.  A param group
+added to the HyperOptimizer later joins its kind's level (:meth:`Hierarchical.extend_group`), and
+a value the user writes to a group is rebased onto the level (:meth:`Hierarchical.rebase`): both
+start at deviation 0, as written.  With spread 0 a run is the global run (float64, to rounding;
+not where an entry sits at a bound, whose clamp then holds the mean back).
+
 Groups without a ``spread`` (HyperOptimizer passes ``spread=None`` for kinds tuned globally or
 per param group) step every entry as a level of its own.  ``found_inf`` (a device float,
-nonzero = skip) skips the whole step on the device, counters included; nothing is read on the
-host.
+1.0 = skip) skips the whole step on the device, counters included; nothing is read on the host.
+Constructed by hand, ``level`` defaults to ``"normalized"`` (greedy's rule); HyperOptimizer
+chooses ``"adam"`` itself for the methods whose global rule is Adam.
 """
 from __future__ import annotations
 
@@ -108,9 +116,11 @@ class Hierarchical(NormalizedMomentum):
         dev = params[0].device
         wide = torch.float32 if dev.type == "mps" else torch.float64
         ok = None if found_inf is None else 1 - found_inf.to(dev, wide)
-        first = self.state[params[0]]
+        first = self.state[group["params"][0]]     # (the group's counter and level state)
         if "step" not in first:
             first["step"] = torch.zeros((), dtype=torch.float32, device=dev)
+        elif first["step"].device != dev:          # (torch's load_state_dict leaves it)
+            first["step"] = first["step"].to(dev)
         step = first["step"]
         step.add_(1 if ok is None else ok.to(step.dtype))
         b1 = group["momentum"]
@@ -132,7 +142,7 @@ class Hierarchical(NormalizedMomentum):
             return (m / bc1).clamp(-1, 1).mul_(-lr)
         beta1, beta2 = group["betas"]
         m.lerp_(grad, _gated(1 - beta1, ok, m.dtype))
-        v.lerp_(grad * grad, _gated(1 - beta2, ok, v.dtype))
+        v.lerp_(_square(grad, v.dtype), _gated(1 - beta2, ok, v.dtype))
         return (m / (1 - beta1 ** t)).div_(
             (v / (1 - beta2 ** t)).sqrt_().add_(group["adam_eps"])).mul_(-lr)
 
@@ -155,8 +165,8 @@ class Hierarchical(NormalizedMomentum):
         for p, mp, vp in zip(params, m.split(sizes), v.split(sizes)):
             self.state[p]["level_avg"].copy_(mp.view_as(p))
             self.state[p]["level_sq"].copy_(vp.view_as(p))
-        if ok is not None:
-            new = torch.lerp(x, new, ok.to(dtype))   # an exact select: a skipped step moves nothing
+        if ok is not None:       # a skipped step moves nothing
+            new = torch.where(ok > 0, new, x)
         torch._foreach_copy_(params, [part.view_as(p) for part, p in zip(new.split(sizes), params)])
 
     def _step_shared(self, group, params, ok, eps_scale, t, bc1) -> None:
@@ -166,7 +176,7 @@ class Hierarchical(NormalizedMomentum):
         construction), so entries that started apart (two param groups at different lrs) keep
         their offsets and deviate from them by at most ``spread``."""
         wide = t.dtype
-        first = self.state[params[0]]
+        first = self.state[group["params"][0]]
         if "level_avg" not in first:   # (in the blocks' dtype, as torch's load_state_dict casts)
             first["level_avg"] = torch.zeros((), dtype=params[0].dtype, device=t.device)
             first["level_sq"] = torch.zeros((), dtype=params[0].dtype, device=t.device)
@@ -186,21 +196,24 @@ class Hierarchical(NormalizedMomentum):
         # the level: the entries' mean shift from their origins; its hypergradient the
         # entries' sum; the dead zone eps * the mean |d value / d raw| (natural units, as for a
         # global value)
-        shifts = torch.stack([p.sum(dtype=wide) - (o.sum(dtype=wide) if o.dim() else
-                                                   o.to(wide) * p.numel())
+        here = t.device             # (blocks on other devices: their sums come here)
+        shifts = torch.stack([(p.sum(dtype=wide) - (o.sum(dtype=wide) if o.dim() else
+                                                    o.to(wide) * p.numel())).to(here)
                               for p, o in zip(params, origins)])
-        gs = torch.stack([g.sum(dtype=wide) for g in grads])
+        gs = torch.stack([g.sum(dtype=wide).to(here) for g in grads])
         scales = [eps_scale[p] for p in params if p in eps_scale]
-        e_sums = torch.stack(torch._foreach_norm(scales, 1, dtype=wide)) if len(scales) == \
-            len(params) else counts
+        e_sums = torch.stack([n.to(here) for n in torch._foreach_norm(scales, 1, dtype=wide)]) \
+            if len(scales) == len(params) else counts
         level = shifts.sum() / total
         floor = group["eps"] * e_sums.sum() / total
         m, v = first["level_avg"].to(wide), first["level_sq"].to(wide)
         delta = self._level_step(group, m, v, gs.sum(), floor, ok, t, bc1)
-        first["level_avg"].copy_(m)
-        first["level_sq"].copy_(v)
+        big = torch.finfo(first["level_avg"].dtype).max      # (stored finite: no inf - inf)
+        first["level_avg"].copy_(m.clamp(-big, big))
+        first["level_sq"].copy_(v.clamp(max=big))
         # the deviations: each block's hypergradient over its RMS (at least the dead zone)
-        rms = torch.stack(torch._foreach_norm(grads, 2, dtype=wide)) / counts.sqrt()
+        rms = torch.stack([n.to(here) for n in torch._foreach_norm(grads, 2, dtype=wide)]) \
+            / counts.sqrt()
         scale = torch.maximum(rms, group["eps"] * e_sums / counts)
         weight = _gated(1 - group["momentum"], ok, wide)
         rate = group["lr"] * group["deviation_lr"]
@@ -209,20 +222,20 @@ class Hierarchical(NormalizedMomentum):
         for i, (p, g, o) in enumerate(zip(params, grads, origins)):
             m = self.state[p]["exp_avg"]
             tiny = torch.finfo(p.dtype).tiny
-            m.lerp_(g.div_(scale[i].clamp(min=tiny).to(p.dtype)), weight.to(p.dtype))
-            d = p - (o.to(wide) + level).to(p.dtype) if o.dim() == 0 else (p - o).sub_(
-                level.to(p.dtype))
-            d.sub_((m / bc1.to(p.dtype)).clamp_(-1, 1), alpha=rate).clamp_(-spread, spread)
+            at = (p.device, p.dtype)
+            m.lerp_(g.div_(scale[i].clamp(min=tiny).to(*at)), weight.to(*at))
+            lv = level.to(p.device)
+            d = p - (o.to(wide) + lv).to(p.dtype) if o.dim() == 0 else (p - o).sub_(
+                lv.to(p.dtype))
+            d.sub_((m / bc1.to(*at)).clamp_(-1, 1), alpha=rate).clamp_(-spread, spread)
             devs.append(d)
-            sums.append(d.sum(dtype=wide))
+            sums.append(d.sum(dtype=wide).to(here))
         shift = level + delta - torch.stack(sums).sum() / total     # re-centred
         for p, d, o in zip(params, devs, origins):
-            new = d.add_((o.to(wide) + shift).to(p.dtype)) if o.dim() == 0 else \
-                d.add_(o).add_(shift.to(p.dtype))
-            if ok is None:
-                p.copy_(new)
-            else:                   # an exact select: a skipped step moves nothing
-                p.lerp_(new, ok.to(p.dtype))
+            sh = shift.to(p.device)
+            new = d.add_((o.to(wide) + sh).to(p.dtype)) if o.dim() == 0 else \
+                d.add_(o).add_(sh.to(p.dtype))
+            p.copy_(new if ok is None else torch.where(ok.to(p.device) > 0, new, p))
 
     def add_param_group(self, param_group: dict) -> None:
         """torch's, and for a group with a ``spread``: each block's origin (its value now; one
@@ -231,13 +244,67 @@ class Hierarchical(NormalizedMomentum):
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         _check_group(group["level"], group["spread"])
+        self._record_origins(group, group["params"], None)
+
+    def extend_group(self, index: int, params: list[Tensor]) -> None:
+        """Add raw blocks to group ``index`` (HyperOptimizer: the blocks of a param group added
+        later join their kind's level rather than starting one of their own).  Their origins
+        are set so that they start at the current level: their deviations are 0."""
+        group = self.param_groups[index]
+        known = {id(p) for g in self.param_groups for p in g["params"]}
+        if any(id(p) in known for p in params):
+            raise ValueError("some blocks are already in the hyper-optimizer")
+        level = self.level_of(group["params"][0]) if group["params"] else None
+        group["params"].extend(params)
+        self._record_origins(group, params, level)
+
+    def _record_origins(self, group: dict, params: list[Tensor], level: Tensor | None) -> None:
         if group["spread"] is None:
             return
         with torch.no_grad():
-            for p in group["params"]:
+            for p in params:
                 flat = p.detach().reshape(-1)
                 uniform = flat.numel() > 0 and bool((flat == flat[0]).all())
-                self.state[p]["origin"] = flat[0].clone() if uniform else p.detach().clone()
+                origin = flat[0].clone() if uniform else p.detach().clone()
+                if level is not None:
+                    origin = (origin.to(level.dtype) - level.to(p.device)).to(p.dtype)
+                self.state[p]["origin"] = origin
+
+    @torch.no_grad()
+    def level_of(self, block: Tensor) -> Tensor | None:
+        """The current level (the mean shift from the origins) of the group holding ``block``,
+        a device scalar; None where the group has no shared level."""
+        group = next((g for g in self.param_groups if any(p is block for p in g["params"])),
+                     None)
+        if group is None or group["spread"] is None:
+            return None
+        wide = torch.float32 if block.device.type == "mps" else torch.float64
+        shift, total = torch.zeros((), dtype=wide, device=block.device), 0
+        for p in group["params"]:
+            o = self.state[p].get("origin")
+            o = p if o is None else o
+            shift += (p.sum(dtype=wide) - (o.sum(dtype=wide) if o.dim() else
+                                           o.to(wide) * p.numel())).to(block.device)
+            total += p.numel()
+        return shift / max(total, 1)
+
+    @torch.no_grad()
+    def rebase(self, block: Tensor, index: int | None, level: Tensor | None) -> None:
+        """A user wrote ``block`` (its entry ``index``, or all of it): the written entries get
+        origins that put them at deviation 0 from ``level`` (the group's level before the
+        write, :meth:`level_of`), so the write is kept, not clamped back."""
+        if level is None:
+            return
+        st = self.state[block]
+        lv = level.to(block.device)
+        if index is None:
+            st["origin"] = (block.reshape(-1)[0].to(lv.dtype) - lv).to(block.dtype)
+            return
+        origin = st.get("origin")
+        origin = block.detach().clone() if origin is None else (
+            origin.expand(block.shape).clone() if origin.dim() == 0 else origin)
+        origin[index] = (block[index].to(lv.dtype) - lv).to(block.dtype)
+        st["origin"] = origin
 
     def _counts(self, params: list[Tensor], dev: torch.device, dtype) -> Tensor:
         """The blocks' sizes on the device, made once per layout (no copy a step)."""
@@ -260,6 +327,15 @@ def _check_group(level, spread) -> None:
                                    and math.isfinite(spread)):
         raise ValueError(f"spread must be a finite number >= 0 (raw units, e.g. math.log(2)) "
                          f"or None, got {spread!r}")
+
+
+def _square(x: Tensor, dtype) -> Tensor:
+    """``x * x`` in ``dtype``, at most its largest finite number (the product is formed in
+    float64, exactly for float32 inputs, so below the largest it equals ``x * x`` in dtype):
+    an Adam second moment never turns inf, and inf - inf never NaN."""
+    wide = torch.float64 if x.device.type != "mps" else torch.float32
+    sq = x.to(wide).square()
+    return sq.clamp_(max=torch.finfo(dtype).max).to(dtype)
 
 
 def _gated(weight: float, ok: Tensor | None, dtype) -> "float | Tensor":

@@ -99,7 +99,8 @@ class HyperOptimizer(torch.optim.Optimizer):
             before 0.3), decided at construction.  Where a kind is tuned per tensor or per
             element, :class:`~hyperopt_wrap.Hierarchical` with that rule as its level: a
             shared level moved as the global value would be, each entry within a factor
-            ``exp(spread)`` (default 2) of it.
+            ``exp(spread)`` of it (2 per tensor, 1.1 per element; before re-centring), unless
+            ``hyper_optimizer_kwargs`` holds options that only the method's class takes.
         hyper_optimizer_kwargs: extra keyword arguments for it.
         update_every: base steps per hyper-step (default: the method's; greedy: 1).
         val_loss: optional zero-argument callable returning a validation loss at the current
@@ -210,9 +211,14 @@ class HyperOptimizer(torch.optim.Optimizer):
                 # be, plus bounded deviations (RESULTS.md, "Per-tensor and per-element values")
                 level = "normalized" if issubclass(hyper_optimizer, NormalizedMomentum) \
                     else "adam" if hyper_optimizer is torch.optim.Adam else None
-                if level is not None:
+                options = dict(hyper_optimizer_kwargs or {})
+                # (options that Hierarchical does not take, e.g. Adam's amsgrad or
+                # NormalizedMomentum's normalize, keep the method's class)
+                if level is not None and set(options) <= _HIERARCHICAL_OPTIONS[level]:
+                    if level == "adam" and "eps" in options:
+                        options["adam_eps"] = options.pop("eps")
                     hyper_optimizer = Hierarchical
-                    hyper_optimizer_kwargs = {"level": level, **(hyper_optimizer_kwargs or {})}
+                    hyper_optimizer_kwargs = {"level": level, **options}
         _check_hyper_optimizer(hyper_optimizer, hyper_optimizer_kwargs)
         if isinstance(hyper_lr, dict):
             wrong = set(hyper_lr) ^ set(tune)
@@ -589,7 +595,7 @@ class HyperOptimizer(torch.optim.Optimizer):
                     continue
                 value = floats[gi][kind]
                 if value != nominal[kind]:
-                    self.tuned[kind].fill_group(gi, value)
+                    self._controller.fill_group(kind, gi, value)
                     nominal[kind] = value
                     self._note_write(gi, kind)
             lr_nominal = nominal.get("lr")
@@ -1170,6 +1176,12 @@ def _check_saved_groups(hyper: dict, rest: dict) -> None:
         if not isinstance(g.get("hyper_nominal"), dict):
             raise CheckpointError(f"param group {gi} of the checkpoint has no 'hyper_nominal' "
                                   "entry: it was not saved by HyperOptimizer.state_dict()")
+
+
+# the options of the method's default class that Hierarchical takes in its place, by level
+_HIERARCHICAL_OPTIONS = {
+    "normalized": {"lr", "spread", "deviation_lr", "momentum", "eps"},
+    "adam": {"lr", "spread", "deviation_lr", "betas", "eps", "adam_eps"}}
 
 
 def _check_hyper_optimizer(cls, kwargs) -> None:

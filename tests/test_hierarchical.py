@@ -222,3 +222,100 @@ def test_a_hyper_optimizer_named_by_the_user_is_kept():
     model = tiny_model()
     opt = _make(model, "element", hyper_optimizer=NormalizedMomentum)
     assert type(opt._controller.hyper_optimizer) is NormalizedMomentum
+
+
+def test_a_param_group_added_later_joins_its_kinds_level():
+    """add_param_group: the new group's per-tensor entries join the kind's one level (not one
+    of their own), starting at the lr the user gave them; with spread 0 their ratio to the
+    others stays fixed from then on."""
+    model = tiny_model()
+    params = list(model.parameters())
+    xv, yv = tiny_batch(5)
+    opt = HyperOptimizer(torch.optim.SGD, [{"params": params[:2]}], lr=0.05, momentum=0.5,
+                         granularity="tensor", tune=("lr",),
+                         val_loss=lambda: ((model(xv) - yv) ** 2).mean(),
+                         hyper_optimizer_kwargs={"spread": 0.0})
+    train(opt, model, 5)
+    opt.add_param_group({"params": params[2:], "lr": 0.02})
+    groups = opt.hyper_optimizer.param_groups
+    assert [g["kind"] for g in groups] == ["lr"] and len(groups[0]["params"]) == 2
+    new = opt.hyperparameters()["lr"][1]
+    assert torch.allclose(new, torch.full_like(new, 0.02))     # the user's value, kept
+    old = float(opt.hyperparameters()["lr"][0][0])
+    train(opt, model, 10, start=5)
+    lrs = opt.hyperparameters()["lr"]
+    assert float(lrs[1][0]) / float(lrs[0][0]) == pytest.approx(0.02 / old, rel=1e-9)
+    assert float(lrs[0][0]) != pytest.approx(old, rel=1e-3)    # the level moved
+
+
+def test_a_value_written_to_a_group_is_kept():
+    """Writing weight decay to one param group (per-tensor values under Hierarchical) rebases
+    its entries onto the level: the write is not clamped back, the other group not dragged."""
+    model = tiny_model()
+    params = list(model.parameters())
+    xv, yv = tiny_batch(5)
+    opt = HyperOptimizer(torch.optim.SGD, [{"params": params[:2]}, {"params": params[2:]}],
+                         lr=0.05, momentum=0.5, weight_decay=1e-3, granularity="tensor",
+                         tune=("lr", "weight_decay"), hyper_lr=0.01,
+                         val_loss=lambda: ((model(xv) - yv) ** 2).mean())
+    train(opt, model, 3)
+    before = opt.hyperparameters()["weight_decay"]
+    opt.param_groups[1]["weight_decay"] = 1e-5
+    train(opt, model, 1, start=3)
+    after = opt.hyperparameters()["weight_decay"]
+    assert torch.allclose(after[1], torch.full_like(after[1], 1e-5), rtol=0.05)
+    assert torch.allclose(after[0], before[0], rtol=0.05)
+
+
+@pytest.mark.parametrize("method,granularity,options,expected", [
+    ("implicit", "tensor", {"amsgrad": True}, "Adam"),
+    ("implicit", "tensor", {"weight_decay": 0.0}, "Adam"),
+    ("greedy", "element", {"normalize": "group"}, "NormalizedMomentum"),
+    ("greedy", "element", {"momentum": 0.8}, "Hierarchical"),
+    ("implicit", "element", {"betas": (0.8, 0.99)}, "Hierarchical"),
+])
+def test_options_for_the_methods_own_class_keep_it(method, granularity, options, expected):
+    model = tiny_model()
+    opt = _make(model, granularity, method, hyper_optimizer_kwargs=options)
+    assert type(opt.hyper_optimizer).__name__ == expected
+
+
+def test_eps_for_an_adam_level_is_adams():
+    model = tiny_model()
+    opt = _make(model, "element", "implicit", hyper_optimizer_kwargs={"eps": 1e-3})
+    group = opt.hyper_optimizer.param_groups[0]
+    assert (group["level"], group["adam_eps"], group["eps"]) == ("adam", 1e-3, 1e-8)
+
+
+@pytest.mark.parametrize("shared", [True, False], ids=["shared-level", "own-levels"])
+def test_huge_hypergradients_never_make_a_nan(shared):
+    """float32 hypergradients near the top of the range (a run blowing up in finite
+    arithmetic): the Adam level's squares stay finite, so neither a step nor a skipped step
+    turns a value or the state into NaN (inf - inf)."""
+    blocks = [torch.zeros(4), torch.zeros(3)]
+    group = {"params": blocks} if shared else {"params": blocks, "spread": None}
+    opt = Hierarchical([group], lr=0.1, level="adam")
+    for grad, skip in ((3e19, 0.0), (3e19, 1.0), (1.0, 0.0), (3e38, 0.0), (1.0, 0.0)):
+        for b in blocks:
+            b.grad = torch.full_like(b, grad)
+        opt.step(found_inf=torch.tensor(skip))
+        assert all(b.isfinite().all() for b in blocks), (grad, skip)
+        assert all(v.isfinite().all() for st in opt.state.values() for v in st.values())
+
+
+def test_a_loaded_value_above_a_default_bound_widens_it():
+    """A checkpoint of 0.5 (momentum's bound then 0.9999) holding momentum 0.995 resumes at
+    0.995: the default bound widens to contain a loaded value as it does an initial one."""
+    def make(model, **kw):
+        xv, yv = tiny_batch(5)
+        return HyperOptimizer(torch.optim.SGD, model.parameters(), lr=0.05, momentum=0.5,
+                              tune=("lr", "momentum"), hyper_lr={"lr": 0.01, "momentum": 0.0},
+                              val_loss=lambda: ((model(xv) - yv) ** 2).mean(), **kw)
+    model = tiny_model()
+    opt = make(model, bounds={"momentum": (0.0, 0.9999)})
+    opt.param_groups[0]["momentum"] = 0.995
+    train(opt, model, 2)
+    model2, opt2, _ = reloaded(model, opt, make)
+    train(opt2, model2, 2, start=2)
+    assert float(opt2.hyperparameters()["momentum"][0]) == pytest.approx(0.995)
+    assert opt2._controller.tuned["momentum"].bounds[1] == pytest.approx(0.995)
