@@ -585,7 +585,9 @@ def render(settings: dict, methods: list[Method], skipped: list[str], results: d
         good = [k for k, ok in met.items() if ok]
         verdict_lines.append(f"- {name}: " + (f"met by {', '.join(good)}" if good else
                                              "not met by any of our methods") + ".")
-    lines += ["", "Reading the diagnostics: the hyper-optimizer (Adam) moves a raw value (log lr, "
+    lines += ["", "Reading the diagnostics: the hyper-optimizer (greedy: normalised momentum; the "
+              "others: Adam; per tensor or per element: Hierarchical, whose level moves so) "
+              "moves a raw value (log lr, "
               "log weight decay, logit momentum) by about its step size per hyper-step whatever "
               "the hypergradient's magnitude, as long as its sign holds: greedy 0.05 every step, "
               "implicit 0.115, unroll and rtrl 0.05 every 10 steps (their defaults). Going from "
