@@ -25,7 +25,9 @@ global row on digits.  Tying the entries to a level keeps what works globally (w
 the run is the global run) and lets them differ only as far as ``spread`` allows.  Measured:
 per-tensor within x2 as good as global or better on digits, diabetes and the LSTM (x4 and x10
 no better); per-element, x1.25 cost greedy or implicit up to 10% on digits or diabetes (x2:
-greedy's digits loss 9x), x1.1 0-9%.  HyperOptimizer's defaults: ``spread = log 2`` per tensor,
+greedy's digits loss 9x), x1.1 0-9%.  In the study (N=20) the per-tensor and per-element rows
+of greedy, implicit and unroll are at or below global on diabetes and the LSTM, 0.7-5.5% above
+on digits.  HyperOptimizer's defaults: ``spread = log 2`` per tensor,
 ``log 1.1`` per element (:data:`SHARED_LEVEL`).
 
 The level is the entries' mean shift from their *origins* (their values at construction), so
@@ -48,9 +50,14 @@ import math
 import torch
 from torch import Tensor
 
-from .normalized_momentum import NormalizedMomentum
+from .normalized_momentum import _FLAT_MAX, NormalizedMomentum
 
 LEVELS = ("normalized", "adam")
+#: a shared group of more blocks than this, averaging under 4096 entries, is stepped on one flat
+#: vector (a dozen ops in all, where block by block costs a dozen a block: per-element lr on 200
+#: 16x16 tensors took 3.7x a torch SGD step so); fewer or larger blocks, block by block (no copy
+#: of all entries)
+FLAT_BLOCKS = 8
 #: the granularities whose entries share a level (the others: every entry its own level), with
 #: the spread HyperOptimizer gives them when the user names none (measured: RESULTS.md,
 #: "Per-tensor and per-element values")
@@ -128,7 +135,11 @@ class Hierarchical(NormalizedMomentum):
         if group["spread"] is None:
             self._step_own(group, params, ok, eps_scale, step.to(wide).clamp(min=1), bc1)
         else:
-            self._step_shared(group, params, ok, eps_scale, step.to(wide).clamp(min=1), bc1)
+            many_small = len(params) > FLAT_BLOCKS and \
+                sum(p.numel() for p in params) < _FLAT_MAX * len(params) and \
+                len({(p.device, p.dtype) for p in params}) == 1
+            shared = self._step_flat_shared if many_small else self._step_shared
+            shared(group, params, ok, eps_scale, step.to(wide).clamp(min=1), bc1)
 
     @staticmethod
     def _level_step(group: dict, m: Tensor, v: Tensor, grad: Tensor, floor: Tensor, ok,
@@ -171,8 +182,8 @@ class Hierarchical(NormalizedMomentum):
 
     def _step_shared(self, group, params, ok, eps_scale, t, bc1) -> None:
         """One level for the group's entries, and their deviations: block by block, in the
-        blocks' dtype (the sums in float64), a dozen passes over the entries and no copy of
-        them all.  The level is the entries' mean shift from their origins (their values at
+        blocks' dtype (the sums' results widened to float64), a dozen passes over the entries
+        and no copy of them all.  The level is the entries' mean shift from their origins (their values at
         construction), so entries that started apart (two param groups at different lrs) keep
         their offsets and deviate from them by at most ``spread``."""
         wide = t.dtype
@@ -193,16 +204,23 @@ class Hierarchical(NormalizedMomentum):
             grads.append(p.grad if ok is None else torch.nan_to_num_(p.grad, 0.0, 0.0, 0.0))
         total = sum(p.numel() for p in params)
         counts = self._counts(params, t.device, wide)
+        # (at most max / total each, so that the sums below stay finite in the blocks' dtype:
+        # only a blow-up's hypergradients are that large, and the level reads their sign)
+        for g in grads:
+            lim = torch.finfo(g.dtype).max / total
+            g.clamp_(-lim, lim)
         # the level: the entries' mean shift from their origins; its hypergradient the
         # entries' sum; the dead zone eps * the mean |d value / d raw| (natural units, as for a
         # global value)
         here = t.device             # (blocks on other devices: their sums come here)
-        shifts = torch.stack([(p.sum(dtype=wide) - (o.sum(dtype=wide) if o.dim() else
-                                                    o.to(wide) * p.numel())).to(here)
+        # (sums in the blocks' dtype, then widened: a float64 sum of a float32 tensor would
+        # copy it, 170 us and a page fault per 4 KiB on 200k entries)
+        shifts = torch.stack([(p.sum().to(wide) - (o.sum().to(wide) if o.dim() else
+                                                   o.to(wide) * p.numel())).to(here)
                               for p, o in zip(params, origins)])
-        gs = torch.stack([g.sum(dtype=wide).to(here) for g in grads])
+        gs = torch.stack([g.sum().to(here, wide) for g in grads])
         scales = [eps_scale[p] for p in params if p in eps_scale]
-        e_sums = torch.stack([n.to(here) for n in torch._foreach_norm(scales, 1, dtype=wide)]) \
+        e_sums = torch.stack([n.to(here, wide) for n in torch._foreach_norm(scales, 1)]) \
             if len(scales) == len(params) else counts
         level = shifts.sum() / total
         floor = group["eps"] * e_sums.sum() / total
@@ -212,7 +230,7 @@ class Hierarchical(NormalizedMomentum):
         first["level_avg"].copy_(m.clamp(-big, big))
         first["level_sq"].copy_(v.clamp(max=big))
         # the deviations: each block's hypergradient over its RMS (at least the dead zone)
-        rms = torch.stack([n.to(here) for n in torch._foreach_norm(grads, 2, dtype=wide)]) \
+        rms = torch.stack([n.to(here, wide) for n in torch._foreach_norm(grads, 2)]) \
             / counts.sqrt()
         scale = torch.maximum(rms, group["eps"] * e_sums / counts)
         weight = _gated(1 - group["momentum"], ok, wide)
@@ -227,15 +245,100 @@ class Hierarchical(NormalizedMomentum):
             lv = level.to(p.device)
             d = p - (o.to(wide) + lv).to(p.dtype) if o.dim() == 0 else (p - o).sub_(
                 lv.to(p.dtype))
-            d.sub_((m / bc1.to(*at)).clamp_(-1, 1), alpha=rate).clamp_(-spread, spread)
+            # (m / bc1 formed in the consumed hypergradient's memory: one allocation a block)
+            d.sub_(torch.div(m, bc1.to(*at), out=g).clamp_(-1, 1), alpha=rate)
+            d.clamp_(-spread, spread)
             devs.append(d)
-            sums.append(d.sum(dtype=wide).to(here))
+            sums.append(d.sum().to(here, wide))
         shift = level + delta - torch.stack(sums).sum() / total     # re-centred
         for p, d, o in zip(params, devs, origins):
             sh = shift.to(p.device)
             new = d.add_((o.to(wide) + sh).to(p.dtype)) if o.dim() == 0 else \
                 d.add_(o).add_(sh.to(p.dtype))
-            p.copy_(new if ok is None else torch.where(ok.to(p.device) > 0, new, p))
+            if ok is not None:
+                torch.where(ok.to(p.device) > 0, new, p, out=new)
+            p.copy_(new)
+
+    def _step_flat_shared(self, group, params, ok, eps_scale, t, bc1) -> None:
+        """:meth:`_step_shared` for many small blocks, on one flat vector (the same arithmetic;
+        the sums in another order): the deviations' momentum is a flat buffer whose views are
+        the blocks' ``exp_avg``."""
+        wide, dev = t.dtype, t.device
+        first = self.state[group["params"][0]]
+        if "level_avg" not in first:
+            first["level_avg"] = torch.zeros((), dtype=params[0].dtype, device=dev)
+            first["level_sq"] = torch.zeros((), dtype=params[0].dtype, device=dev)
+        plan = self._flat_plan(params)
+        dtype, lengths, total = plan["dtype"], plan["lengths"], plan["total"]
+        tiny = torch.finfo(dtype).tiny
+        x = torch.cat([p.reshape(-1) for p in params]).to(dtype)
+        g = torch.cat([p.grad.reshape(-1) for p in params]).to(dtype)
+        if ok is not None:
+            g = torch.nan_to_num(g, 0.0, 0.0, 0.0)
+        lim = torch.finfo(dtype).max / total      # (sums stay finite, as in _step_shared)
+        g.clamp_(-lim, lim)
+        counts = plan["counts"]
+        if all(p in eps_scale for p in params):
+            e = torch.cat([eps_scale[p].reshape(-1).to(dtype) for p in params]).abs_()
+            e_sums = torch.segment_reduce(e, "sum", lengths=lengths).to(wide)
+        else:
+            e_sums = counts
+        o = plan["origin"]
+        level = (x - o).sum().to(wide) / total
+        floor = group["eps"] * e_sums.sum() / total
+        m, v = first["level_avg"].to(wide), first["level_sq"].to(wide)
+        delta = self._level_step(group, m, v, g.sum().to(wide), floor, ok, t, bc1)
+        big = torch.finfo(first["level_avg"].dtype).max
+        first["level_avg"].copy_(m.clamp(-big, big))
+        first["level_sq"].copy_(v.clamp(max=big))
+        sq = torch.segment_reduce(g.square(), "sum", lengths=lengths).to(wide)
+        scale = torch.maximum((sq / counts).sqrt(), group["eps"] * e_sums / counts)
+        scale = scale.to(dtype).clamp_(min=tiny).repeat_interleave(lengths, output_size=total)
+        dm = plan["exp_avg"]
+        dm.lerp_(g.div_(scale), _gated(1 - group["momentum"], ok, wide).to(dtype)
+                 if ok is not None else 1 - group["momentum"])
+        d = (x - o).sub_(level.to(dtype))
+        d.sub_((dm / bc1.to(dtype)).clamp_(-1, 1), alpha=group["lr"] * group["deviation_lr"])
+        d.clamp_(-group["spread"], group["spread"])
+        shift = level + delta - d.sum().to(wide) / total       # re-centred
+        new = d.add_(o).add_(shift.to(dtype))
+        if ok is not None:
+            new = torch.where(ok > 0, new, x)
+        torch._foreach_copy_(params, [part.view_as(p) for part, p in
+                                      zip(new.split(plan["sizes"]), params)])
+
+    def _flat_plan(self, params: list[Tensor]) -> dict:
+        """The flat layout of many small blocks (memoised; rebuilt when the blocks, their
+        origins or their ``exp_avg`` tensors change: after a load, a rebase or a new block):
+        sizes, the origins as one vector, the deviations' momentum as one buffer whose views
+        are the blocks' ``exp_avg``."""
+        states = [self.state[p] for p in params]
+        key = tuple((id(p), id(st.get("origin"))) for p, st in zip(params, states))
+        plan = self.__dict__.get("_flat_shared")
+        if plan is not None and plan["key"] == key and all(
+                st.get("exp_avg") is view for st, view in zip(states, plan["views"])):
+            return plan
+        dev = params[0].device
+        dtype = params[0].dtype
+        wide = torch.float32 if dev.type == "mps" else torch.float64
+        sizes = [p.numel() for p in params]
+        for p, st in zip(params, states):
+            if "origin" not in st:
+                st["origin"] = p.detach().clone()
+        origin = torch.cat([st["origin"].to(dtype).expand(p.shape).reshape(-1)
+                            for p, st in zip(params, states)])
+        m = torch.cat([st["exp_avg"].to(dtype).reshape(-1) if "exp_avg" in st
+                       else torch.zeros(n, dtype=dtype, device=dev)
+                       for st, n in zip(states, sizes)])
+        views = [v.view_as(p) for v, p in zip(m.split(sizes), params)]
+        for st, view in zip(states, views):
+            st["exp_avg"] = view
+        lengths = torch.tensor(sizes, device=dev)
+        plan = {"key": key, "views": views, "exp_avg": m, "origin": origin, "sizes": sizes,
+                "lengths": lengths, "counts": lengths.to(wide), "total": sum(sizes),
+                "dtype": dtype}
+        self._flat_shared = plan
+        return plan
 
     def add_param_group(self, param_group: dict) -> None:
         """torch's, and for a group with a ``spread``: each block's origin (its value now; one
@@ -301,8 +404,9 @@ class Hierarchical(NormalizedMomentum):
             st["origin"] = (block.reshape(-1)[0].to(lv.dtype) - lv).to(block.dtype)
             return
         origin = st.get("origin")
-        origin = block.detach().clone() if origin is None else (
-            origin.expand(block.shape).clone() if origin.dim() == 0 else origin)
+        # (a new tensor: the flat layout of many small blocks notices it)
+        origin = block.detach().clone() if origin is None else \
+            origin.expand(block.shape).clone()
         origin[index] = (block[index].to(lv.dtype) - lv).to(block.dtype)
         st["origin"] = origin
 
@@ -317,6 +421,7 @@ class Hierarchical(NormalizedMomentum):
     def __getstate__(self):
         state = super().__getstate__()
         state.pop("_counts_cache", None)
+        state.pop("_flat_shared", None)     # (views into a flat buffer: rebuilt on demand)
         return state
 
 

@@ -319,3 +319,41 @@ def test_a_loaded_value_above_a_default_bound_widens_it():
     train(opt2, model2, 2, start=2)
     assert float(opt2.hyperparameters()["momentum"][0]) == pytest.approx(0.995)
     assert opt2._controller.tuned["momentum"].bounds[1] == pytest.approx(0.995)
+
+
+@pytest.mark.parametrize("level", ["normalized", "adam"])
+def test_many_small_blocks_step_on_one_flat_vector_as_block_by_block(level, monkeypatch):
+    """More than FLAT_BLOCKS small blocks take the flat path: the same arithmetic as block by
+    block (float64, 25 steps with a skipped one and a NaN in it), the sums in another order;
+    the blocks' exp_avg are views into one buffer, rebuilt after a rebase."""
+    import hyperopt_wrap.hierarchical as hierarchical
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(5, 4)] * 6 + [(3,)] * 6
+    start = [torch.full(s, -2.0, dtype=torch.float64) for s in shapes]
+    start[3] = start[3] - 0.5                   # a block that starts apart
+    runs = []
+    for flat_blocks in (hierarchical.FLAT_BLOCKS, 10 ** 6):
+        monkeypatch.setattr(hierarchical, "FLAT_BLOCKS", flat_blocks)
+        blocks = [b.clone() for b in start]
+        opt = Hierarchical([{"params": blocks}], lr=0.1, level=level, spread=math.log(1.5),
+                           deviation_lr=1.0)
+        g = torch.Generator().manual_seed(1)
+        for i in range(25):
+            for b in blocks:
+                b.grad = torch.randn(b.shape, generator=g, dtype=torch.float64)
+            if i == 7:
+                blocks[2].grad[0, 0] = math.nan
+            if i == 12:
+                opt.rebase(blocks[4], None, opt.level_of(blocks[4]))
+            opt.step(found_inf=torch.tensor(float(i == 7), dtype=torch.float64),
+                     eps_scale={b: b.exp() for b in blocks})
+        runs.append((blocks, opt))
+    (flat, fopt), (blockwise, bopt) = runs
+    assert "_flat_shared" in fopt.__dict__ and "_flat_shared" not in bopt.__dict__
+    views = fopt.__dict__["_flat_shared"]["views"]
+    assert all(fopt.state[b]["exp_avg"] is v for b, v in zip(flat, views))
+    for a, b in zip(flat, blockwise):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(fopt.state[a]["exp_avg"], bopt.state[b]["exp_avg"],
+                                   rtol=1e-12, atol=1e-12)
+    assert not torch.equal(flat[0], start[0])
