@@ -50,7 +50,7 @@ import math
 import torch
 from torch import Tensor
 
-from .normalized_momentum import _FLAT_MAX, NormalizedMomentum
+from .normalized_momentum import _FLAT_MAX, NormalizedMomentum, check_options
 
 LEVELS = ("normalized", "adam")
 #: a shared group of more blocks than this, averaging under 4096 entries, is stepped on one flat
@@ -86,12 +86,7 @@ class Hierarchical(NormalizedMomentum):
                  spread: float | None = math.log(2), deviation_lr: float = 0.25,
                  momentum: float = 0.9, eps: float = 1e-8,
                  betas: tuple[float, float] = (0.9, 0.999), adam_eps: float = 1e-8):
-        if not (isinstance(lr, (int, float)) and lr >= 0.0):
-            raise ValueError(f"Invalid learning rate: {lr}")
-        if not 0.0 <= momentum < 1.0:
-            raise ValueError(f"Invalid momentum: {momentum} (must lie in [0, 1))")
-        if not eps > 0.0:
-            raise ValueError(f"Invalid eps: {eps} (must be > 0)")
+        check_options(lr, momentum, eps)
         _check_group(level, spread)
         if not (isinstance(deviation_lr, (int, float)) and deviation_lr >= 0):
             raise ValueError(f"deviation_lr must be >= 0, got {deviation_lr!r}")

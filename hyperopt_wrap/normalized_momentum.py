@@ -58,12 +58,7 @@ class NormalizedMomentum(torch.optim.Optimizer):
 
     def __init__(self, params, lr: float = 0.05, momentum: float = 0.9, eps: float = 1e-8,
                  normalize: str = "block"):
-        if not (isinstance(lr, (int, float)) and lr >= 0.0):
-            raise ValueError(f"Invalid learning rate: {lr}")
-        if not 0.0 <= momentum < 1.0:
-            raise ValueError(f"Invalid momentum: {momentum} (must lie in [0, 1))")
-        if not eps > 0.0:
-            raise ValueError(f"Invalid eps: {eps} (must be > 0)")
+        check_options(lr, momentum, eps)
         if normalize not in ("block", "group"):
             raise ValueError(f"normalize must be 'block' or 'group', got {normalize!r}")
         super().__init__(params, dict(lr=lr, momentum=momentum, eps=eps, normalize=normalize))
@@ -225,6 +220,16 @@ class NormalizedMomentum(torch.optim.Optimizer):
         state = super().__getstate__()
         state.pop("_flat", None)       # (views into flat buffers: rebuilt on demand)
         return state
+
+
+def check_options(lr, momentum, eps) -> None:
+    """The options NormalizedMomentum and Hierarchical share."""
+    if not (isinstance(lr, (int, float)) and lr >= 0.0):
+        raise ValueError(f"Invalid learning rate: {lr}")
+    if not 0.0 <= momentum < 1.0:
+        raise ValueError(f"Invalid momentum: {momentum} (must lie in [0, 1))")
+    if not eps > 0.0:
+        raise ValueError(f"Invalid eps: {eps} (must be > 0)")
 
 
 def _advance(m: Tensor, step: Tensor, g_hat: Tensor, weight, ok: Tensor | None) -> None:
