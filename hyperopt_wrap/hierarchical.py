@@ -26,8 +26,8 @@ the run is the global run) and lets them differ only as far as ``spread`` allows
 per-tensor within x2 as good as global or better on digits, diabetes and the LSTM (x4 and x10
 no better); per-element, x1.25 cost greedy or implicit up to 10% on digits or diabetes (x2:
 greedy's digits loss 9x), x1.1 0-9%.  In the study (N=20) the per-tensor and per-element rows
-of greedy, implicit and unroll are at or below global on diabetes and the LSTM, 0.7-5.5% above
-on digits.  HyperOptimizer's defaults: ``spread = log 2`` per tensor,
+of greedy, implicit and unroll are at or below global on diabetes and the LSTM (one 0.1% above),
+0.7-7.1% above on digits.  HyperOptimizer's defaults: ``spread = log 2`` per tensor,
 ``log 1.1`` per element (:data:`SHARED_LEVEL`).
 
 The level is the entries' mean shift from their *origins* (their values at construction), so
