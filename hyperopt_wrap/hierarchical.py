@@ -178,9 +178,9 @@ class Hierarchical(NormalizedMomentum):
     def _step_shared(self, group, params, ok, eps_scale, t, bc1) -> None:
         """One level for the group's entries, and their deviations: block by block, in the
         blocks' dtype (the sums' results widened to float64), a dozen passes over the entries
-        and no copy of them all.  The level is the entries' mean shift from their origins (their values at
-        construction), so entries that started apart (two param groups at different lrs) keep
-        their offsets and deviate from them by at most ``spread``."""
+        and no copy of them all.  The level is the entries' mean shift from their origins
+        (their values at construction), so entries that started apart (two param groups at
+        different lrs) keep their offsets and deviate from them by at most ``spread``."""
         wide = t.dtype
         first = self.state[group["params"][0]]
         if "level_avg" not in first:   # (in the blocks' dtype, as torch's load_state_dict casts)
