@@ -210,9 +210,7 @@ class Hierarchical(NormalizedMomentum):
         here = t.device             # (blocks on other devices: their sums come here)
         # (sums in the blocks' dtype, then widened: a float64 sum of a float32 tensor would
         # copy it, 170 us and a page fault per 4 KiB on 200k entries)
-        shifts = torch.stack([(p.sum().to(wide) - (o.sum().to(wide) if o.dim() else
-                                                   o.to(wide) * p.numel())).to(here)
-                              for p, o in zip(params, origins)])
+        shifts = torch.stack([_shift(p, o, wide, here) for p, o in zip(params, origins)])
         gs = torch.stack([g.sum().to(here, wide) for g in grads])
         scales = [eps_scale[p] for p in params if p in eps_scale]
         e_sums = torch.stack([n.to(here, wide) for n in torch._foreach_norm(scales, 1)]) \
@@ -377,14 +375,10 @@ class Hierarchical(NormalizedMomentum):
         if group is None or group["spread"] is None:
             return None
         wide = torch.float32 if block.device.type == "mps" else torch.float64
-        shift, total = torch.zeros((), dtype=wide, device=block.device), 0
-        for p in group["params"]:
-            o = self.state[p].get("origin")
-            o = p if o is None else o
-            shift += (p.sum(dtype=wide) - (o.sum(dtype=wide) if o.dim() else
-                                           o.to(wide) * p.numel())).to(block.device)
-            total += p.numel()
-        return shift / max(total, 1)
+        shifts = [_shift(p, self.state[p].get("origin", p), wide, block.device)
+                  for p in group["params"]]
+        total = sum(p.numel() for p in group["params"])
+        return torch.stack(shifts).sum() / max(total, 1)
 
     @torch.no_grad()
     def rebase(self, block: Tensor, index: int | None, level: Tensor | None) -> None:
@@ -427,6 +421,13 @@ def _check_group(level, spread) -> None:
                                    and math.isfinite(spread)):
         raise ValueError(f"spread must be a finite number >= 0 (raw units, e.g. math.log(2)) "
                          f"or None, got {spread!r}")
+
+
+def _shift(p: Tensor, origin: Tensor, wide, here: torch.device) -> Tensor:
+    """``sum(p - origin)`` (a 0-dim origin: one number for the block), summed in the block's
+    dtype and widened after (a float64 sum of a float32 tensor would copy it), on ``here``."""
+    base = origin.sum().to(wide) if origin.dim() else origin.to(wide) * p.numel()
+    return (p.sum().to(wide) - base).to(here)
 
 
 def _square(x: Tensor, dtype) -> Tensor:
