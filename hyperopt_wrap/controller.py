@@ -120,14 +120,20 @@ class Controller:
             finite = finite.to(self.window_finite.device)
         self.window_finite &= finite
 
-    def count_step(self, finite: Tensor, backoff: bool = True) -> None:
+    def count_step(self, taken: Tensor, backoff: bool = True,
+                   finite: Tensor | None = None) -> None:
         """Count a skipped base step; with ``backoff`` (the gradient itself was not finite, not
-        an AMP loss-scale overflow) the tuned lr backs off at the coming hyper-step."""
-        if finite.device != self.skipped_steps.device:
-            finite = finite.to(self.skipped_steps.device)
-        self.skipped_steps.add_(~finite)
-        if backoff and self.backoff is not None:
-            self.window_skips.add_(~finite)
+        an AMP loss-scale overflow) the tuned lr backs off at the coming hyper-step.  A step
+        with a finite gradient that was not ``taken`` (``finite`` given: rollback's blow-up
+        test rejected it) backs off in either case."""
+        dev = self.skipped_steps.device
+        taken = taken.to(dev)
+        self.skipped_steps.add_(~taken)
+        if self.backoff is not None:
+            if backoff:
+                self.window_skips.add_(~taken)
+            elif finite is not None:
+                self.window_skips.add_(finite.to(dev) & ~taken)
 
     def abandon_window(self) -> None:
         self.contributions = 0

@@ -118,10 +118,12 @@ class HyperOptimizer(torch.optim.Optimizer):
         recovery: what a step skipped for a non-finite gradient does besides skipping:
             ``"backoff"`` (default: the tuned lr halves for each such step, at the coming
             hyper-step, as GradScaler backs off its scale; not for skips an AMP caller flags
-            through ``found_inf``), ``"rollback"`` (that, and the weights and optimizer state
+            through ``found_inf``), ``"rollback"`` (that, a step whose gradient norm outgrows a
+            running reference by 10x is skipped too, and the weights and optimizer state
             return to where the last taken step started: a run that blew up in finite
             arithmetic recovers; one copy of the weights and state on their device, two more
-            passes a step) or ``None`` (skip only).
+            passes a step) or ``None`` (skip only).  Skipped steps are counted in
+            :attr:`skipped_steps`.
         max_grad_norm: clip the gradient's norm (over all parameters) to this, as
             ``torch.nn.utils.clip_grad_norm_`` does, inside the step after unscaling, and
             differentiate the clip: second-order methods' Hessian-vector products go through its
@@ -718,9 +720,10 @@ class HyperOptimizer(torch.optim.Optimizer):
         found_inf = getattr(self, "found_inf", None)
         if plan is not None:
             finite, dots = self._stepper.check_grads(buckets, self._device, plan, found_inf)
+            grads_finite = finite
         else:
-            finite = self._load_grads(buckets, source, found_inf)
-        self._controller.count_step(finite, backoff=found_inf is None)
+            finite, grads_finite = self._load_grads(buckets, source, found_inf)
+        self._controller.count_step(finite, backoff=found_inf is None, finite=grads_finite)
         try:
             if self.val_loss is None:
                 # E is the training loss at the weights of the last step: its gradient is this
@@ -778,24 +781,27 @@ class HyperOptimizer(torch.optim.Optimizer):
         self._settle_versions()
         return loss
 
-    def _load_grads(self, buckets: list[Bucket], source, found_inf: Tensor | None) -> Tensor:
-        """The gradients into the buckets' flat buffers, checked, agreed across ranks, rolled
-        back from and clipped as configured; returns the step's finite flag (on the device)."""
-        finite = self._stepper.load_grads(buckets, self._device, found_inf,
-                                          getattr(self, "grad_scale", None),
-                                          check_in_place=not isinstance(source, GraphSource))
+    def _load_grads(self, buckets: list[Bucket], source, found_inf: Tensor | None
+                    ) -> tuple[Tensor, Tensor]:
+        """The gradients into the buckets' flat buffers, checked, agreed across ranks, put to
+        the blow-up test, rolled back from and clipped as configured; returns whether the step
+        is taken and whether its gradients were finite (0-dim bools on the device)."""
+        taken, finite = self._stepper.load_grads(
+            buckets, self._device, found_inf, getattr(self, "grad_scale", None),
+            check_in_place=not isinstance(source, GraphSource),
+            growth=_ROLLBACK_GROWTH if self.recovery == "rollback" else None)
         if self._shards is not None:     # skipped on every rank when not finite on one
-            finite = self._stepper.restrict(buckets,
-                                            self._controller.reduction.agree_finite(finite))
+            taken = finite = self._stepper.restrict(
+                buckets, self._controller.reduction.agree_finite(taken))
         if self.recovery == "rollback":
-            finite = self._stepper.rollback(buckets, finite, _ROLLBACK_GROWTH)
+            self._stepper.rollback(buckets, taken)
         if self.max_grad_norm is not None:
             coef, norm = self._stepper.clip(   # (FSDP2: the norm over every rank's shard)
                 buckets, self.max_grad_norm, self._device,
                 self._controller.reduction.sum_ if self._shards is not None else None)
             if source is not None:
                 source.clip = GradClip(coef, norm, self.max_grad_norm)
-        return finite
+        return taken, finite
 
     def _fused_plan(self, buckets: list[Bucket], scales: list[float], options: list[dict],
                     foreach: list[bool]) -> list[dict] | None:
@@ -964,6 +970,9 @@ class HyperOptimizer(torch.optim.Optimizer):
             "shapes": [[list(p.shape) for p in g["params"]] for g in self.param_groups],
             "groups": groups,
         }
+        ref = self._stepper.guard_ref
+        if ref is not None:      # the blow-up test's reference (rollback, since 0.6.1; absent: it starts afresh)
+            sd["hyper"]["guard"] = ref.clone()
         return sd
 
     def _groups_in_use(self, saved_groups: list[dict]) -> list[dict]:
@@ -1042,6 +1051,12 @@ class HyperOptimizer(torch.optim.Optimizer):
         check_base_state(self.rule, self._ctx._groups, rest)
         self._controller.check_loadable(hyper["controller"])
         self.method.check_loadable(self._ctx, hyper["method"])
+        ref = hyper.get("guard")
+        if ref is not None and not (isinstance(ref, Tensor) and ref.dim() == 0
+                                    and ref.is_floating_point() and not bool(ref < 0)):
+            raise CheckpointError(f"state_dict['hyper']['guard'] must be a 0-dim float tensor, "
+                                  f">= 0 or NaN (the blow-up test's reference gradient norm), "
+                                  f"got {ref!r}")
         return hyper, rest
 
     def _load(self, hyper: dict, rest: dict) -> None:
@@ -1060,6 +1075,9 @@ class HyperOptimizer(torch.optim.Optimizer):
                 if st and isinstance(st.get("step"), Tensor) and st["step"].device != p.device:
                     st["step"] = st["step"].to(p.device)
         self._controller.load_state_dict(hyper["controller"])
+        ref = hyper.get("guard")
+        self._stepper.guard_ref = None if ref is None else \
+            ref.to(self._device, torch.float32, copy=True)
         method_state = self.method.init_state(self._ctx)
         self.method.load_state_dict(method_state, hyper["method"])
         self._method_state = method_state

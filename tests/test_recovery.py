@@ -257,3 +257,127 @@ def test_normalized_momentum_flat_and_block_by_block_paths_agree(monkeypatch, no
         runs.append(blocks)
     for a, b in zip(*runs):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+# ------------------------------------------------------------------ rollback's blow-up test
+def test_the_blow_up_test_follows_the_gradient_norm_and_rejects_a_jump():
+    """The reference follows the taken steps' norms down at once and up by at most 2x a step;
+    a norm more than 10x it is rejected and doubles it; NaN, zero and non-finite steps leave it
+    alone (before 0.6.1 a zero norm set it to 0, and every later step was rejected)."""
+    from hyperopt_wrap.stepper import Stepper
+    s = Stepper(None, {})
+    yes, no = torch.tensor(True), torch.tensor(False)
+
+    def run(norms, finite=None):
+        out = []
+        for i, n in enumerate(norms):
+            f = yes if finite is None else finite[i]
+            out.append(bool(s.guard_norm(torch.tensor(float(n)), f, 10.0)))
+        return out
+
+    assert run([math.nan], [no]) == [False] and math.isnan(float(s.guard_ref))
+    assert run([0.0]) == [True] and math.isnan(float(s.guard_ref))   # nothing learnt yet
+    # a sustained new scale 13x the last is accepted after one rejection (the reference
+    # doubles: 0.9 -> 1.8, and 12 <= 18), then rises by 2x a step
+    assert run([1.0, 1.5, 0.9, 12.0, 12.0]) == [True, True, True, False, True]
+    assert float(s.guard_ref) == pytest.approx(3.6)
+    # a zero norm and a skipped non-finite step leave it as it was; the zero is taken
+    before = float(s.guard_ref)
+    assert run([0.0, 1e6], [yes, no]) == [True, False] and float(s.guard_ref) == before
+    assert run([3.0]) == [True]
+    # a run diverging by 3x a step passes for a few steps and is stopped 81x above its start
+    # (the reference rises 2x a step: 3^k > 10 * 2^(k-1) from k = 4)
+    s.guard_ref = None
+    assert run([3.0 ** k for k in range(8)]) == [True] * 4 + [False] * 4
+    # its limit: gradients that come and go by more than 10x (a model that fits most
+    # minibatches exactly) are rejected too; that is why it is not the default
+    s.guard_ref = None
+    assert run([0.6, 0.003, 0.6]) == [True, True, False]
+
+
+def _spike_run(recovery, spike_at=6, steps=10, state=None):
+    model = _tiny()
+    opt = HyperOptimizer(torch.optim.SGD, model.parameters(), lr=0.1, momentum=0.9,
+                         recovery=recovery, update_every=1)
+    if state is not None:
+        opt.load_state_dict(state)
+    gen = torch.Generator().manual_seed(3)
+    history = []
+    lrs = []
+    for i in range(steps):
+        opt.zero_grad()
+        model(torch.randn(5, 4, dtype=torch.float64, generator=gen)).pow(2).sum().backward()
+        if i == spike_at:
+            for p in model.parameters():
+                p.grad.mul_(1e4)
+        history.append([p.detach().clone() for p in model.parameters()])
+        lrs.append(float(opt.hyperparameters()["lr"][0]))
+        opt.step()
+    history.append([p.detach().clone() for p in model.parameters()])
+    lrs.append(float(opt.hyperparameters()["lr"][0]))
+    return opt, history, lrs
+
+
+def test_rollback_skips_a_gradient_spike_and_returns_to_the_last_good_start():
+    """A finite gradient 1e4 times the last (a run diverging in finite arithmetic, which no
+    non-finite check sees) is rejected: the weights return to where the step before it
+    started, ``skipped_steps`` counts it and the tuned lr halves.  The default (backoff) takes
+    it, as torch does."""
+    k = 6
+    opt, history, lrs = _spike_run("rollback", spike_at=k)
+    assert opt.skipped_steps == 1
+    assert all(torch.equal(a, b) for a, b in zip(history[k + 1], history[k - 1]))
+    assert lrs[k + 1] == pytest.approx(0.5 * lrs[k], rel=0.02)   # (and the hyper-step's move)
+    opt, history, _ = _spike_run("backoff", spike_at=k)
+    assert opt.skipped_steps == 0
+    assert not all(torch.equal(a, b) for a, b in zip(history[k + 1], history[k]))
+
+
+def test_rollback_keeps_its_reference_in_the_checkpoint_and_refuses_a_bad_one():
+    """A resumed run keeps the blow-up test's reference, so it decides as the uninterrupted
+    run does (a fresh reference would take a spike right after the resume); a corrupt entry
+    raises before anything is written."""
+    from hyperopt_wrap.checkpoint import CheckpointError
+    opt, _, _ = _spike_run("rollback", spike_at=-1, steps=6)
+    state = opt.state_dict()
+    assert state["hyper"]["guard"].dim() == 0 and float(state["hyper"]["guard"]) > 0
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=True)
+    fresh = HyperOptimizer(torch.optim.SGD, _tiny().parameters(), lr=0.1, momentum=0.9,
+                           recovery="rollback", update_every=1)
+    fresh.load_state_dict(loaded)
+    assert torch.equal(fresh._stepper.guard_ref, state["hyper"]["guard"])
+    for bad in (torch.tensor(-1.0), torch.ones(2), "1.0"):
+        broken = copy.deepcopy(loaded)
+        broken["hyper"]["guard"] = bad
+        with pytest.raises(CheckpointError, match="guard"):
+            fresh.load_state_dict(broken)
+    assert torch.equal(fresh._stepper.guard_ref, state["hyper"]["guard"])
+    assert "guard" not in _spike_run("backoff", spike_at=-1, steps=2)[0].state_dict()["hyper"]
+
+
+def test_rollback_recovers_the_study_run_that_tuning_drove_into_a_blow_up():
+    """The study's diabetes run from initialisation 10 (lr 0.086, momentum 0.158, weight decay
+    0.0013; fixed SGD there ends at 0.726): greedy raises the lr to about 0.48 by step 37, the
+    gradient norm then grows from 0.3 to 1e12 in a dozen finite steps and the weights overflow.
+    With the default recovery every later step is skipped and the run is lost; with rollback it
+    ends below fixed SGD (0.4583 in RESULTS.md)."""
+    pytest.importorskip("sklearn")
+    from benchmarks import study
+    settings = dict(inits=study.draw_inits(20), steps={"diabetes": 4000}, seed=study.SEED,
+                    points=10, quick=False)
+    name = "greedy rollback"
+    study.METHODS[name] = study.Method(name, "ours", "greedy, recovery='rollback'",
+                                       study._ours("greedy", recovery="rollback"))
+    try:
+        ours = study.run_one("diabetes", name, 10, settings)
+    finally:
+        del study.METHODS[name]
+    lost = study.run_one("diabetes", "greedy", 10, dict(settings, steps={"diabetes": 300}))
+    assert lost["diverged"] and lost["error"] is None
+    fixed = study.run_one("diabetes", "fixed", 10, settings)
+    assert ours["error"] is None and not ours["diverged"], ours["error"]
+    assert 0 < ours["skipped_steps"] < 100
+    assert ours["test_loss"] < fixed["test_loss"], (ours["test_loss"], fixed["test_loss"])
