@@ -121,8 +121,9 @@ class HyperOptimizer(torch.optim.Optimizer):
             through ``found_inf``), ``"rollback"`` (that, a step whose gradient norm outgrows a
             running reference by 10x is skipped too, and the weights and optimizer state
             return to where the last taken step started: a run that blew up in finite
-            arithmetic recovers; one copy of the weights and state on their device, two more
-            passes a step) or ``None`` (skip only).  Skipped steps are counted in
+            arithmetic recovers; one copy of the weights and state on their device, three more
+            passes a step: the gradients' norm, a select and a copy of the weights and state)
+            or ``None`` (skip only).  Skipped steps are counted in
             :attr:`skipped_steps`.
         max_grad_norm: clip the gradient's norm (over all parameters) to this, as
             ``torch.nn.utils.clip_grad_norm_`` does, inside the step after unscaling, and
@@ -793,8 +794,9 @@ class HyperOptimizer(torch.optim.Optimizer):
         if self._shards is not None:     # skipped on every rank when not finite on one
             taken = finite = self._stepper.restrict(
                 buckets, self._controller.reduction.agree_finite(taken))
-        if self.recovery == "rollback":
-            self._stepper.rollback(buckets, taken)
+        if self.recovery == "rollback":   # (an AMP caller's overflow is no reason to go back)
+            self._stepper.rollback(buckets, taken if found_inf is None else
+                                   taken | (found_inf.to(taken.device) != 0))
         if self.max_grad_norm is not None:
             coef, norm = self._stepper.clip(   # (FSDP2: the norm over every rank's shard)
                 buckets, self.max_grad_norm, self._device,
@@ -1053,10 +1055,10 @@ class HyperOptimizer(torch.optim.Optimizer):
         self.method.check_loadable(self._ctx, hyper["method"])
         ref = hyper.get("guard")
         if ref is not None and not (isinstance(ref, Tensor) and ref.dim() == 0
-                                    and ref.is_floating_point() and not bool(ref < 0)):
+                                    and ref.is_floating_point() and not bool(ref <= 0)):
             raise CheckpointError(f"state_dict['hyper']['guard'] must be a 0-dim float tensor, "
-                                  f">= 0 or NaN (the blow-up test's reference gradient norm), "
-                                  f"got {ref!r}")
+                                  f"> 0 or NaN (rollback's reference gradient norm; 0 would "
+                                  f"reject every step), got {ref!r}")
         return hyper, rest
 
     def _load(self, hyper: dict, rest: dict) -> None:
@@ -1078,6 +1080,7 @@ class HyperOptimizer(torch.optim.Optimizer):
         ref = hyper.get("guard")
         self._stepper.guard_ref = None if ref is None else \
             ref.to(self._device, torch.float32, copy=True)
+        self._stepper.drop_snapshots()   # (rollback returns to a step of the loaded run only)
         method_state = self.method.init_state(self._ctx)
         self.method.load_state_dict(method_state, hyper["method"])
         self._method_state = method_state

@@ -386,10 +386,14 @@ class Stepper:
 
     def grad_norm(self, grads: list[Tensor], device: torch.device) -> Tensor:
         """The 2-norm over every tensor of ``grads`` (0-dim float32 on ``device``; one
-        ``_foreach_norm``)."""
+        ``_foreach_norm``, accumulated in float32: a half-precision norm overflows at 65504
+        with every element finite)."""
+        low = [g for g in grads if g.dtype in (torch.float16, torch.bfloat16)]
+        rest = [g for g in grads if g.dtype not in (torch.float16, torch.bfloat16)]
         norms = [t if t.device == device and t.dtype == torch.float32
                  else t.to(device, torch.float32, non_blocking=True)
-                 for t in torch._foreach_norm(grads)]
+                 for t in [*(torch._foreach_norm(rest) if rest else ()),
+                           *(torch._foreach_norm(low, 2, dtype=torch.float32) if low else ())]]
         return norms[0] if len(norms) == 1 else torch.linalg.vector_norm(torch.stack(norms))
 
     def guard_norm(self, n: Tensor, finite: Tensor, growth: float) -> Tensor:
@@ -421,10 +425,13 @@ class Stepper:
     def rollback(self, buckets: list[Bucket], take: Tensor) -> None:
         """``recovery="rollback"``, after :meth:`load_grads` with the blow-up test: where the
         step is not taken the weights and state return to where the last taken step started;
-        a taken step remembers them.
-        Exact selects (``lerp`` with a 0/1 weight) on the device, whole lists at a time: two
-        passes over the weights and state a step and one copy of them kept."""
-        curs, snaps = [], []
+        a taken step remembers them.  Decided on the device: an exact select per tensor
+        (``torch.where``, exact also for weights that overflowed to inf, where ``lerp`` with a
+        0/1 weight would give NaN), then one ``_foreach_copy_`` per device and dtype into the
+        copy: two passes over the weights and state a step, besides the norm's over the
+        gradients, and one copy of them kept."""
+        by: dict[tuple, tuple[list, list]] = {}
+        keep: dict[torch.device, Tensor] = {}
         for b in buckets:
             for p, st in zip(b.params, b.states or [{}] * len(b.params)):
                 pairs = [("weights", p.data)] + [(k, v) for k, v in st.items()
@@ -432,20 +439,19 @@ class Stepper:
                 mine = self._snapshots.setdefault(p, {})
                 for name, cur in pairs:
                     snap = mine.get(name)
-                    if snap is None or snap.shape != cur.shape or snap.dtype != cur.dtype:
+                    if snap is None or snap.shape != cur.shape or snap.dtype != cur.dtype \
+                            or snap.device != cur.device:
                         mine[name] = cur.clone()     # nothing earlier to return to
                         continue
-                    curs.append(cur)
-                    snaps.append(snap)
-        by: dict[tuple, tuple[list, list]] = {}
-        for cur, snap in zip(curs, snaps):
-            lists = by.setdefault((cur.device, cur.dtype), ([], []))
-            lists[0].append(cur)
-            lists[1].append(snap)
-        for (dev, dtype), (cs, ss) in by.items():
-            bad = (~take).to(dev, dtype)
-            torch._foreach_lerp_(cs, ss, [bad] * len(cs))   # (a list: a Scalar weight syncs)
-            torch._foreach_copy_(ss, cs)
+                    ok = keep.get(cur.device)
+                    if ok is None:
+                        ok = keep[cur.device] = take.to(cur.device, non_blocking=True)
+                    torch.where(ok, cur, snap, out=cur)
+                    lists = by.setdefault((cur.device, cur.dtype), ([], []))
+                    lists[0].append(snap)
+                    lists[1].append(cur)
+        for snaps, curs in by.values():
+            torch._foreach_copy_(snaps, curs)
 
     def _amp_check(self, checked: dict, device: torch.device, found_inf: Tensor | None = None,
                    grad_scale: Tensor | None = None) -> Tensor:
@@ -583,6 +589,10 @@ class Stepper:
 
     def drop_scratch(self) -> None:
         self._tape_buffers = []
+
+    def drop_snapshots(self) -> None:
+        """Forget rollback's copy (after a load: the next step remembers the loaded weights)."""
+        self._snapshots = {}
 
     def scratch_tensors(self) -> list[Tensor]:
         """Every persistent scratch tensor (for memory accounting)."""

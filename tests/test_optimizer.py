@@ -110,7 +110,8 @@ def test_parameters_are_updated_in_place():
     (torch.optim.Adam, dict(lr=1e-2, weight_decay=1e-3, amsgrad=True)),
     (torch.optim.RMSprop, dict(lr=1e-2, momentum=0.5, weight_decay=1e-3, centered=True)),
 ], ids=["sgd", "adam", "rmsprop"])
-def test_step_makes_no_host_synchronisation(monkeypatch, cls, kwargs, val):
+@pytest.mark.parametrize("recovery", ["backoff", "rollback"])
+def test_step_makes_no_host_synchronisation(monkeypatch, cls, kwargs, val, recovery):
     """Anything that would read a tensor's value on the host inside step() raises here.
 
     torch.optim.Adam (the hyper-optimizer) keeps its step counter on the CPU and reads it with
@@ -118,7 +119,8 @@ def test_step_makes_no_host_synchronisation(monkeypatch, cls, kwargs, val):
     m = _model()
     xv, yv = _batch(50)
     kw = dict(val_loss=lambda: ((m(xv) - yv) ** 2).mean()) if val else {}
-    opt = HyperOptimizer(cls, m.parameters(), tune=ALL, granularity="tensor", **kw, **kwargs)
+    opt = HyperOptimizer(cls, m.parameters(), tune=ALL, granularity="tensor", **kw, **kwargs,
+                         recovery=recovery)
     _train(opt, m, 2)
     allowed = set()
     for _ in range(2):
