@@ -973,7 +973,7 @@ class HyperOptimizer(torch.optim.Optimizer):
             "groups": groups,
         }
         ref = self._stepper.guard_ref
-        if ref is not None:      # the blow-up test's reference (rollback, since 0.6.1; absent: it starts afresh)
+        if ref is not None:   # rollback's blow-up test reference (since 0.6.1; absent: afresh)
             sd["hyper"]["guard"] = ref.clone()
         return sd
 
