@@ -692,6 +692,8 @@ class HyperOptimizer(torch.optim.Optimizer):
         records = method.records_step(ctx, state, position)
         carries = method.carries(ctx, state)
         needs_source = self._needs_source(position)
+        if closure is None and method.needs_closure:    # on every step, not only where read
+            raise CurvatureError(missing_source_message(method.name, closure_only=True))
         loss = rng = None
         if closure is not None:
             if needs_source:

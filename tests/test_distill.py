@@ -68,9 +68,10 @@ def _method_state(opt):
 @pytest.mark.parametrize("granularity", ["global", "element"])
 @pytest.mark.parametrize("case_id", CASES)
 def test_gamma_to_zero_is_greedy(case_id, granularity, val):
-    """p_t -> 0 puts x* at the step's own point, c_t -> 1: theta = 1 gives greedy."""
+    """p_t -> 0 puts x* at the step's own point, c_t -> 1: theta = 1 gives greedy (without
+    val_loss greedy averages every step of a window: ``read_every_step=True``)."""
     runs = [Run(case_id, mlp(), granularity, method=m, update_every=3)
-            for m in (Distill(gamma=1e-12, refit_every=None), Greedy())]
+            for m in (Distill(gamma=1e-12, refit_every=None, read_every_step=True), Greedy())]
     if val:
         for r in runs:
             r.opt.val_loss = lambda r=r: r.val_objective(r.weights)
@@ -84,10 +85,39 @@ def test_gamma_to_zero_is_greedy(case_id, granularity, val):
     assert runs[0].opt.hypersteps == runs[1].opt.hypersteps == 3
 
 
+@pytest.mark.parametrize("case_id", CASES[:2])
+def test_without_val_loss_a_window_is_read_once(case_id):
+    """The default reads a window once, at its last step, against the next step's training
+    gradient: at gamma -> 0 that is greedy's value of that one step (greedy read every step,
+    the trajectories held equal at hyper_lr 0), at one extra closure call per window."""
+    K = 3
+    runs = [Run(case_id, mlp(), "global", method=m, update_every=u)
+            for m, u in ((Distill(gamma=1e-12, refit_every=None), K), (Greedy(), 1))]
+    calls = [0]
+    closure_of = runs[0].opt.step
+
+    def counting(closure=None):
+        def counted():
+            calls[0] += 1
+            return closure()
+        return closure_of(counted)
+    runs[0].opt.step = counting
+    steps = 4 * K
+    for t in range(steps):
+        for r in runs:
+            r.step()
+        if t >= K and t % K == 0:      # window (t // K - 1) read out in this step() call
+            _assert_close(runs[0].opt.last_hypergradient(), runs[1].opt.last_hypergradient(),
+                          1e-9, "one readout a window vs greedy's value of that step")
+    assert runs[0].opt.hypersteps == steps // K - 1     # the last window's readout is to come
+    assert calls[0] == steps + steps // K        # the user's call, and one at w* a window
+
+
 def test_gamma_to_zero_with_a_one_step_fit_is_greedy_and_theta_one():
     runs = [Run("SGD(momentum=0.9,nesterov,weight_decay=0.01,maximize)", mlp(), "group",
                 method=m, update_every=2) for m in (Distill(gamma=1e-12, horizon=1,
-                                                            refit_every=1), Greedy())]
+                                                            refit_every=1,
+                                                            read_every_step=True), Greedy())]
     for _ in range(7):
         for r in runs:
             r.step()
@@ -106,7 +136,7 @@ def test_a_user_rule_without_closed_forms_is_greedy_at_gamma_zero():
         pass
     register_rule(SignSGD, SignRule())
     hs = []
-    for method in (Distill(gamma=1e-12, refit_every=None), Greedy()):
+    for method in (Distill(gamma=1e-12, refit_every=None, read_every_step=True), Greedy()):
         m = _model()
         opt = HyperOptimizer(SignSGD, m.parameters(), lr=0.01, method=method, update_every=2,
                              hyper_lr=0.0)
@@ -119,7 +149,7 @@ def test_a_scheduler_scale_enters_like_greedy():
     """group["lr"] is a scale on the tuned lr: the tangent at w* is taken w.r.t. the tuned
     value, as greedy's."""
     runs = [Run("SGD(momentum=0.9)", mlp(), "global", method=m, update_every=2)
-            for m in (Distill(gamma=1e-12, refit_every=None), Greedy())]
+            for m in (Distill(gamma=1e-12, refit_every=None, read_every_step=True), Greedy())]
     for t in range(8):
         if t == 3:
             for r in runs:
@@ -464,12 +494,15 @@ def test_a_nan_gradient_skips_the_hyper_step_and_leaves_everything_finite():
     opt = _make(m)
     _train(opt, m, 4)
     before = _method_state(opt)
-    _train(opt, m, 1, start=4, nan_at={4: 0})           # the user's gradient
+    _train(opt, m, 1, start=4, nan_at={4: 0})           # the user's gradient, mid-window
     assert opt.skipped_steps == 1
     after = _method_state(opt)
     assert torch.equal(after["t"], before["t"])          # a skipped step is not distilled
     assert all(torch.equal(after["w"][k], before["w"][k]) for k in before["w"])
-    _train(opt, m, 5, start=5)
+    _train(opt, m, 2, start=5)     # the identity: window 1's readout (step 5, against step
+    assert opt.skipped_hypersteps == 0 and opt.hypersteps == 2     # 6's gradient) is taken
+    _train(opt, m, 2, start=7)
+    _train(opt, m, 1, start=9, nan_at={9: 0})           # the gradient window 2 is read against
     assert opt.skipped_hypersteps == 1 and opt.hypersteps == 3
     assert _all_finite(opt)
 
@@ -477,10 +510,10 @@ def test_a_nan_gradient_skips_the_hyper_step_and_leaves_everything_finite():
 def test_a_nan_gradient_at_the_distilled_weights_skips_the_hyper_step():
     m = _model()
     opt = _make(m)
-    _train(opt, m, 4)
-    _train(opt, m, 1, start=4, nan_at={4: 1})           # only the replay at w*
+    _train(opt, m, 5)
+    _train(opt, m, 1, start=5, nan_at={5: 1})           # only the replay at w* (window 1's)
     assert opt.skipped_steps == 0
-    _train(opt, m, 5, start=5)                          # read out at step 5: window 2 skips
+    _train(opt, m, 4, start=6)                          # read out at step 6: window 1 skips
     assert opt.skipped_hypersteps == 1 and opt.hypersteps == 3
     assert _all_finite(opt)
 
@@ -593,7 +626,7 @@ def test_horizon_longer_than_the_window_is_refused():
     ({"theta": float("inf")}, "theta"), ({"theta": "1"}, "theta"),
     ({"theta_memory": 1.0}, "theta_memory"), ({"theta_memory": -0.1}, "theta_memory"),
     ({"shared_theta": 1}, "shared_theta"), ({"batch": "past"}, "batch"),
-    ({"seed": 1.5}, "seed")])
+    ({"seed": 1.5}, "seed"), ({"read_every_step": 1}, "read_every_step")])
 def test_bad_options_are_clear_errors(kwargs, match):
     with pytest.raises(ValueError, match=match):
         Distill(**kwargs)
@@ -601,8 +634,8 @@ def test_bad_options_are_clear_errors(kwargs, match):
 
 def test_defaults_and_repr():
     d = Distill()
-    assert (d.gamma, d.refit_every, d.horizon, d.theta, d.theta_memory, d.batch) == \
-        (0.99, 50, 10, 1.0, 0.9, "current")
+    assert (d.gamma, d.refit_every, d.horizon, d.theta, d.theta_memory, d.batch,
+            d.read_every_step) == (0.99, 50, 10, 1.0, 0.9, "current", False)
     assert d.default_update_every == 10 and "gamma=0.99" in repr(d)
 
 

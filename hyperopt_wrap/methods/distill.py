@@ -90,17 +90,24 @@ draw keeps a new one.  With ``gamma -> 0``: ``p_t -> 0``, ``x* = x_{t-1}``, ``c_
 
 **In the engine.**  Each base step, before its write (:meth:`carry`): ``t += 1`` (a device
 counter: a skipped, non-finite step is the identity and leaves ``x*``, ``t`` as they were),
-``x*`` moves by Eq. 13, and on the steps whose hypergradient is read (every step without
-``val_loss``; the window's last step with it) ``c_t b(x*, grad L(w*; D*))`` is computed by the
+``x*`` moves by Eq. 13, and on the step whose hypergradient is read (the window's last, with
+or without ``val_loss``; every step with ``read_every_step=True`` and no ``val_loss``)
+``c_t b(x*, grad L(w*; D*))`` is computed by the
 rule itself (its in-place step with closed-form tangents, :meth:`UpdateRule.step_`, run on
 copies of ``x*``; :meth:`UpdateRule.jvp` for a rule without one) and kept until the
 meta-gradient arrives (:meth:`hypergradient`: ``accum += theta <grad E, c_t b>`` per
-slot, averaged over the window's contributions like greedy).  The closure is asked for through
+slot).  *Our choice:* one readout per window, also without ``val_loss`` (``E`` is then the next
+step's training loss): ``c_t b(x*_t)`` already stands for the sum over every past step, so the
+window's earlier steps would add ``update_every`` strongly correlated estimates of the same sum
+at one extra gradient each.  ``read_every_step=True`` averages them anyway, as greedy averages
+its per-step values (the variance of one next-batch sample against ``update_every`` extra
+gradients per window).  The closure is asked for through
 ``carry_curvature`` (which also gives ``view.hvp``, unused) and read from ``view.source``; a
 gradient graph cannot be re-evaluated at ``w*``, so it raises, naming the fix.
 
-Cost per base step: one closure call (forward and backward at ``w*``) and the rule's tangent
-products; per refit window ``K - 1`` Hessian-vector products (``K - 1`` closure calls by
+Cost per window: one closure call (forward and backward at ``w*``) and the rule's tangent
+products (per step with ``read_every_step=True``), and a lerp of the weights and state into
+``x*`` per base step; per refit window ``K - 1`` Hessian-vector products (``K - 1`` closure calls by
 finite differences) and ``2K - 1`` reverse products through the rule.  Memory: one copy of the
 weights and of the floating-point optimizer state (at least float32), one pending tangent per
 tuned kind, and ``K`` recorded steps during a refit window.  Save/resume keeps ``x*``, ``t``,
@@ -221,6 +228,10 @@ class Distill(RecordingMethod):
         batch: ``"current"`` (the gradient at ``w*`` on this step's batch) or ``"distilled"``
             (the paper's Eq. 14: an earlier step's batch, kept with probability ``p_t``).
         seed: seed of the private stream of Eq. 14's draws.
+        read_every_step: without ``val_loss``, read a hypergradient on every step of a window
+            (each against the next step's training gradient) and average them, at one closure
+            call a step, instead of once per window (the default; with ``val_loss`` always
+            once per window).
     """
     name = "distill"
     needs_closure = True
@@ -228,7 +239,7 @@ class Distill(RecordingMethod):
 
     def __init__(self, gamma: float = 0.99, refit_every: int | None = 50, horizon: int = 10,
                  theta: float = 1.0, theta_memory: float = 0.9, shared_theta: bool = False,
-                 batch: str = "current", seed: int = 0):
+                 batch: str = "current", seed: int = 0, read_every_step: bool = False):
         if not (_is_number(gamma) and 0 < gamma < 1):
             raise ValueError(f"gamma must be a number in (0, 1) (the decay of the model "
                              f"A ~ gamma I; 0.99 weighs about the last 100 steps), got "
@@ -257,6 +268,8 @@ class Distill(RecordingMethod):
                              f"distilled weights), got {batch!r}")
         if not (isinstance(seed, int) and not isinstance(seed, bool)):
             raise ValueError(f"seed must be an int, got {seed!r}")
+        if not isinstance(read_every_step, bool):
+            raise ValueError(f"read_every_step must be True or False, got {read_every_step!r}")
         self.gamma = float(gamma)
         self.refit_every = refit_every
         self.horizon = horizon
@@ -265,6 +278,7 @@ class Distill(RecordingMethod):
         self.shared_theta = shared_theta
         self.batch = batch
         self.seed = seed
+        self.read_every_step = read_every_step
 
     @property
     def default_update_every(self) -> int:
@@ -294,7 +308,9 @@ class Distill(RecordingMethod):
     # ------------------------------------------------------------------ the schedule
     def _reads(self, ctx) -> bool:
         """Whether the coming step's hypergradient is read (so its tangent is needed)."""
-        return not ctx.has_val_loss or ctx.position % ctx.update_every + 1 >= ctx.update_every
+        if self.read_every_step and not ctx.has_val_loss:
+            return True
+        return ctx.position % ctx.update_every + 1 >= ctx.update_every
 
     def records_step(self, ctx, state, position: int) -> bool:
         if self.refit_every is None:
