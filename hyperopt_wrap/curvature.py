@@ -308,11 +308,11 @@ class ClosureSource:
         inv = torch.where(unorm > 0, 1 / eps.clamp_min(1e-30), torch.zeros_like(unorm))
         eps_as = eps.to(us[0].dtype)
         for p, w, u in zip(params, weights, us):
-            p.data.copy_(w).addcmul_(u, eps_as)
+            torch.addcmul(w, u, eps_as, out=p.data)          # one pass
         plus, _ = self.gradient(params)     # fresh tensors: updated in place below
         if cfg.central:
             for p, w, u in zip(params, weights, us):
-                p.data.copy_(w).addcmul_(u, eps_as, value=-1)
+                torch.addcmul(w, u, eps_as, value=-1, out=p.data)
             minus, _ = self.gradient(params)
             return [a.sub_(b).mul_(inv.to(a.dtype) / 2) for a, b in zip(plus, minus)]
         return [a.sub_(g).mul_(inv.to(a.dtype)) for a, g in zip(plus, grads)]

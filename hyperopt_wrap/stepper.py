@@ -166,6 +166,9 @@ class StepView:
     source: Any = None
 
     pool: TensorPool | None = None
+    #: the buckets as ``(start, stop, hyper, options)``: ``items[start:stop]`` share a param
+    #: group, device and dtype; ``hyper`` as :meth:`UpdateRule.step_foreach` takes it
+    spans: list = field(default_factory=list)
 
     def jvp(self, tangents: list[list]) -> list[list[tuple[Tensor, dict[str, Tensor]]]]:
         """Per item, the rule's forward products of the step for its list of tangents (their
@@ -507,12 +510,14 @@ class Stepper:
 
     def view(self, buckets: list[Bucket], hyper: list[dict[str, Any]], options: list[dict],
              finite: Tensor) -> StepView:
-        items = []
+        items, spans = [], []
         for b, h in zip(buckets, hyper):
+            start = len(items)
             for i, (pi, p, g) in enumerate(zip(b.param_indices, b.params, b.grads)):
                 items.append(StepItem(b.group_index, pi, p, g, b.states[i], _item_hyper(h, i),
                                       options[b.group_index]))
-        return StepView(items, finite, self.rule, pool=self._pool)
+            spans.append((start, len(items), h, options[b.group_index]))
+        return StepView(items, finite, self.rule, pool=self._pool, spans=spans)
 
     def step(self, buckets: list[Bucket], hyper: list[dict[str, Any]], options: list[dict],
              kinds: tuple[str, ...], finite: Tensor, lr_scales: list[float],

@@ -440,3 +440,104 @@ def test_closed_form_is_the_limit_where_the_second_moment_is_zero(case, later):
     for (k, x, _), f in zip(outs, fd):
         torch.testing.assert_close(x[dead], f[dead], rtol=1e-6, atol=1e-6 * scale,
                                    msg=lambda m: f"{name} {k}: {m}")
+
+
+# ----------------------------------------------------------------------------- bucketed, in place
+FOREACH_CONFIGS = [c for c in CONFIGS
+                   if type(c[1]).carry_foreach is not UpdateRule.carry_foreach]
+
+
+def test_the_bucketed_recurrence_covers_sgd_and_adam():
+    assert {type(c[1]) for c in FOREACH_CONFIGS} == {SGDRule, AdamRule}
+
+
+@pytest.mark.parametrize("config", FOREACH_CONFIGS, ids=[c[0] for c in FOREACH_CONFIGS])
+def test_bucketed_recurrence_equals_the_per_tensor_jvp(config):
+    """``carry_foreach`` on a bucket of two parameters, in place, equals :meth:`jvp` per tensor
+    with the incoming tangents discounted (``Z <- delta A Z + B``) to rtol 1e-12, for every
+    subset of tuned kinds (0-dim values shared by the bucket, or per element one per param),
+    first and later steps, random tangents with parts missing; on a skipped step (``ok = 0``,
+    zero gradients) every tangent is kept bit for bit.  Params, gradients, state and
+    hyperparameters are not modified.  (amsgrad declines: None, nothing changed.)"""
+    name, rule, options, values = config
+    gen = torch.Generator().manual_seed(sum(map(ord, name)) + 1)
+    params = [torch.randn(N, generator=gen, dtype=DT) for _ in range(2)]
+    tunable = [k for k in rule.kinds if values[k] != 0]
+    subsets = [c for r in range(len(tunable) + 1) for c in itertools.combinations(tunable, r)]
+    checked = 0
+    for when, tuned, elementwise, delta, ok in itertools.product(
+            ("first", "later"), subsets, (False, True), (1.0, 0.7), (1.0, 0.0)):
+        if elementwise and not tuned:
+            continue
+        grads = [torch.randn(N, generator=gen, dtype=DT) * ok for _ in range(2)]
+        states = [rule.init_state(p, options) if when == "first" else
+                  _later_state(rule, p, options, values, gen) for p in params]
+        per_param = [_hyper(rule, values, tuned, elementwise, gen) for _ in params]
+        hyper = {k: ([h[k] for h in per_param] if elementwise and k in tuned else per_param[0][k])
+                 for k in rule.kinds}
+        items_hyper = [{k: (v[i] if isinstance(v, list) else v) for k, v in hyper.items()}
+                       for i in range(2)]
+        count = int(torch.randint(1, 4, (), generator=gen))
+        per_item = [_random_tangents(states[i], items_hyper[i], params[i], gen, count)
+                    for i in range(2)]
+        where = f"{when} step, tuned={tuned}, elementwise={elementwise}, delta={delta}, ok={ok}"
+        inputs = [*params, *grads, *[v for s in states for v in s.values()
+                                     if isinstance(v, Tensor)],
+                  *[x for v in hyper.values() for x in (v if isinstance(v, list) else [v])
+                    if isinstance(x, Tensor)]]
+        before = [x.clone() for x in inputs]
+        with torch.no_grad():
+            refs = []
+            for i in range(2):
+                scaled = [Tangent(None if t.param is None else t.param * delta,
+                                  None if t.grad is None else t.grad * delta,
+                                  {k: v * delta for k, v in t.state.items()}, t.hyper)
+                          for t in per_item[i]]
+                refs.append(rule.jvp(params[i], grads[i], states[i], items_hyper[i], options,
+                                     scaled))
+            names = {k for k, v in rule.update(params[0], grads[0], states[0], items_hyper[0],
+                                               options)[1].items()
+                     if _differentiable(k, v, params[0])}
+            calls = []
+            for j in range(count):
+                ts = [per_item[i][j] for i in range(2)]
+                state_names = {k for t in ts for k in t.state}
+                calls.append({
+                    "w": [torch.zeros(N, dtype=DT) if t.param is None else t.param.clone()
+                          for t in ts],
+                    "g": None if all(t.grad is None for t in ts) else
+                    [torch.zeros(N, dtype=DT) if t.grad is None else t.grad.clone() for t in ts],
+                    "s": {k: [None if k not in t.state else t.state[k].clone() for t in ts]
+                          for k in state_names},
+                    "hyper": {k: [t.hyper.get(k) for t in ts]
+                              for k in {k for t in ts for k in t.hyper}}})
+            olds = [{"w": list(c["w"]), "s": {k: list(v) for k, v in c["s"].items()}}
+                    for c in calls]
+            old_values = [{"w": [w.clone() for w in c["w"]],
+                           "s": {k: [None if x is None else x.clone() for x in v]
+                                 for k, v in c["s"].items()}} for c in calls]
+            out = rule.carry_foreach(params, grads, states, hyper, options, calls,
+                                     _t(ok), delta)
+        for x, y in zip(inputs, before):
+            assert torch.equal(x, y), f"{where}: an input was modified"
+        if options.get("amsgrad"):
+            assert out is None, where
+            continue
+        assert out is not None and len(out) == count, where
+        for j in range(count):
+            assert set(out[j]) == names, (where, set(out[j]), names)
+            for i in range(2):
+                zw, zs = calls[j]["w"][i], {k: out[j][k][i] for k in names}
+                assert zw is olds[j]["w"][i], f"{where}: Z_w not updated in place"
+                if ok == 0:     # the identity, bit for bit (a missing entry stays zero)
+                    assert torch.equal(zw, old_values[j]["w"][i]), where
+                    for k in names:
+                        old = old_values[j]["s"].get(k, [None, None])[i]
+                        assert torch.equal(zs[k], torch.zeros(N, dtype=DT) if old is None
+                                           else old), (where, k)
+                    continue
+                rp, rs = refs[i][j]
+                _assert_same([(zw, zs)], [(rp, rs)], {k: params[0] for k in names},
+                             params[i], f"{where}, param {i}")
+        checked += 1
+    assert checked > 20 or (options.get("amsgrad") and checked == 0), checked

@@ -37,7 +37,7 @@ from torch import Tensor
 from ..checkpoint import check_method_state
 from ..hyperparams import TunedKind
 from ..rules import UpdateRule
-from ..rules.base import Tangent
+from ..rules.base import Tangent, pooled
 
 
 @dataclass
@@ -292,8 +292,19 @@ def propagate(view, tangents: list[dict], hyper_tangent: Callable, discount: flo
                                   for u, it in zip(us, items)])
                 for h in hz[j]:
                     h.nan_to_num_(0.0, 0.0, 0.0)   # leaves a finite (or aliased) input as it is
+    lams = [[hyper_tangent(j, it) for j in range(len(tangents))] for it in items]
+    rest = range(len(items))
+    if type(view.rule).carry_foreach is not UpdateRule.carry_foreach and view.spans:
+        rest = []
+        for start, stop, hyper, options in view.spans:
+            if not _carry_span(view, tangents, keys, hz, lams, discount, start, stop, hyper,
+                               options):
+                rest.extend(range(start, stop))
+        if not rest:
+            return
     per_item = []
-    for i, (it, key) in enumerate(zip(items, keys)):
+    for i in rest:
+        it, key = items[i], keys[i]
         row = []
         for j, z in enumerate(tangents):
             zw, zs = z["w"].get(key), z["s"].get(key, {})
@@ -302,11 +313,14 @@ def propagate(view, tangents: list[dict], hyper_tangent: Callable, discount: flo
                 zw = None if zw is None else zw * discount
                 g = None if g is None else g * discount
                 zs = {n: v * discount for n, v in zs.items()}
-            row.append(Tangent(zw, g, zs, hyper_tangent(j, it)))
+            row.append(Tangent(zw, g, zs, lams[i][j]))
         per_item.append(row)
-    out = view.jvp(per_item)
+    with pooled(view.pool):
+        out = [view.rule.jvp(items[i].param, items[i].grad, items[i].state, items[i].hyper,
+                             items[i].options, row) for i, row in zip(rest, per_item)]
     gates: dict = {}
-    for it, key, results in zip(items, keys, out):
+    for i, results in zip(rest, out):
+        it, key = items[i], keys[i]
         dk = (it.param.device, it.param.dtype)
         if dk not in gates:
             gates[dk] = view.finite.to(it.param.device, it.param.dtype)
@@ -319,6 +333,56 @@ def propagate(view, tangents: list[dict], hyper_tangent: Callable, discount: flo
             for n, v in olds.items():
                 if n not in zs_new:
                     view.retire(v)
+
+
+def _carry_span(view, tangents: list[dict], keys: list, hz: list, lams: list, discount: float,
+                start: int, stop: int, hyper: dict, options: dict) -> bool:
+    """:func:`propagate` on one bucket through the rule's in-place
+    :meth:`~hyperopt_wrap.rules.base.UpdateRule.carry_foreach`; False where it declines."""
+    items = view.items[start:stop]
+    params = [it.param for it in items]
+    span_keys = keys[start:stop]
+    ok = view.finite.to(params[0].device, params[0].dtype)
+    args, live = [], []
+    for j, z in enumerate(tangents):
+        zw = [z["w"].get(k) for k in span_keys]
+        lam = {}
+        for i in range(start, stop):
+            for kind, v in lams[i][j].items():
+                lam.setdefault(kind, [None] * (stop - start))[i - start] = v
+        zs_items = [z["s"].get(k, {}) for k in span_keys]
+        if all(w is None for w in zw) and not lam and not any(zs_items) and hz[j] is None:
+            continue                 # zero in, nothing of it in this bucket's step: zero out
+        g = hz[j][start:stop] if hz[j] is not None else None
+        names = {n for d in zs_items for n in d}
+        zs = {n: [d.get(n) for d in zs_items] for n in names}
+        if g is not None:            # an output of the product that aliases an input: copy it
+            taken = {x.untyped_storage().data_ptr() for x in
+                     (*params, *(w for w in zw if w is not None),
+                      *(x for xs in zs.values() for x in xs if x is not None))}
+            g = [h.clone() if h.untyped_storage().data_ptr() in taken else h for h in g]
+        args.append({"w": zw, "g": g, "s": zs, "hyper": lam})
+        live.append(j)
+    if not args:
+        return True
+    new_zw = [[torch.zeros_like(p) if w is None else w for w, p in zip(a["w"], params)]
+              for a in args]
+    calls = [dict(a, w=w) for a, w in zip(args, new_zw)]
+    out = view.rule.carry_foreach(params, [it.grad for it in items], [it.state for it in items],
+                                  hyper, options, calls, ok, discount)
+    if out is None:
+        return False
+    for j, a, zw, new_s in zip(live, args, new_zw, out):
+        z = tangents[j]
+        for k, w in zip(span_keys, zw):
+            z["w"][k] = w
+        for i, k in enumerate(span_keys):
+            olds = z["s"].get(k, {})
+            z["s"][k] = {n: xs[i] for n, xs in new_s.items()}
+            for n, v in olds.items():
+                if v is not None and z["s"][k].get(n) is not v:
+                    view.retire(v)
+    return True
 
 
 def _keep_if_skipped(new: Tensor, old: Tensor | None, ok: Tensor, view) -> Tensor:

@@ -327,3 +327,32 @@ def subset(idx: list[int], params, grads, states, hyper, tangents):
     return (pick(params), pick(grads), pick(states),
             {k: (pick(v) if isinstance(v, (list, tuple)) else v) for k, v in hyper.items()},
             {k: pick(v) for k, v in tangents.items()})
+
+
+def scaled(xs: list[Tensor], c) -> list[Tensor]:
+    """``xs * c`` as a new list (one pass)."""
+    return list(torch._foreach_mul(xs, as_list(c, xs, cast=True)))
+
+
+def axpy(xs: list[Tensor], ys: list[Tensor], c) -> list[Tensor]:
+    """``xs + c * ys`` as a new list (one pass)."""
+    c = _unwrap(c)
+    if not isinstance(c, (Tensor, list)):
+        return list(torch._foreach_add(xs, ys, alpha=c))
+    return list(torch._foreach_addcmul(xs, ys, as_list(c, xs, cast=True)))
+
+
+def axpy_some_(xs: list[Tensor], ys: list[Tensor], cs: "list[Tensor | None] | None", c,
+               alpha: float = 1.0) -> None:
+    """``xs[i] += alpha * c * cs[i] * ys[i]`` for the entries whose ``cs[i]`` is not None
+    (``cs``: per tensor a 0-dim or tensor-shaped coefficient, e.g. a tangent's ``L_k``)."""
+    if cs is None:
+        return
+    idx = [i for i, ci in enumerate(cs) if ci is not None]
+    if not idx:
+        return
+    if len(idx) == len(xs):
+        sub_x, sub_y, sub_c = xs, ys, list(cs)
+    else:
+        sub_x, sub_y, sub_c = [xs[i] for i in idx], [ys[i] for i in idx], [cs[i] for i in idx]
+    axpy_(sub_x, sub_y, Coef(sub_c) * Coef(c), alpha)

@@ -10,6 +10,7 @@ exactly as ``torch.optim.Adam``/``AdamW``.  "momentum" is beta1.
 """
 from __future__ import annotations
 
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -368,6 +369,86 @@ class AdamRule(UpdateRule):
         d_grad = a_g.neg_() if maximize else a_g
         return d_param, d_grad, {"exp_avg": a_m.mul_(beta1), "exp_avg_sq": a_v.mul_(beta2)}, out
 
+    def carry_foreach(self, params, grads, states, hyper, options, tangents, ok, discount=1.0):
+        """:meth:`jvp`'s recurrence on a bucket, in place, the step's gate folded into the
+        coefficients (``delta`` the discount; the shared coefficients are :meth:`jvp`'s, per
+        tensor)::
+
+            dg    = s delta G + (coupled) wd delta Z_w + w L_wd            (in G's storage)
+            Z_m'  = keep(b1 delta, 1) Z_m + ok ((1 - b1) dg + (m - g) L_b1)
+            Z_v'  = keep(b2 delta, 1) Z_v + ok c_g2 dg
+            Z_w'  = keep(c_w delta, 1) Z_w + ok (c_m Z_m' + c_v Z_v' + c_lr L_lr + c_wd L_wd
+                                                 + c_b1 L_b1)
+
+        amsgrad is left to :meth:`jvp` (its max selects per element)."""
+        if not params:
+            return []
+        if options["amsgrad"]:
+            return None
+        n = len(params)
+
+        def present(cs):
+            return cs if cs is not None and any(c is not None for c in cs) else None
+        lams = [{k: present(t["hyper"].get(k)) for k in ("lr", "momentum", "weight_decay")}
+                for t in tangents]
+        wanted = {k for lam in lams for k, v in lam.items() if v is not None}
+        cs = [_coefficients(p, g, st, {k: (v[i] if isinstance(v, list) else v)
+                                       for k, v in hyper.items()}, options, wanted)
+              for i, (p, g, st) in enumerate(zip(params, grads, states))]
+        c0 = cs[0]
+        delta = float(discount)
+        okc = F.Coef(ok)
+
+        def per(name):
+            return [getattr(c, name) for c in cs]
+
+        def kept_list(values):          # keep(value * delta, 1) per tensor
+            return [kept(ok, v * delta if delta != 1.0 else v, 1.0) for v in values]
+        c_m, c_v, c_g2 = per("c_m"), per("c_v"), per("c_g2")
+        keep_w = None if not c0.decoupled and delta == 1.0 else kept_list(per("c_w"))
+        keep_m, keep_v = kept_list(per("beta1")), kept_list(per("beta2"))
+        one_minus_b1 = per("one_minus_b1")
+        if not isinstance(one_minus_b1[0], Tensor):     # a constant of the group
+            one_minus_b1 = one_minus_b1[0]
+        out = []
+        for t, lam in zip(tangents, lams):
+            zw, dg = t["w"], t["g"]
+            if dg is not None:
+                F.mul_(dg, c0.sign * delta)
+            if c0.coupled:
+                coef = F.Coef(hyper["weight_decay"]) * delta
+                if dg is None:
+                    dg = F.scaled(zw, coef)
+                else:
+                    F.axpy_(dg, zw, coef)
+                if lam["weight_decay"] is not None:
+                    if dg is None:
+                        dg = [torch.zeros_like(p) for p in params]
+                    F.axpy_some_(dg, params, lam["weight_decay"], 1.0)
+            zs = t["s"]
+            zm = [torch.zeros_like(p) if z is None else z
+                  for z, p in zip(zs.get("exp_avg") or [None] * n, params)]
+            zv = [torch.zeros_like(p) if z is None else z
+                  for z, p in zip(zs.get("exp_avg_sq") or [None] * n, params)]
+            F.mul_(zm, keep_m)
+            F.mul_(zv, keep_v)
+            if dg is not None:
+                F.axpy_(zm, dg, F.Coef(one_minus_b1) * okc)
+                F.axpy_(zv, dg, ok, zs=c_g2)
+            if lam["momentum"] is not None:
+                F.axpy_some_(zm, per("m_minus_g"), lam["momentum"], okc)
+            if keep_w is not None:
+                F.mul_(zw, keep_w)
+            F.axpy_(zw, zm, ok, zs=c_m)
+            F.axpy_(zw, zv, ok, zs=c_v)
+            for kind, name in (("lr", "c_lr"), ("weight_decay", "c_wd"), ("momentum", "c_b1")):
+                if lam[kind] is None or (kind == "weight_decay" and not c0.decoupled):
+                    continue
+                # ok L_k c_k per tensor: L_k 0-dim (a scalar's tangent) or per element
+                F.axpy_some_(zw, per(name), lam[kind], okc)
+            out.append({"exp_avg": zm, "exp_avg_sq": zv})
+        return out
+
     def jvp(self, param, grad, state, hyper, options, tangents):
         """Forward products of :meth:`update` in closed form, for tangents
         ``(Z_w, G, Z_m, Z_v, Z_vh, L)`` (``s = -1`` if maximize else 1, ``t`` the new step)::
@@ -385,41 +466,13 @@ class AdamRule(UpdateRule):
         Where ``v' = 0`` (the gradient and both moments zero) ``dD`` is taken as its limit 0
         (``r`` is 0 there; ``r dD`` -> 0), not forward mode's NaN.
         """
-        lr, beta1, wd = hyper["lr"], hyper["momentum"], hyper["weight_decay"]
-        beta2, eps, amsgrad = options["beta2"], options["eps"], options["amsgrad"]
-        coupled = not is_zero(wd) and not options["decoupled"]
-        decoupled = not is_zero(wd) and options["decoupled"]
-        sign = -1.0 if options["maximize"] else 1.0
         lams = [hyper_tangents(tan, hyper) for tan in tangents]
-        wanted = set().union(*lams)
-        g, m, t, bc1, bc2s, m_new, second = _primal(param, grad, state, beta1, beta2, wd,
-                                                     coupled, options["maximize"])
-        if amsgrad:
-            vh = state["max_exp_avg_sq"]
-            w_new = (second > vh).to(param.dtype).masked_fill_(second == vh, 0.5)
-            w_old = 1 - w_new
-            second = torch.maximum(vh, second)
-        root = second.sqrt()
-        denom = torch.div(root, bc2s).add_(eps)
-        r = torch.div(m_new, denom)
-        k = lr / bc1
-        c_m = torch.div(-k, denom) if isinstance(k, Tensor) else denom.reciprocal().mul_(-k)
-        # d w'/d v' = k r / (2 sqrt(v') bc2s D): 0 where v' = 0 (the limit)
-        c_v = torch.mul(root, 2 * bc2s).reciprocal_().masked_fill_(root == 0, 0.0)
-        c_v.mul_(r).mul_(-c_m)
-        c_g2 = g * (2 * (1 - beta2))
-        one_minus_b1 = 1 - beta1
-        c_lr = c_wd = c_b1 = m_minus_g = None
-        if "lr" in wanted:
-            c_lr = r * (-1 / bc1)
-            if decoupled:
-                c_lr = axpy(c_lr, param, -wd)
-        if decoupled and "weight_decay" in wanted:
-            c_wd = param * -lr
-        if "momentum" in wanted:
-            m_minus_g = m - g
-            c_b1 = r * (-lr * t * beta1 ** (t - 1) / (bc1 * bc1))
-        c_w = 1 - lr * wd if decoupled else 1.0
+        c = _coefficients(param, grad, state, hyper, options, set().union(*lams))
+        lr, beta1, wd, beta2 = c.lr, c.beta1, c.wd, c.beta2
+        coupled, decoupled, sign, amsgrad = c.coupled, c.decoupled, c.sign, c.amsgrad
+        one_minus_b1, c_g2, c_m, c_v, c_w = c.one_minus_b1, c.c_g2, c.c_m, c.c_v, c.c_w
+        c_lr, c_wd, c_b1, m_minus_g = c.c_lr, c.c_wd, c.c_b1, c.m_minus_g
+        w_new, w_old = c.w_new, c.w_old
         results = []
         for tan, lam in zip(tangents, lams):
             z_state = tan.state or {}
@@ -438,6 +491,49 @@ class AdamRule(UpdateRule):
                               (lam.get("momentum"), c_b1), (z_m, c_m), (z_second, c_v))
             results.append((or_zeros(z_param, param), new_z_state))
         return results
+
+
+def _coefficients(param, grad, state, hyper, options, wanted) -> SimpleNamespace:
+    """The coefficients of :meth:`AdamRule.jvp`'s products at the pre-step point, shared by
+    every tangent of one parameter, for the hyperparameter kinds in ``wanted``."""
+    lr, beta1, wd = hyper["lr"], hyper["momentum"], hyper["weight_decay"]
+    beta2, eps, amsgrad = options["beta2"], options["eps"], options["amsgrad"]
+    coupled = not is_zero(wd) and not options["decoupled"]
+    decoupled = not is_zero(wd) and options["decoupled"]
+    sign = -1.0 if options["maximize"] else 1.0
+    g, m, t, bc1, bc2s, m_new, second = _primal(param, grad, state, beta1, beta2, wd,
+                                                 coupled, options["maximize"])
+    w_new = w_old = None
+    if amsgrad:
+        vh = state["max_exp_avg_sq"]
+        w_new = (second > vh).to(param.dtype).masked_fill_(second == vh, 0.5)
+        w_old = 1 - w_new
+        second = torch.maximum(vh, second)
+    root = second.sqrt()
+    denom = torch.div(root, bc2s).add_(eps)
+    r = torch.div(m_new, denom)
+    k = lr / bc1
+    c_m = torch.div(-k, denom) if isinstance(k, Tensor) else denom.reciprocal().mul_(-k)
+    # d w'/d v' = k r / (2 sqrt(v') bc2s D): 0 where v' = 0 (the limit)
+    c_v = torch.mul(root, 2 * bc2s).reciprocal_().masked_fill_(root == 0, 0.0)
+    c_v.mul_(r).mul_(-c_m)
+    c_g2 = g * (2 * (1 - beta2))
+    one_minus_b1 = 1 - beta1
+    c_lr = c_wd = c_b1 = m_minus_g = None
+    if "lr" in wanted:
+        c_lr = r * (-1 / bc1)
+        if decoupled:
+            c_lr = axpy(c_lr, param, -wd)
+    if decoupled and "weight_decay" in wanted:
+        c_wd = param * -lr
+    if "momentum" in wanted:
+        m_minus_g = m - g
+        c_b1 = r * (-lr * t * beta1 ** (t - 1) / (bc1 * bc1))
+    c_w = 1 - lr * wd if decoupled else 1.0
+    return SimpleNamespace(
+        lr=lr, beta1=beta1, wd=wd, beta2=beta2, coupled=coupled, decoupled=decoupled, sign=sign,
+        amsgrad=amsgrad, one_minus_b1=one_minus_b1, c_g2=c_g2, c_m=c_m, c_v=c_v, c_w=c_w,
+        c_lr=c_lr, c_wd=c_wd, c_b1=c_b1, m_minus_g=m_minus_g, w_new=w_new, w_old=w_old)
 
 
 def _primal(param, grad, state, beta1, beta2, wd, coupled: bool, maximize: bool):

@@ -285,6 +285,29 @@ class UpdateRule:
         """
         return None
 
+    def carry_foreach(self, params: list[Tensor], grads: list[Tensor], states: list[State],
+                      hyper: dict[str, "float | Tensor | list[Tensor]"],
+                      options: dict[str, Any], tangents: list[dict], ok: Tensor,
+                      discount: float = 1.0) -> "list[dict[str, list[Tensor]]] | None":
+        """Optional bucketed, in-place forward recurrence of a step (forward-mode methods):
+        for each tangent ``Z <- discount * (dPhi/dx) Z + dPhi/dlam L``, what :meth:`jvp` gives
+        per tensor, on a whole bucket (as :meth:`step_foreach`) with ``torch._foreach_*`` ops,
+        written into the incoming tangents' storage, and the identity where ``ok = 0`` (a
+        skipped step keeps every tangent bit for bit, without a select pass).
+
+        Called under ``torch.no_grad()`` before the step writes anything; ``params``, ``grads``
+        (the finite scratch gradients) and ``states`` must not be modified.  Each tangent is a
+        dict: ``"w"``, the list of ``Z_w`` (present for every param, updated in place);
+        ``"g"``, the list of ``H Z_w`` (finite, owned: may be overwritten) or None (the
+        Hessian-free recurrence); ``"s"``, per state name a list of ``Z_s`` (entries None:
+        zero); ``"hyper"``, per kind a list of ``L_k`` (0-dim or param-shaped; None where the
+        kind does not enter this param's step).  ``hyper`` and ``options`` as in
+        :meth:`step_foreach`.  Returns per tangent the new state tangents (per name a list,
+        the incoming storage reused where it was given), or None, having changed nothing, to
+        decline (the per-tensor :meth:`jvp` is then used).  The default declines.
+        """
+        return None
+
     def jvp(self, param: Tensor, grad: Tensor, state: State, hyper: Hyper,
             options: dict[str, Any], tangents: list[Tangent]
             ) -> list[tuple[Tensor, dict[str, Tensor]]]:

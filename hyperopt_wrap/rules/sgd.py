@@ -160,6 +160,93 @@ class SGDRule(UpdateRule):
         F.axpy_(params, direction, F.gate(ok, lr), alpha=-1.0)
         return True
 
+    def carry_foreach(self, params, grads, states, hyper, options, tangents, ok, discount=1.0):
+        """:meth:`jvp`'s recurrence on a bucket, in place, with the step's gate folded into the
+        coefficients (``delta`` the discount, ``s`` the maximize sign)::
+
+            dd0  = s delta G + wd delta Z_w + w L_wd                  (in G's storage)
+            Z_b' = keep(mu delta, 1) Z_b + ok (L_mu b + tau dd0)     (Z_b' = ok dd0 first)
+            du   = dd0 + mu Z_b' + L_mu b'  (Nesterov), Z_b' (momentum), dd0 (none)
+            Z_w' = keep(delta, 1) Z_w - ok (lr du + L_lr u)
+
+        with ``b' = mu b + tau d0`` and ``u`` the step's direction (computed once for the
+        bucket, where a tangent has an lr or, under Nesterov, a momentum entry).  With
+        ``ok = 0`` every tangent is kept (``x * 1 + 0 * y``: the products are finite)."""
+        if not params:
+            return []
+        lr, mu, wd = hyper["lr"], hyper["momentum"], hyper["weight_decay"]
+        has_momentum = not is_zero(mu)
+        bufs = [s.get("momentum_buffer") for s in states] if has_momentum else None
+        first = has_momentum and bufs[0] is None
+        if has_momentum and any((b is None) != first for b in bufs):
+            return None                     # buffers on some params only: per tensor
+        sign = -1.0 if options["maximize"] else 1.0
+        nesterov, tau = options["nesterov"], 1 - options["dampening"]
+        delta = float(discount)
+
+        def present(cs):
+            return cs if cs is not None and any(c is not None for c in cs) else None
+        lams = [{k: present(t["hyper"].get(k)) for k in ("lr", "momentum", "weight_decay")}
+                for t in tangents]
+        u = new_buf = None
+        if any(lam["lr"] for lam in lams) or (nesterov and any(lam["momentum"] for lam in lams)):
+            d0 = grads                      # read only
+            if sign != 1.0:
+                d0 = list(torch._foreach_neg(grads))
+                if not is_zero(wd):
+                    F.axpy_(d0, params, wd)
+            elif not is_zero(wd):
+                d0 = F.axpy(grads, params, wd)
+            u = new_buf = d0
+            if has_momentum:
+                if not first:
+                    new_buf = F.axpy(d0 if tau == 1 else F.scaled(d0, tau), bufs, mu)
+                u = F.axpy(d0, new_buf, mu) if nesterov else new_buf
+        okc = F.Coef(ok)
+        out = []
+        for t, lam in zip(tangents, lams):
+            zw, dd0 = t["w"], t["g"]
+            if dd0 is not None:
+                F.mul_(dd0, sign * delta)
+            if not is_zero(wd):
+                coef = F.Coef(wd) * delta
+                if dd0 is None:
+                    dd0 = F.scaled(zw, coef)
+                else:
+                    F.axpy_(dd0, zw, coef)
+            if lam["weight_decay"] is not None:
+                if dd0 is None:
+                    dd0 = [torch.zeros_like(p) for p in params]
+                F.axpy_some_(dd0, params, lam["weight_decay"], 1.0)
+            new_state = {}
+            du = dd0
+            if has_momentum:
+                if first:
+                    zb = dd0 if dd0 is not None else [torch.zeros_like(p) for p in params]
+                    F.mul_(zb, ok)
+                else:
+                    zb = t["s"].get("momentum_buffer") or [None] * len(params)
+                    zb = [torch.zeros_like(p) if z is None else z for z, p in zip(zb, params)]
+                    F.mul_(zb, F.keep(ok, F.Coef(mu) * delta, 1.0))
+                    F.axpy_some_(zb, bufs, lam["momentum"], okc)
+                    if dd0 is not None:
+                        F.axpy_(zb, dd0, F.gate(ok, tau))
+                new_state["momentum_buffer"] = zb
+                if nesterov:
+                    du = F.scaled(zb, mu)
+                    if dd0 is not None:
+                        torch._foreach_add_(du, dd0, alpha=1.0)
+                    F.axpy_some_(du, new_buf, lam["momentum"], 1.0)
+                else:
+                    du = zb
+            if delta != 1.0:
+                F.mul_(zw, F.keep(ok, delta, 1.0))
+            if du is not None:
+                F.axpy_(zw, du, F.gate(ok, lr), alpha=-1.0)
+            F.axpy_some_(zw, u, lam["lr"], okc, alpha=-1.0)
+            out.append(new_state)
+        return out
+
     def fused_tangents(self, states, hyper, options, kinds, work):
         """torch's fused SGD kernel takes a step with (heavy-ball) momentum and an lr shared
         by the bucket or one per tensor (a call each), from the second step on: one pass over
