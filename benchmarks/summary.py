@@ -158,7 +158,8 @@ VARIANTS: dict[str, Variant] = {
     "forward_gradient closure element lr": Variant(
         {**FORWARD_GRADIENT, **ELEMENT_LR, "curvature": "closure"}, step="closure",
         reference="vanilla closure", target=3.3),
-    # HyperDistill: one more gradient a step, at the distilled weights, through the closure
+    # HyperDistill: one more gradient a window (at its last step), at the distilled weights,
+    # through the closure; the distilled point moves every step
     "distill closure global lr": Variant({**DISTILL, **GLOBAL_LR, "curvature": "closure"},
                                          step="closure", reference="vanilla closure",
                                          target=1.35),

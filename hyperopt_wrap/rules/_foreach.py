@@ -355,4 +355,7 @@ def axpy_some_(xs: list[Tensor], ys: list[Tensor], cs: "list[Tensor | None] | No
         sub_x, sub_y, sub_c = xs, ys, list(cs)
     else:
         sub_x, sub_y, sub_c = [xs[i] for i in idx], [ys[i] for i in idx], [cs[i] for i in idx]
-    axpy_(sub_x, sub_y, Coef(sub_c) * Coef(c), alpha)
+    if all(ci.dim() > 0 for ci in sub_c):     # per element: one addcmul pass, no temporary
+        axpy_(sub_x, sub_y, c, alpha, zs=sub_c)
+    else:
+        axpy_(sub_x, sub_y, Coef(sub_c) * Coef(c), alpha)

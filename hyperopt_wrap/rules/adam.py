@@ -515,8 +515,8 @@ def _coefficients(param, grad, state, hyper, options, wanted) -> SimpleNamespace
     k = lr / bc1
     c_m = torch.div(-k, denom) if isinstance(k, Tensor) else denom.reciprocal().mul_(-k)
     # d w'/d v' = k r / (2 sqrt(v') bc2s D): 0 where v' = 0 (the limit)
-    c_v = torch.mul(root, 2 * bc2s).reciprocal_().masked_fill_(root == 0, 0.0)
-    c_v.mul_(r).mul_(-c_m)
+    c_v = torch.mul(root, -2 * bc2s).reciprocal_().masked_fill_(root == 0, 0.0)
+    c_v.mul_(r).mul_(c_m)        # (the sign folded into the 0-dim factor: no negated copy)
     c_g2 = g * (2 * (1 - beta2))
     one_minus_b1 = 1 - beta1
     c_lr = c_wd = c_b1 = m_minus_g = None
