@@ -359,3 +359,26 @@ def axpy_some_(xs: list[Tensor], ys: list[Tensor], cs: "list[Tensor | None] | No
         axpy_(sub_x, sub_y, c, alpha, zs=sub_c)
     else:
         axpy_(sub_x, sub_y, Coef(sub_c) * Coef(c), alpha)
+
+
+def gradient_tangent(params: list[Tensor], zw: list[Tensor], g: "list[Tensor] | None",
+                     scale: float, wd, lwd: "list[Tensor | None] | None"
+                     ) -> "list[Tensor] | None":
+    """The tangent of a step's direction ``s g + wd w`` for a tangent ``(Z_w, G = H Z_w, L_wd)``
+    scaled by ``scale`` (the maximize sign times the discount) where it is incoming:
+    ``scale G + wd (scale / s) Z_w + w L_wd``, written into ``G``'s storage (owned), or a new
+    list; None for zero.  ``wd`` None: no coupled weight decay."""
+    sign_free = abs(scale)
+    if g is not None:
+        mul_(g, scale)
+    if wd is not None:
+        coef = Coef(wd) * sign_free
+        if g is None:
+            g = scaled(zw, coef)
+        else:
+            axpy_(g, zw, coef)
+    if lwd is not None:
+        if g is None:
+            g = [torch.zeros_like(p) for p in params]
+        axpy_some_(g, params, lwd, 1.0)
+    return g

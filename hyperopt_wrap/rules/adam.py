@@ -412,19 +412,10 @@ class AdamRule(UpdateRule):
             one_minus_b1 = one_minus_b1[0]
         out = []
         for t, lam in zip(tangents, lams):
-            zw, dg = t["w"], t["g"]
-            if dg is not None:
-                F.mul_(dg, c0.sign * delta)
-            if c0.coupled:
-                coef = F.Coef(hyper["weight_decay"]) * delta
-                if dg is None:
-                    dg = F.scaled(zw, coef)
-                else:
-                    F.axpy_(dg, zw, coef)
-                if lam["weight_decay"] is not None:
-                    if dg is None:
-                        dg = [torch.zeros_like(p) for p in params]
-                    F.axpy_some_(dg, params, lam["weight_decay"], 1.0)
+            zw = t["w"]
+            dg = F.gradient_tangent(params, zw, t["g"], c0.sign * delta,
+                                    hyper["weight_decay"] if c0.coupled else None,
+                                    lam["weight_decay"] if c0.coupled else None)
             zs = t["s"]
             zm = [torch.zeros_like(p) if z is None else z
                   for z, p in zip(zs.get("exp_avg") or [None] * n, params)]

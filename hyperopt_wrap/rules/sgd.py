@@ -205,19 +205,9 @@ class SGDRule(UpdateRule):
         okc = F.Coef(ok)
         out = []
         for t, lam in zip(tangents, lams):
-            zw, dd0 = t["w"], t["g"]
-            if dd0 is not None:
-                F.mul_(dd0, sign * delta)
-            if not is_zero(wd):
-                coef = F.Coef(wd) * delta
-                if dd0 is None:
-                    dd0 = F.scaled(zw, coef)
-                else:
-                    F.axpy_(dd0, zw, coef)
-            if lam["weight_decay"] is not None:
-                if dd0 is None:
-                    dd0 = [torch.zeros_like(p) for p in params]
-                F.axpy_some_(dd0, params, lam["weight_decay"], 1.0)
+            zw = t["w"]
+            dd0 = F.gradient_tangent(params, zw, t["g"], sign * delta,
+                                     None if is_zero(wd) else wd, lam["weight_decay"])
             new_state = {}
             du = dd0
             if has_momentum:
