@@ -546,6 +546,8 @@ def test_the_distilled_batch_keeps_earlier_closures():
         replays[i] += 1
     reused = sum(n - 2 for n in replays.values() if n > 2)   # user call + its own replay
     assert 5 < reused < 30, replays
+    st = _method_state(opt)     # drawn on every step (a window's reads only: 10 draws)
+    assert st["draws"] == 30 == int(st["t"]), (st["draws"], st["t"])
     assert _all_finite(opt)
 
     m = _model()

@@ -264,3 +264,33 @@ def test_reset_every_zeroes_the_sensitivities():
     opt = _make(m, method=RTRL(reset_every=1), val_loss=lambda: (m(X) ** 2).mean())
     _train(opt, m, 3)
     assert all(not z["w"] for z in opt.state_dict()["hyper"]["method"]["Z"])
+
+
+def test_an_expanded_hessian_product_from_the_graph():
+    """A loss of ``w.sum()`` makes the graph's Hessian-vector product an expanded (stride-0)
+    tensor, which the in-place recurrence cannot write into (it raised "more than one element
+    of the written-to tensor refers to a single memory location"): it is copied first, and the
+    hypergradient agrees with the closure source's."""
+    results = []
+    for curvature in ("graph", "closure"):
+        w = torch.nn.Parameter(torch.linspace(0.1, 0.5, 5, dtype=torch.float64))
+        opt = HyperOptimizer(torch.optim.SGD, [w], lr=0.05, momentum=0.9, method="rtrl",
+                             tune=("lr", "momentum"), curvature=curvature, hyper_lr=0.0,
+                             update_every=4)
+        for _ in range(5):
+            def closure():
+                opt.zero_grad()
+                loss = torch.cos(w.sum())
+                loss.backward(create_graph=opt.needs_graph)
+                return loss
+            if curvature == "graph":
+                closure()
+                opt.step()
+            else:
+                opt.step(closure)
+        assert opt.hypersteps == 1
+        results.append(opt.last_hypergradient())
+    for kind in results[0]:
+        a, b = flat(results[0][kind]), flat(results[1][kind])
+        assert torch.count_nonzero(a) > 0 and torch.isfinite(a).all(), kind
+        assert float((a - b).abs().max()) <= 1e-5 * float(a.abs().max()), (kind, a, b)

@@ -277,10 +277,12 @@ def propagate(view, tangents: list[dict], hyper_tangent: Callable, discount: flo
     tangent ``j`` at a parameter (``{kind: 0-dim or param-shaped tensor}``).
 
     A skipped step (non-finite gradient) is the identity, so there every tangent keeps its
-    value: ``Z' = Z'_new * ok + Z * (1 - ok)``, exact for ok in {0, 1} because the products are
-    finite (the rule saw zero gradients, and non-finite Hessian-vector products are zeroed
-    first) -- ``lerp`` with the 0/1 weight into the old tangent's storage, not ``torch.where``
-    (several times slower here)."""
+    value.  A rule with :meth:`~hyperopt_wrap.rules.base.UpdateRule.carry_foreach` (SGD, Adam)
+    runs each bucket in place with the 0/1 flag folded into its coefficients (``x * 1 + 0 * y``,
+    exact because the products are finite: the rule saw zero gradients, and non-finite
+    Hessian-vector products are zeroed first); otherwise, per tensor through ``jvp``,
+    ``Z' = Z'_new * ok + Z * (1 - ok)`` -- ``lerp`` with the 0/1 weight into the old tangent's
+    storage, not ``torch.where`` (several times slower here)."""
     items = view.items
     keys = [(it.group_index, it.param_index) for it in items]
     hz: list = [None] * len(tangents)
@@ -288,8 +290,9 @@ def propagate(view, tangents: list[dict], hyper_tangent: Callable, discount: flo
         for j, z in enumerate(tangents):
             if any(k in z["w"] for k in keys):
                 us = [z["w"].get(k) for k in keys]
-                hz[j] = view.hvp([torch.zeros_like(it.param) if u is None else u
-                                  for u, it in zip(us, items)])
+                hz[j] = [h.clone() if h.numel() > 1 and 0 in h.stride() else h   # expanded
+                         for h in view.hvp([torch.zeros_like(it.param) if u is None else u
+                                            for u, it in zip(us, items)])]
                 for h in hz[j]:
                     h.nan_to_num_(0.0, 0.0, 0.0)   # leaves a finite (or aliased) input as it is
     lams = [[hyper_tangent(j, it) for j in range(len(tangents))] for it in items]

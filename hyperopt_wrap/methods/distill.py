@@ -25,18 +25,21 @@ with ``b`` linearised gives the weighted mean of the points (paper Eq. 13)::
     sum_s gamma^(t-s) b_s  ~  c_t b(x*_t, grad L(w*_t; D*_t)),   c_t = (1 - gamma^t)/(1 - gamma)
     h = h_FO + theta c_t v_t,   v_t = grad E(w_t) . b(x*_t, grad L(w*_t; D*_t))
 
-For the learning rate ``b`` reads the training gradient, so each step costs one extra gradient,
-``grad L(w*; D*)``: the step's closure called at swapped weights
+For the learning rate ``b`` reads the training gradient, so each readout (one per window, see
+below) costs one extra gradient, ``grad L(w*; D*)``: the step's closure called at swapped weights
 (:func:`hyperopt_wrap.curvature.step_gradient_at`; weights, ``p.grad``, torch's RNG stream as
 the closure started it, and with ``FiniteDifferences(model=...)`` the module's buffers are all
 restored bit-exactly).  ``D*`` is the current batch (``batch="current"``, the default), or the
 paper's distilled batch (Eq. 14, ``batch="distilled"``): ``D*_t = D*_{t-1}`` with probability
 ``p_t``, else ``D_t``, drawn from a private seeded stream (torch's RNG is not touched), the
-kept batch being an earlier step's closure, replayed with that step's RNG; closures must then
+kept batch being an earlier step's closure, replayed with that step's RNG (drawn on every step,
+whether or not it is read, so that the batch's memory follows ``p_t`` as ``x*``'s does); closures must then
 bind their batch (``def closure(x=x, y=y)``), which is checked once as for every replay.  A kept
 closure cannot be saved: after a resume (or a deepcopy) the current batch is used until the
 draw keeps a new one.  With ``gamma -> 0``: ``p_t -> 0``, ``x* = x_{t-1}``, ``c_t -> 1`` and
-``h = theta * greedy``, exactly greedy at ``theta = 1``.
+``h = theta * greedy``, exactly greedy at ``theta = 1`` (with ``val_loss``, or
+``read_every_step=True``; by default without ``val_loss`` greedy's value of the window's last
+step alone).
 
 **Derived here for the optimizer's state (the paper covers plain SGD on network blocks).**
 
@@ -363,13 +366,15 @@ class Distill(RecordingMethod):
                 if cur is None:     # an entry the rule creates now counts as 0 before
                     cur = ss[name] = torch.zeros_like(v, dtype=_acc_dtype(v.dtype))
                 cur.lerp_(v.to(cur.dtype), on(move, cur))
+        # Eq. 14's draw on every step (it follows p_t, as x* does); the gradient only when read
+        source = self._batch_source(ctx, state, view) if self.batch == "distilled" else None
         if self._reads(ctx):
-            self._tangent(ctx, state, view, c)
+            self._tangent(ctx, state, view, c,
+                          self._batch_source(ctx, state, view) if source is None else source)
 
-    def _tangent(self, ctx, state, view, c: Tensor) -> None:
+    def _tangent(self, ctx, state, view, c: Tensor, source) -> None:
         """``c_t b(x*, grad L(w*; D*))`` per tuned kind and parameter, kept as pending."""
         items = view.items
-        source = self._batch_source(ctx, state, view)
         params = [it.param for it in items]
         keys = [(it.group_index, it.param_index) for it in items]
         weights = [state["w"][k].to(p.dtype) for k, p in zip(keys, params)]
