@@ -349,10 +349,11 @@ def _carry_span(view, tangents: list[dict], keys: list, hz: list, lams: list, di
     args, live = [], []
     for j, z in enumerate(tangents):
         zw = [z["w"].get(k) for k in span_keys]
-        lam = {}
+        lam = {}                     # a kind only where some param of the bucket has an L
         for i in range(start, stop):
             for kind, v in lams[i][j].items():
-                lam.setdefault(kind, [None] * (stop - start))[i - start] = v
+                if v is not None:
+                    lam.setdefault(kind, [None] * (stop - start))[i - start] = v
         zs_items = [z["s"].get(k, {}) for k in span_keys]
         if all(w is None for w in zw) and not lam and not any(zs_items) and hz[j] is None:
             continue                 # zero in, nothing of it in this bucket's step: zero out

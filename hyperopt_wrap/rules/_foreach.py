@@ -362,17 +362,16 @@ def axpy_some_(xs: list[Tensor], ys: list[Tensor], cs: "list[Tensor | None] | No
 
 
 def gradient_tangent(params: list[Tensor], zw: list[Tensor], g: "list[Tensor] | None",
-                     scale: float, wd, lwd: "list[Tensor | None] | None"
+                     sign: float, delta: float, wd, lwd: "list[Tensor | None] | None"
                      ) -> "list[Tensor] | None":
     """The tangent of a step's direction ``s g + wd w`` for a tangent ``(Z_w, G = H Z_w, L_wd)``
-    scaled by ``scale`` (the maximize sign times the discount) where it is incoming:
-    ``scale G + wd (scale / s) Z_w + w L_wd``, written into ``G``'s storage (owned), or a new
-    list; None for zero.  ``wd`` None: no coupled weight decay."""
-    sign_free = abs(scale)
+    whose incoming parts are discounted by ``delta``: ``s delta G + wd delta Z_w + w L_wd``
+    (``s`` the maximize sign), written into ``G``'s storage (owned), or a new list; None for
+    zero.  ``wd`` None: no coupled weight decay."""
     if g is not None:
-        mul_(g, scale)
+        mul_(g, sign * delta)
     if wd is not None:
-        coef = Coef(wd) * sign_free
+        coef = Coef(wd) * delta
         if g is None:
             g = scaled(zw, coef)
         else:

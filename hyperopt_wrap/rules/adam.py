@@ -387,9 +387,7 @@ class AdamRule(UpdateRule):
             return None
         n = len(params)
 
-        def present(cs):
-            return cs if cs is not None and any(c is not None for c in cs) else None
-        lams = [{k: present(t["hyper"].get(k)) for k in ("lr", "momentum", "weight_decay")}
+        lams = [{k: t["hyper"].get(k) for k in ("lr", "momentum", "weight_decay")}
                 for t in tangents]
         wanted = {k for lam in lams for k, v in lam.items() if v is not None}
         cs = [_coefficients(p, g, st, {k: (v[i] if isinstance(v, list) else v)
@@ -413,7 +411,7 @@ class AdamRule(UpdateRule):
         out = []
         for t, lam in zip(tangents, lams):
             zw = t["w"]
-            dg = F.gradient_tangent(params, zw, t["g"], c0.sign * delta,
+            dg = F.gradient_tangent(params, zw, t["g"], c0.sign, delta,
                                     hyper["weight_decay"] if c0.coupled else None,
                                     lam["weight_decay"] if c0.coupled else None)
             zs = t["s"]

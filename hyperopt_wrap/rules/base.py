@@ -301,7 +301,7 @@ class UpdateRule:
         ``"g"``, the list of ``H Z_w`` (finite, owned: may be overwritten) or None (the
         Hessian-free recurrence); ``"s"``, per state name a list of ``Z_s`` (entries None:
         zero); ``"hyper"``, per kind a list of ``L_k`` (0-dim or param-shaped; None where the
-        kind does not enter this param's step).  ``hyper`` and ``options`` as in
+        kind does not enter this param's step; a kind is absent where it enters none).  ``hyper`` and ``options`` as in
         :meth:`step_foreach`.  Returns per tangent the new state tangents (per name a list,
         the incoming storage reused where it was given), or None, having changed nothing, to
         decline (the per-tensor :meth:`jvp` is then used).  The default declines.

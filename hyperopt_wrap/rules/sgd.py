@@ -184,9 +184,7 @@ class SGDRule(UpdateRule):
         nesterov, tau = options["nesterov"], 1 - options["dampening"]
         delta = float(discount)
 
-        def present(cs):
-            return cs if cs is not None and any(c is not None for c in cs) else None
-        lams = [{k: present(t["hyper"].get(k)) for k in ("lr", "momentum", "weight_decay")}
+        lams = [{k: t["hyper"].get(k) for k in ("lr", "momentum", "weight_decay")}
                 for t in tangents]
         u = new_buf = None
         if any(lam["lr"] for lam in lams) or (nesterov and any(lam["momentum"] for lam in lams)):
@@ -206,7 +204,7 @@ class SGDRule(UpdateRule):
         out = []
         for t, lam in zip(tangents, lams):
             zw = t["w"]
-            dd0 = F.gradient_tangent(params, zw, t["g"], sign * delta,
+            dd0 = F.gradient_tangent(params, zw, t["g"], sign, delta,
                                      None if is_zero(wd) else wd, lam["weight_decay"])
             new_state = {}
             du = dd0
