@@ -50,6 +50,8 @@ class Controller:
         self.backoff: float | None = 0.5
         self.window_skips = torch.zeros((), dtype=torch.float32, device=device)   # (a count)
         self.window_finite = torch.ones((), dtype=torch.bool, device=device)
+        # recovery="restore": steps skipped for a non-finite gradient since the last look
+        self.period_skips = torch.zeros((), dtype=torch.int64, device=device)
         self.contributions = 0      # hypergradient contributions in the accumulators
         self.hypersteps = Count(device=device)
         # torch.distributed: reduces the window's hypergradient across ranks at each hyper-step
@@ -129,6 +131,8 @@ class Controller:
         dev = self.skipped_steps.device
         taken = taken.to(dev)
         self.skipped_steps.add_(~taken)
+        if backoff:
+            self.period_skips.add_(~taken)
         if self.backoff is not None:
             if backoff:
                 self.window_skips.add_(~taken)

@@ -48,6 +48,18 @@ def _number(kind: str, value: Any, where: str) -> float:
 # of magnitude a step)
 _ROLLBACK_GROWTH = 10.0
 
+# recovery="restore": the weights and optimizer state are copied every this many steps (when
+# none of them was skipped), and the run returns to that copy when at least _RESTORE_AFTER of
+# them were skipped for a non-finite gradient (a diverged run; one bad batch is only skipped)
+_RESTORE_EVERY = 50
+_RESTORE_AFTER = 3
+
+
+def _reads_at_once(device: torch.device) -> bool:
+    """Whether a count on ``device`` is read on the host at once (the CPU: no synchronisation)
+    rather than copied without waiting and read a look later."""
+    return device.type == "cpu"
+
 _EXAMPLE = {"lr": "0.1", "momentum": "0.9", "weight_decay": "5e-4"}
 
 
@@ -116,15 +128,22 @@ class HyperOptimizer(torch.optim.Optimizer):
             :class:`~hyperopt_wrap.FiniteDifferences` (central differences, eps, ``model=`` to
             protect BatchNorm buffers).  See :mod:`hyperopt_wrap.curvature`.
         recovery: what a step skipped for a non-finite gradient does besides skipping:
-            ``"backoff"`` (default: the tuned lr halves for each such step, at the coming
-            hyper-step, as GradScaler backs off its scale; not for skips an AMP caller flags
-            through ``found_inf``), ``"rollback"`` (that, a step whose gradient norm outgrows a
-            running reference by 10x is skipped too, and the weights and optimizer state
-            return to where the last taken step started: a run that blew up in finite
-            arithmetic recovers; one copy of the weights and state on their device, three more
-            passes a step: the gradients' norm, a select and a copy of the weights and state)
-            or ``None`` (skip only).  Skipped steps are counted in
-            :attr:`skipped_steps`.
+            ``"restore"`` (default: the tuned lr halves for each such step, at the coming
+            hyper-step, as GradScaler backs off its scale -- not for skips an AMP caller flags
+            through ``found_inf`` -- and the run returns from a divergence: the weights and
+            optimizer state are copied at the first step and then every 50 steps none of which
+            was skipped, and when at least 3 of 50 steps were skipped they return to that copy,
+            the method's carried state starts afresh and the lr keeps its back-off; counted in
+            :attr:`restores`, warned once.  One copy of the weights and state on their device,
+            a copy pass every 50 steps; decided without host synchronisation: on the CPU the
+            count is read at once, elsewhere a look (50 steps) later), ``"backoff"`` (the
+            halving alone: no copy; a run whose weights grew until every gradient overflows
+            stays frozen there), ``"rollback"`` (the halving, a step whose gradient norm
+            outgrows a running reference by 10x is skipped too, and the weights and optimizer
+            state return to where the last taken step started: a blow-up in finite arithmetic
+            is caught a step at a time; one copy of the weights and state, three more passes a
+            step: the gradients' norm, a select and a copy of the weights and state) or
+            ``None`` (skip only).  Skipped steps are counted in :attr:`skipped_steps`.
         max_grad_norm: clip the gradient's norm (over all parameters) to this, as
             ``torch.nn.utils.clip_grad_norm_`` does, inside the step after unscaling, and
             differentiate the clip: second-order methods' Hessian-vector products go through its
@@ -158,7 +177,7 @@ class HyperOptimizer(torch.optim.Optimizer):
                  granularity="global", hyper_lr=None, hyper_optimizer=None,
                  hyper_optimizer_kwargs: dict | None = None, update_every: int | None = None,
                  val_loss: Callable[[], Tensor] | None = None, bounds=None, curvature="auto",
-                 recovery="backoff", max_grad_norm: float | None = None,
+                 recovery="restore", max_grad_norm: float | None = None,
                  process_group="auto", **optimizer_kwargs):
         if distributed.constructed_by_zero():
             raise ValueError(distributed.ZERO_MESSAGE)
@@ -190,9 +209,11 @@ class HyperOptimizer(torch.optim.Optimizer):
                 and update_every >= 1):
             raise ValueError(f"update_every must be an int >= 1, got {update_every!r}")
         self.update_every = update_every
-        if recovery not in ("backoff", "rollback", None):
-            raise ValueError(f"recovery must be 'backoff', 'rollback' or None, got {recovery!r}")
+        if recovery not in ("restore", "backoff", "rollback", None):
+            raise ValueError(f"recovery must be 'restore', 'backoff', 'rollback' or None, got "
+                             f"{recovery!r}")
         self.recovery = recovery
+        self.restores = 0            # recovery="restore": returns to the copy so far
         if max_grad_norm is not None:
             if isinstance(max_grad_norm, bool) or not isinstance(max_grad_norm, (int, float)) \
                     or not (math.isfinite(max_grad_norm) and max_grad_norm > 0):
@@ -291,6 +312,7 @@ class HyperOptimizer(torch.optim.Optimizer):
         self._unversioned = False      # params written through .data while a graph is kept
         self._seen_entries: list[tuple] = []   # param-group entries as of the last step
         self._steps = Count(device=first.device)
+        self._pending_restore = None   # recovery="restore" off the CPU: last look's flag, read later
         self.method.bind(self._ctx)
         self._method_state = self.method.init_state(self._ctx)
         for p, state in eager_state.items():
@@ -623,7 +645,7 @@ class HyperOptimizer(torch.optim.Optimizer):
                 f"OneCycleLR or CyclicLR with cycle_momentum=True?); each write resets the "
                 f"tuned {kind} to the written value, so {kind} is not tuned. Pass "
                 f"cycle_momentum=False to the scheduler, or leave {kind!r} out of tune= and "
-                f"let the scheduler drive it", UserWarning, stacklevel=4)
+                f"let the scheduler drive it", UserWarning, stacklevel=6)
         streaks[kind] = (now, count, warned)
 
     def _bucket_hyper(self, bucket: Bucket, scales: list[float]) -> dict[str, Any]:
@@ -779,10 +801,64 @@ class HyperOptimizer(torch.optim.Optimizer):
                 self._abandon_window()
                 raise
             self._hyper_step()
+        if self.recovery == "restore" and not is_compiling():
+            self._look_back(buckets)
         if self._shards is not None:
             self._shards.release_grads(groups)
         self._settle_versions()
         return loss
+
+    def _look_back(self, buckets: list[Bucket]) -> None:
+        """``recovery="restore"``, after the step: keep the restore point (the first step, then
+        every ``_RESTORE_EVERY`` steps when none of them was skipped), or return to it when at
+        least ``_RESTORE_AFTER`` of them were skipped for a non-finite gradient.  The count is
+        a device tensor: on the CPU it is read at once; elsewhere it is copied to the host
+        without waiting and read at the next look, ``_RESTORE_EVERY`` steps later (no host
+        synchronisation in ``step()``; the ranks of a sharded run decide alike, their skips
+        being agreed)."""
+        stepper, period = self._stepper, self._controller.period_skips
+        if not stepper.has_restore_point():
+            stepper.keep_restore_point(buckets, True)
+            period.zero_()
+            self._pending_restore = None
+            return
+        if int(self._steps) % _RESTORE_EVERY:
+            return
+        if _reads_at_once(period.device):
+            back, fresh = bool(period >= _RESTORE_AFTER), bool(period == 0)
+        else:
+            pending = self._pending_restore
+            flag = (period >= _RESTORE_AFTER).to("cpu", non_blocking=True)
+            done = None if period.device.type == "cpu" else torch.Event(period.device)
+            if done is not None:
+                done.record()
+            self._pending_restore = (flag, done)
+            if pending is not None and pending[1] is not None:
+                pending[1].synchronize()     # (recorded a look ago: long done)
+            back, fresh = pending is not None and bool(pending[0]), period == 0
+        if back:
+            self._return_to_restore_point()
+        else:
+            stepper.keep_restore_point(buckets, fresh)
+        period.zero_()
+
+    def _return_to_restore_point(self) -> None:
+        """The weights and optimizer state go back to the restore point; the method's carried
+        state (tangents, the window) starts afresh; the tuned lr keeps its back-off."""
+        for p in self._stepper.restore():
+            torch.autograd.graph.increment_version(p)
+        self._pending_restore = None
+        self._abandon_window()
+        self.method.restart(self._ctx, self._method_state)
+        self._controller.window_finite.fill_(True)
+        self.restores += 1
+        if self.restores == 1:
+            warnings.warn(
+                f"HyperOptimizer: at least {_RESTORE_AFTER} of the last {_RESTORE_EVERY} steps "
+                f"were skipped for non-finite gradients (the run diverged): the weights and "
+                f"optimizer state returned to their copy from at most {2 * _RESTORE_EVERY} "
+                f"steps ago and the tuned lr backed off. opt.restores counts these returns; "
+                f"recovery='backoff' keeps no copy", RuntimeWarning, stacklevel=6)
 
     def _load_grads(self, buckets: list[Bucket], source, found_inf: Tensor | None
                     ) -> tuple[Tensor, Tensor]:
@@ -970,7 +1046,7 @@ class HyperOptimizer(torch.optim.Optimizer):
             # recorded steps (graphs, closures) cannot be saved: a resume restarts the window
             # when this window has any, as a deepcopy does
             "counters": {"window": self._ctx.position, "steps": int(self._steps),
-                         "recorded": len(self._ctx.tape)},
+                         "recorded": len(self._ctx.tape), "restores": self.restores},
             "shapes": [[list(p.shape) for p in g["params"]] for g in self.param_groups],
             "groups": groups,
         }
@@ -1088,6 +1164,8 @@ class HyperOptimizer(torch.optim.Optimizer):
         self._method_state = method_state
         c = hyper["counters"]
         self._ctx.position, self._steps = c["window"], Count(c["steps"], self._device)
+        self.restores = int(c.get("restores", 0))
+        self._pending_restore = None
         self._ctx.release_tape()
         if c.get("recorded", self._records_steps()):    # (0.1 checkpoints: whether it could)
             # recorded steps (graphs, closures) are not saved: the interrupted window restarts

@@ -196,6 +196,7 @@ class Stepper:
         self._oks: dict | None = None     # the factor load_grads made, handed to step()
         self._skips: dict | None = None   # check_grads' found_inf per device, for step_fused()
         self._snapshots: dict = {}         # recovery="rollback": weights and state per param
+        self._restore: dict = {}           # recovery="restore": the restore point per param
         self.guard_ref: Tensor | None = None   # the blow-up test's reference gradient norm
 
     def __getstate__(self):
@@ -204,6 +205,7 @@ class Stepper:
         state.update(_buckets={}, _work={}, _tape_buffers=[], _amp={}, _pool=TensorPool(),
                      _oks=None, _skips=None)
         state["_snapshots"] = {}     # (a copy's rollback starts afresh; guard_ref is kept)
+        state["_restore"] = {}
         return state
 
     def invalidate(self) -> None:
@@ -456,6 +458,65 @@ class Stepper:
         for snaps, curs in by.values():
             torch._foreach_copy_(snaps, curs)
 
+    def has_restore_point(self) -> bool:
+        return bool(self._restore)
+
+    def keep_restore_point(self, buckets: list[Bucket], ok: "Tensor | bool") -> None:
+        """``recovery="restore"``: copy the weights and floating-point optimizer state of the
+        buckets' parameters into the restore point, where ``ok`` (a Python bool, or a 0-dim
+        device bool: then an exact select per tensor, decided on the device).  A tensor with no
+        copy yet is copied whatever ``ok`` says (skipped steps never change the weights, so
+        the only risk is a snapshot of a run diverging in finite arithmetic)."""
+        if ok is False and self._restore:
+            return
+        copies: dict[tuple, tuple[list, list]] = {}
+        flags: dict[torch.device, Tensor] = {}
+        for b in buckets:
+            for p, st in zip(b.params, b.states or [{}] * len(b.params)):
+                mine = self._restore.setdefault(p, {})
+                pairs = [("weights", p.data)] + [(k, v) for k, v in (st or {}).items()
+                                                 if isinstance(v, Tensor) and v.is_floating_point()]
+                for name, cur in pairs:
+                    snap = mine.get(name)
+                    if snap is None or snap.shape != cur.shape or snap.dtype != cur.dtype \
+                            or snap.device != cur.device:
+                        mine[name] = cur.clone()
+                    elif ok is True:
+                        lists = copies.setdefault((cur.device, cur.dtype), ([], []))
+                        lists[0].append(snap)
+                        lists[1].append(cur)
+                    elif ok is not False:
+                        flag = flags.get(cur.device)
+                        if flag is None:
+                            flag = flags[cur.device] = ok.to(cur.device, non_blocking=True)
+                        torch.where(flag, cur, snap, out=snap)
+        for snaps, curs in copies.values():
+            torch._foreach_copy_(snaps, curs)
+
+    def restore(self) -> list[Tensor]:
+        """Return every parameter with a restore point, and its optimizer state, to it (a
+        floating-point state entry the point does not hold, created since, is zeroed); returns
+        the parameters written."""
+        copies: dict[tuple, tuple[list, list]] = {}
+        written = []
+        for p, mine in self._restore.items():
+            st = self.state.get(p) or {}
+            pairs = [("weights", p.data)] + [(k, v) for k, v in st.items()
+                                             if isinstance(v, Tensor) and v.is_floating_point()]
+            for name, cur in pairs:
+                snap = mine.get(name)
+                if snap is None or snap.shape != cur.shape or snap.dtype != cur.dtype \
+                        or snap.device != cur.device:
+                    cur.zero_()
+                    continue
+                lists = copies.setdefault((cur.device, cur.dtype), ([], []))
+                lists[0].append(cur)
+                lists[1].append(snap)
+            written.append(p)
+        for curs, snaps in copies.values():
+            torch._foreach_copy_(curs, snaps)
+        return written
+
     def _amp_check(self, checked: dict, device: torch.device, found_inf: Tensor | None = None,
                    grad_scale: Tensor | None = None) -> Tensor:
         """GradScaler's check (``_amp_foreach_non_finite_check_and_unscale_``: exact, one pass,
@@ -596,8 +657,10 @@ class Stepper:
         self._tape_buffers = []
 
     def drop_snapshots(self) -> None:
-        """Forget rollback's copy (after a load: the next step remembers the loaded weights)."""
+        """Forget rollback's copy and the restore point (after a load: the next step remembers
+        the loaded weights)."""
         self._snapshots = {}
+        self._restore = {}
 
     def scratch_tensors(self) -> list[Tensor]:
         """Every persistent scratch tensor (for memory accounting)."""
@@ -610,7 +673,8 @@ class Stepper:
                     if id(flat) not in seen:
                         seen.add(id(flat))
                         out.append(flat)
-        for d in list(self._work.values()) + list(self._snapshots.values()) + [
+        for d in list(self._work.values()) + list(self._snapshots.values()) + \
+                list(self._restore.values()) + [
                 x for pos in self._tape_buffers for x in pos.values()]:
             out.extend(t for t in d.values() if isinstance(t, Tensor))
         return out

@@ -1,15 +1,19 @@
 """Runs that recover: a learning rate far too small is rescued (scale-free hypergradients), a
-step skipped for a non-finite gradient backs the lr off, ``recovery="rollback"`` brings a run
-that blew up in finite arithmetic back, and the default hyper-optimizer (NormalizedMomentum) skips,
+step skipped for a non-finite gradient backs the lr off, the default ``recovery="restore"``
+returns a run that diverged to its last copy, ``recovery="rollback"`` catches a blow-up in
+finite arithmetic a step at a time, and the default hyper-optimizer (NormalizedMomentum) skips,
 saves and resumes exactly."""
 import copy
 import io
 import math
 
+import warnings
+
 import pytest
 import torch
 from torch import nn
 
+import hyperopt_wrap.optimizer as optimizer_module
 from hyperopt_wrap import NormalizedMomentum, HyperOptimizer
 from hyperopt_wrap.demo import load_digits_split, make_model, minibatches
 
@@ -71,17 +75,20 @@ def _diabetes():
     (("lr",), {}),
     (("lr", "momentum", "weight_decay"), {"momentum": 0.9, "weight_decay": 1e-4}),
 ], ids=["lr", "lr-momentum-wd"])
-def test_a_run_that_blew_up_recovers_with_rollback(tune, extra):
+def test_a_run_that_blew_up_recovers(tune, extra):
     """SGD at lr=10 on diabetes (MSE, ReLU MLP): the loss grows by orders of magnitude a step
     until every gradient overflows.  Skipping alone freezes the run there (296 of 300 steps
-    skipped, the loss inf; 1496 of 1500); ``recovery="rollback"`` returns to where the last good step started
-    and halves the lr each time, and the run ends below its initial loss."""
+    skipped, the loss inf; 1496 of 1500), and so does backing the lr off (the weights stay
+    where every gradient overflows).  The default ``recovery="restore"`` returns to the copy
+    of the weights taken at the first step, with the lr backed off, and ``recovery="rollback"``
+    to where the last good step started, halving the lr each time: both runs end below
+    their initial loss."""
     x, y = _diabetes()
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(10, 50), nn.ReLU(), nn.Linear(50, 1))
     mse = nn.MSELoss()
     results = {}
-    for recovery in (None, "rollback"):
+    for recovery in (None, "backoff", "rollback", "restore"):
         m = copy.deepcopy(model)
         opt = HyperOptimizer(torch.optim.SGD, m.parameters(), lr=10.0, tune=tune,
                              bounds={"lr": (1e-10, 10.0)}, recovery=recovery,
@@ -91,16 +98,161 @@ def test_a_run_that_blew_up_recovers_with_rollback(tune, extra):
         # (1200 steps: at 600 the run with lr, momentum and weight decay tuned is still
         # oscillating back from its blow-up, above or below its initial loss by the CPU's
         # rounding: 2.86 on one machine; by 1000 it descends steadily, 0.45 at 1200)
-        for _ in range(1200 if recovery else 300):
-            opt.zero_grad()
-            mse(m(x), y).backward()
-            opt.step()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for _ in range(1200 if recovery in ("rollback", "restore") else 300):
+                opt.zero_grad()
+                mse(m(x), y).backward()
+                opt.step()
         with torch.no_grad():
-            results[recovery] = (initial, float(mse(m(x), y)), opt.skipped_steps)
-    initial, final, skipped = results["rollback"]
-    assert math.isfinite(final) and final < initial, results
-    assert 0 < skipped < 100
-    assert not math.isfinite(results[None][1]) and results[None][2] > 290   # the trap
+            results[recovery] = (initial, float(mse(m(x), y)), opt.skipped_steps, opt.restores,
+                                 [str(w.message) for w in caught])
+    for recovery in ("rollback", "restore"):
+        initial, final, skipped, _, _ = results[recovery]
+        assert math.isfinite(final) and final < initial, results
+        assert 0 < skipped < 200, results
+    for recovery in (None, "backoff"):     # the trap
+        assert not math.isfinite(results[recovery][1]) and results[recovery][2] > 290, results
+        assert results[recovery][3] == 0
+    restores, messages = results["restore"][3:]
+    assert restores >= 1
+    said = [m for m in messages if "returned to their copy" in m]
+    assert len(said) == 1 and "opt.restores" in said[0] and "recovery='backoff'" in said[0]
+
+
+def _steps(opt, model, n, gen, bad=()):
+    """``n`` steps of a quadratic loss on fresh inputs; the gradient is NaN at the steps
+    (counted from 1 by ``opt.steps``) in ``bad``."""
+    for _ in range(n):
+        opt.zero_grad()
+        x = torch.randn(5, 4, dtype=torch.float64, generator=gen)
+        if opt.steps + 1 in bad:
+            x[0, 0] = math.nan
+        model(x).pow(2).sum().backward(create_graph=opt.needs_graph)
+        opt.step()
+
+
+def _weights_and_state(opt, model):
+    out = [p.detach().clone() for p in model.parameters()]
+    for p in model.parameters():
+        out += [v.clone() for v in opt.state[p].values() if torch.is_tensor(v)]
+    return out
+
+
+@pytest.mark.parametrize("cls,kwargs", [
+    (torch.optim.SGD, {"momentum": 0.9}),
+    (torch.optim.Adam, {"weight_decay": 1e-3}),
+], ids=["sgd-momentum", "adam"])
+@pytest.mark.parametrize("method", ["greedy", "rtrl"])
+def test_the_restore_point_changes_nothing_in_a_run_without_skips(cls, kwargs, method):
+    """Without a skipped step the default ``recovery="restore"`` is bit for bit the run of
+    ``recovery="backoff"`` (it only copies, every 50 steps), and a single bad batch is only
+    skipped (no return)."""
+    runs = []
+    for recovery in ("restore", "backoff"):
+        model = _tiny()
+        opt = HyperOptimizer(cls, model.parameters(), lr=0.01, tune=("lr",), method=method,
+                             recovery=recovery, **kwargs)
+        _steps(opt, model, 120, torch.Generator().manual_seed(1), bad=(70,))
+        runs.append((opt, _weights_and_state(opt, model), opt.hyperparameters()["lr"][0]))
+    (a, wa, la), (b, wb, lb) = runs
+    assert a.skipped_steps == b.skipped_steps == 1 and a.restores == 0
+    assert all(torch.equal(x, y) for x, y in zip(wa, wb)) and torch.equal(la, lb)
+
+
+@pytest.mark.parametrize("at_once", [True, False], ids=["cpu-read", "deferred-read"])
+@pytest.mark.parametrize("method", ["greedy", "rtrl"])
+@pytest.mark.filterwarnings("ignore:HyperOptimizer. at least")
+def test_a_diverged_stretch_returns_to_the_last_copy_exactly(monkeypatch, at_once, method):
+    """Three NaN steps among steps 51-100: at the look after step 100 the weights and
+    optimizer state return bit for bit to their copy from step 50, the method's carried state
+    starts afresh and the lr keeps its back-off.  Off the CPU the count is read a look later
+    (no host synchronisation): the return then comes after step 150, to the same copy (the
+    stretch with skips refreshed nothing)."""
+    if not at_once:
+        monkeypatch.setattr(optimizer_module, "_reads_at_once", lambda device: False)
+    model = _tiny()
+    opt = HyperOptimizer(torch.optim.SGD, model.parameters(), lr=0.05, momentum=0.9,
+                         tune=("lr", "momentum"), method=method)
+    gen = torch.Generator().manual_seed(2)
+    _steps(opt, model, 50, gen)
+    copy_at_50 = _weights_and_state(opt, model)
+    lr_at_50 = float(opt.hyperparameters()["lr"][0])
+    _steps(opt, model, 50, gen, bad=(60, 61, 62))
+    assert opt.skipped_steps == 3
+    if not at_once:
+        assert opt.restores == 0
+        _steps(opt, model, 50, gen)
+    assert opt.restores == 1
+    assert all(torch.equal(x, y) for x, y in zip(_weights_and_state(opt, model), copy_at_50))
+    # the lr is not part of the copy: it keeps the three halvings (and the hyper-steps since)
+    assert float(opt.hyperparameters()["lr"][0]) != lr_at_50
+    if method == "rtrl":
+        assert all(not z["w"] for z in opt._method_state["Z"])   # the tangents start at 0
+    _steps(opt, model, 60, gen)              # and the run goes on from there
+    assert opt.restores == 1
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+@pytest.mark.filterwarnings("ignore:HyperOptimizer. at least")
+def test_the_deferred_read_makes_no_host_synchronisation(monkeypatch):
+    """Off the CPU the look reads only its own copy of the last look's count, made without
+    waiting a look (50 steps) earlier."""
+    from problems import forbid_host_sync
+    monkeypatch.setattr(optimizer_module, "_reads_at_once", lambda device: False)
+    model = _tiny()
+    opt = HyperOptimizer(torch.optim.SGD, model.parameters(), lr=0.05, momentum=0.9)
+    gen = torch.Generator().manual_seed(4)
+    _steps(opt, model, 99, gen, bad=(60, 61, 62))
+    pending = opt._pending_restore
+    assert pending is not None and pending[1] is None      # (a CPU tensor has no event)
+    for _ in range(2):                       # steps 100 (a look) and 101
+        opt.zero_grad()
+        model(torch.randn(5, 4, dtype=torch.float64, generator=gen)).pow(2).sum().backward()
+        with forbid_host_sync(monkeypatch, {id(pending[0])}):
+            opt.step()
+    assert opt.restores == 0                 # (step 100's count is read at step 150)
+    _steps(opt, model, 49, gen)
+    assert opt.restores == 1
+
+
+@pytest.mark.filterwarnings("ignore:HyperOptimizer. at least")
+def test_the_restore_point_is_counted_saved_and_forgotten_on_load():
+    """The copy is in the memory accounting, a deepcopy starts without one, ``restores`` is
+    saved and loaded (a checkpoint from before 0.6.3 loads as 0), and a load forgets the copy:
+    a later return goes to the loaded weights, never to weights from before the load."""
+    model = _tiny()
+    opt = HyperOptimizer(torch.optim.SGD, model.parameters(), lr=0.05, momentum=0.9)
+    gen = torch.Generator().manual_seed(6)
+    _steps(opt, model, 100, gen, bad=(60, 61, 62))
+    assert opt.restores == 1
+    numel = sum(t.numel() for t in opt.scratch_tensors())
+    assert numel >= 2 * sum(p.numel() for p in model.parameters())   # weights + momentum copy
+    twin = copy.deepcopy(opt)
+    assert not twin._stepper.has_restore_point()
+    state = copy.deepcopy(opt.state_dict())
+    assert state["hyper"]["counters"]["restores"] == 1
+    model2 = _tiny()
+    fresh = HyperOptimizer(torch.optim.SGD, model2.parameters(), lr=0.05, momentum=0.9)
+    _steps(fresh, model2, 30, gen)
+    with torch.no_grad():
+        for p, q in zip(model2.parameters(), model.parameters()):
+            p.copy_(q)
+    fresh.load_state_dict(state)
+    assert fresh.restores == 1 and not fresh._stepper.has_restore_point()
+    loaded = _weights_and_state(fresh, model2)
+    # the look after step 150 finds three skips: back to the copy the first step after the
+    # load took (the loaded run advanced by one step), not to the fresh run's weights
+    _steps(fresh, model2, 1, gen)
+    first = _weights_and_state(fresh, model2)
+    assert not all(torch.equal(x, y) for x, y in zip(first, loaded))
+    _steps(fresh, model2, 49, gen, bad=(110, 111, 112))
+    assert fresh.restores == 2
+    assert all(torch.equal(x, y) for x, y in zip(_weights_and_state(fresh, model2), first))
+    old = copy.deepcopy(state)
+    del old["hyper"]["counters"]["restores"]
+    fresh.load_state_dict(old)
+    assert fresh.restores == 0
 
 
 def _tiny():
@@ -219,6 +371,9 @@ def test_bad_hyper_optimizer_and_recovery_arguments_are_clear_errors():
     with pytest.raises(ValueError, match="recovery"):
         HyperOptimizer(torch.optim.SGD, [torch.zeros(1, requires_grad=True)], lr=0.1,
                        recovery="undo")
+    with pytest.raises(ValueError, match="'restore', 'backoff', 'rollback' or None"):
+        HyperOptimizer(torch.optim.SGD, [torch.zeros(1, requires_grad=True)], lr=0.1,
+                       recovery="Restore")
 
 
 def test_rollback_keeps_its_copy_in_the_memory_accounting_and_survives_deepcopy():
@@ -356,6 +511,7 @@ def test_rollback_keeps_its_reference_in_the_checkpoint_and_refuses_a_bad_one():
     assert "guard" not in _spike_run("backoff", spike_at=-1, steps=2)[0].state_dict()["hyper"]
 
 
+@pytest.mark.filterwarnings("ignore:HyperOptimizer. at least")
 def test_rollback_recovers_the_study_run_that_tuning_drove_into_a_blow_up():
     """The study's diabetes run from initialisation 10 (lr 0.086, momentum 0.158, weight decay
     0.0013; fixed SGD there ends at 0.726): greedy raises the lr to about 0.48 by step 37, the
@@ -371,14 +527,20 @@ def test_rollback_recovers_the_study_run_that_tuning_drove_into_a_blow_up():
                                        study._ours("greedy", recovery="rollback"))
     try:
         ours = study.run_one("diabetes", name, 10, settings)
+        name = "greedy backoff"
+        study.METHODS[name] = study.Method(name, "ours", "greedy, recovery='backoff'",
+                                           study._ours("greedy", recovery="backoff"))
+        lost = study.run_one("diabetes", name, 10, dict(settings, steps={"diabetes": 300}))
     finally:
-        del study.METHODS[name]
-    lost = study.run_one("diabetes", "greedy", 10, dict(settings, steps={"diabetes": 300}))
+        study.METHODS.pop("greedy rollback", None)
+        study.METHODS.pop("greedy backoff", None)
     assert lost["diverged"] and lost["error"] is None
     fixed = study.run_one("diabetes", "fixed", 10, settings)
-    assert ours["error"] is None and not ours["diverged"], ours["error"]
-    assert 0 < ours["skipped_steps"] < 100
-    assert ours["test_loss"] < fixed["test_loss"], (ours["test_loss"], fixed["test_loss"])
+    default = study.run_one("diabetes", "greedy", 10, settings)     # recovery="restore"
+    for run in (ours, default):
+        assert run["error"] is None and not run["diverged"], run["error"]
+        assert 0 < run["skipped_steps"] < 100
+        assert run["test_loss"] < fixed["test_loss"], (run["test_loss"], fixed["test_loss"])
 
 
 def test_rollback_returns_weights_that_overflowed_to_inf_exactly():

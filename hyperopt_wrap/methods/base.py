@@ -250,6 +250,13 @@ class HypergradientMethod:
     def abandon(self, ctx: MethodContext, state: dict) -> None:
         """The window was dropped (an error, or a resume that cannot continue it)."""
 
+    def restart(self, ctx: MethodContext, state: dict) -> None:
+        """The weights went back to an earlier copy (``recovery="restore"``): what the method
+        carried along the abandoned stretch of the run no longer describes it.  The default
+        starts the state afresh (:meth:`init_state`)."""
+        state.clear()
+        state.update(self.init_state(ctx))
+
     def state_dict(self, state: dict) -> dict[str, Any]:
         return _clone(state)
 
