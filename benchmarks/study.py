@@ -228,6 +228,8 @@ def _all_finite(model: nn.Module) -> bool:
 def _quiet() -> None:
     # the documented graph source (README): backward(create_graph=opt.needs_graph)
     warnings.filterwarnings("ignore", message="Using backward\\(\\) with create_graph=True")
+    # recovery="restore"'s note that a run returned to its copy: counted in the diagnostics
+    warnings.filterwarnings("ignore", message="HyperOptimizer: at least")
 
 
 def _empty_result(task_name: str, method_name: str, index: int, settings: dict) -> dict:
@@ -235,7 +237,7 @@ def _empty_result(task_name: str, method_name: str, index: int, settings: dict) 
     return {"task": task_name, "method": method_name, "index": index,
             "init": inits[index] if 0 <= index < len(inits) else None,
             "test_loss": math.nan, "val_loss": math.nan, "seconds": 0.0, "steps_done": 0,
-            "diverged": False, "error": None, "traj": None, "skipped_steps": 0}
+            "diverged": False, "error": None, "traj": None, "skipped_steps": 0, "restores": 0}
 
 
 def run_one(task_name: str, method_name: str, index: int, settings: dict) -> dict:
@@ -288,6 +290,7 @@ def run_one(task_name: str, method_name: str, index: int, settings: dict) -> dic
         result["traj"] = traj
         if ours:
             result["skipped_steps"] = int(opt.skipped_steps)
+            result["restores"] = int(opt.restores)
             result["final_hyper"] = _hyper_snapshot(opt)
         if method.train_mode:
             opt.eval()
@@ -532,6 +535,10 @@ def diagnostics(task: Task, methods: list[Method], results: dict) -> list[str]:
             skipped = sum(r["skipped_steps"] for r in runs)
             if skipped:
                 line += f"; {skipped} base steps skipped as non-finite"
+            returned = [r.get("restores", 0) for r in runs]
+            if sum(returned):
+                line += (f"; {sum(1 for n in returned if n)} run(s) returned to their copy "
+                         f"({sum(returned)} time(s) in all)")
         div = sum(1 for r in runs if r["diverged"])
         if div:
             line += f"; {div} diverged"
