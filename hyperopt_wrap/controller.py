@@ -52,6 +52,13 @@ class Controller:
         self.window_finite = torch.ones((), dtype=torch.bool, device=device)
         # recovery="restore": steps skipped for a non-finite gradient since the last look
         self.period_skips = torch.zeros((), dtype=torch.int64, device=device)
+        self.period_clean = torch.ones((), dtype=torch.bool, device=device)   # (the one before)
+        # recovery="restore": the lr backs off for at most this many of them (the weights stand
+        # still while every step is skipped; the return to the copy, not the lr, ends it)
+        self.backoff_cap: int | None = None
+        # recovery="restore": per lr block, the raw lr's ceiling since the last return to the
+        # copy (None: no return yet); lowered at each return, saved with the run
+        self.lr_ceilings: list[Tensor] | None = None
         self.contributions = 0      # hypergradient contributions in the accumulators
         self.hypersteps = Count(device=device)
         # torch.distributed: reduces the window's hypergradient across ranks at each hyper-step
@@ -135,9 +142,23 @@ class Controller:
             self.period_skips.add_(~taken)
         if self.backoff is not None:
             if backoff:
-                self.window_skips.add_(~taken)
+                skipped = ~taken
+                if self.backoff_cap is not None and not is_compiling():
+                    skipped = skipped & (self.period_skips <= self.backoff_cap)
+                self.window_skips.add_(skipped)
             elif finite is not None:
                 self.window_skips.add_(finite.to(dev) & ~taken)
+
+    def lower_lr_ceiling(self, headroom: float) -> None:
+        """After a return to the copy: the tuned lr may from now on rise to at most
+        ``exp(headroom)`` times its value now (raw units: ``log lr + headroom``), per entry;
+        an earlier, lower ceiling stays."""
+        tk = self.tuned.get("lr")
+        if tk is None:
+            return
+        new = [raw.detach() + headroom for raw in tk.raws]
+        self.lr_ceilings = new if self.lr_ceilings is None else [
+            torch.minimum(old, n) for old, n in zip(self.lr_ceilings, new)]
 
     def abandon_window(self) -> None:
         self.contributions = 0
@@ -219,11 +240,14 @@ class Controller:
             lr_backoff = backoff and tk.kind == "lr"
             w = taken if lr_backoff else ok
             ok_as: dict[tuple, Tensor] = {(w.device, w.dtype): w}
-            for raw, value in zip(tk.raws, tk.values):
+            ceilings = self.lr_ceilings if tk.kind == "lr" else None
+            for i, (raw, value) in enumerate(zip(tk.raws, tk.values)):
                 if lr_backoff:
                     raw.add_(skips if skips.device == raw.device else skips.to(raw.device),
                              alpha=shift)
                 raw.clamp_(lo, hi)
+                if ceilings is not None:
+                    torch.minimum(raw, ceilings[i], out=raw)
                 raw.grad = None
                 key = (value.device, value.dtype)
                 if key not in ok_as:
@@ -289,6 +313,8 @@ class Controller:
             "counters": {"contributions": self.contributions, "hypersteps": int(self.hypersteps)},
             "skipped": [self.skipped_hypersteps.clone(), self.skipped_steps.clone(),
                         self.window_finite.clone(), self.window_skips.clone()],
+            "lr_ceilings": None if self.lr_ceilings is None else
+            [c.clone() for c in self.lr_ceilings],
         }
 
     def check_loadable(self, saved: dict[str, Any]) -> None:
@@ -330,6 +356,15 @@ class Controller:
             raise CheckpointError("hyper['controller']['skipped'] must be 1-element tensors "
                                   "(skipped hyper-steps, skipped steps, window flag, skips in "
                                   "the window)")
+        ceilings = saved.get("lr_ceilings")
+        if ceilings is not None:
+            raws = self.tuned["lr"].raws if "lr" in self.tuned else []
+            if not (isinstance(ceilings, (list, tuple)) and len(ceilings) == len(raws) and all(
+                    isinstance(c, Tensor) and c.shape == r.shape and c.device.type != "meta"
+                    and bool(torch.isfinite(c).all()) for c, r in zip(ceilings, raws))):
+                raise CheckpointError("hyper['controller']['lr_ceilings'] must be None or one "
+                                      "finite tensor per tuned lr block, shaped like it; load "
+                                      "the checkpoint into the same model and tune=")
 
     def _check_hyper_optimizer_state(self, saved: Any) -> None:
         where = "hyper['controller']['hyper_optimizer']"
@@ -396,6 +431,9 @@ class Controller:
             self.window_skips.copy_(saved["skipped"][3])
         else:
             self.window_skips.zero_()
+        ceilings = saved.get("lr_ceilings")     # (since 0.6.3)
+        self.lr_ceilings = None if ceilings is None else [
+            c.to(raw.device, raw.dtype, copy=True) for c, raw in zip(ceilings, self.tuned["lr"].raws)]
 
 
 def _fused_adam_step(plan, found_inf: Tensor, ok: Tensor) -> None:

@@ -213,8 +213,8 @@ def check_sharded_options(method, granularity: dict[str, str], recovery) -> None
                          f"(FSDP2) parameters; what works: {_WORKS}")
     if recovery == "rollback":
         raise ValueError("recovery='rollback' is not supported with sharded (FSDP2) parameters "
-                         "(its gradient-norm test would see one shard); use recovery='backoff' "
-                         "(the default) or None")
+                         "(its gradient-norm test would see one shard); use recovery='restore' "
+                         "(the default), 'backoff' or None")
 
 
 def check_added_group(params: list[Tensor], sharded: bool) -> None:

@@ -60,6 +60,15 @@ def _reads_at_once(device: torch.device) -> bool:
     rather than copied without waiting and read a look later."""
     return device.type == "cpu"
 
+
+def _event(device: torch.device):
+    """A recorded event on ``device``'s current stream (None on the CPU, which has none)."""
+    if device.type == "cpu":
+        return None
+    event = torch.Event(device)
+    event.record()
+    return event
+
 _EXAMPLE = {"lr": "0.1", "momentum": "0.9", "weight_decay": "5e-4"}
 
 
@@ -131,13 +140,16 @@ class HyperOptimizer(torch.optim.Optimizer):
             ``"restore"`` (default: the tuned lr halves for each such step, at the coming
             hyper-step, as GradScaler backs off its scale -- not for skips an AMP caller flags
             through ``found_inf`` -- and the run returns from a divergence: the weights and
-            optimizer state are copied at the first step and then every 50 steps none of which
-            was skipped, and when at least 3 of 50 steps were skipped they return to that copy,
-            the method's carried state starts afresh and the lr keeps its back-off; counted in
-            :attr:`restores`, warned once.  One copy of the weights and state on their device,
-            a copy pass every 50 steps; decided without host synchronisation: on the CPU the
-            count is read at once, elsewhere a look (50 steps) later), ``"backoff"`` (the
-            halving alone: no copy; a run whose weights grew until every gradient overflows
+            optimizer state are copied before the first step and then every 50 steps after
+            100 steps none of which was skipped; when at least 3 of 50 steps were skipped they
+            return to that copy, the method's carried state starts afresh, the lr keeps its
+            back-off (at most 3 halvings per 50 steps) and may from then on rise to at most 4x
+            that (half the lr that diverged); counted in :attr:`restores`, warned once.  One
+            copy of the weights and state on their device, a copy pass every 50 steps,
+            decided without host synchronisation: on the CPU the count is read at once,
+            elsewhere a look (50 steps) later.  Under GradScaler and in a compiled step no
+            copy is kept: there it acts as ``"backoff"``), ``"backoff"`` (the halving
+            alone: no copy; a run whose weights grew until every gradient overflows
             stays frozen there), ``"rollback"`` (the halving, a step whose gradient norm
             outgrows a running reference by 10x is skipped too, and the weights and optimizer
             state return to where the last taken step started: a blow-up in finite arithmetic
@@ -289,6 +301,8 @@ class HyperOptimizer(torch.optim.Optimizer):
                                       first.device)
         if recovery is None:
             self._controller.backoff = None
+        elif recovery == "restore":     # a frozen stretch backs the lr off a few times, no more
+            self._controller.backoff_cap = _RESTORE_AFTER
         self._controller.reduction = reduction
         raw_groups = self._controller.raw_groups()
         for gi, group in enumerate(self.param_groups):
@@ -313,6 +327,7 @@ class HyperOptimizer(torch.optim.Optimizer):
         self._seen_entries: list[tuple] = []   # param-group entries as of the last step
         self._steps = Count(device=first.device)
         self._pending_restore = None   # recovery="restore" off the CPU: last look's flag, read later
+        self._since_look = 0           # eager steps since the last look (a host count)
         self.method.bind(self._ctx)
         self._method_state = self.method.init_state(self._ctx)
         for p, state in eager_state.items():
@@ -738,11 +753,19 @@ class HyperOptimizer(torch.optim.Optimizer):
             if needs_source else None
         options = [self.rule.options(g) for g in self.param_groups]
         self._stepper.init_states(buckets, options)
+        found_inf = getattr(self, "found_inf", None)
+        # recovery="restore" keeps its copy where it can act on it: not under GradScaler (its
+        # skips are loss-scale overflows) nor in a compiled step
+        restoring = self.recovery == "restore" and found_inf is None and not is_compiling()
+        if restoring and not self._stepper.has_restore_point():
+            self._stepper.keep_restore_point(self._restorable(groups), True)  # before the update
+            self._controller.period_skips.zero_()
+            self._controller.period_clean.fill_(True)
+            self._pending_restore, self._since_look = None, 0
         foreach = [g.get("foreach") is not False for g in self.param_groups]
         # torch's fused kernel, on the gradients themselves, where nothing else needs them
         plan = self._fused_plan(buckets, scales, options, foreach) \
             if source is None and not records and not carries else None
-        found_inf = getattr(self, "found_inf", None)
         if plan is not None:
             finite, dots = self._stepper.check_grads(buckets, self._device, plan, found_inf)
             grads_finite = finite
@@ -801,45 +824,48 @@ class HyperOptimizer(torch.optim.Optimizer):
                 self._abandon_window()
                 raise
             self._hyper_step()
-        if self.recovery == "restore" and not is_compiling():
-            self._look_back(buckets)
+        if restoring:
+            self._look_back(groups, finite)
         if self._shards is not None:
             self._shards.release_grads(groups)
         self._settle_versions()
         return loss
 
-    def _look_back(self, buckets: list[Bucket]) -> None:
-        """``recovery="restore"``, after the step: keep the restore point (the first step, then
-        every ``_RESTORE_EVERY`` steps when none of them was skipped), or return to it when at
-        least ``_RESTORE_AFTER`` of them were skipped for a non-finite gradient.  The count is
-        a device tensor: on the CPU it is read at once; elsewhere it is copied to the host
-        without waiting and read at the next look, ``_RESTORE_EVERY`` steps later (no host
+    def _restorable(self, groups: list[dict]) -> list[tuple[Tensor, dict]]:
+        """Every trainable parameter of the step's groups with its optimizer state."""
+        state = self._stepper.state
+        return [(p, state.get(p) or {}) for g in groups for p in g["params"] if p.requires_grad]
+
+    def _look_back(self, groups: list[dict], taken: Tensor) -> None:
+        """``recovery="restore"``, after every ``_RESTORE_EVERY``-th step: return to the restore
+        point when at least ``_RESTORE_AFTER`` of these steps were skipped for a non-finite
+        gradient, else (this step taken) copy the weights and state into it.  The count is a
+        device tensor: on the CPU it is read at once; elsewhere it is copied to the host without
+        waiting and read at the next look, ``_RESTORE_EVERY`` steps later (no host
         synchronisation in ``step()``; the ranks of a sharded run decide alike, their skips
         being agreed)."""
-        stepper, period = self._stepper, self._controller.period_skips
-        if not stepper.has_restore_point():
-            stepper.keep_restore_point(buckets, True)
-            period.zero_()
-            self._pending_restore = None
+        self._since_look += 1
+        if self._since_look < _RESTORE_EVERY:
             return
-        if int(self._steps) % _RESTORE_EVERY:
-            return
+        self._since_look = 0
+        period = self._controller.period_skips
+        clean = self._controller.period_clean    # (the stretch before this one had no skip)
         if _reads_at_once(period.device):
-            back, fresh = bool(period >= _RESTORE_AFTER), bool(period == 0)
+            back = bool(period >= _RESTORE_AFTER)
+            fresh = bool(period == 0) and bool(taken) and bool(clean)
         else:
             pending = self._pending_restore
-            flag = (period >= _RESTORE_AFTER).to("cpu", non_blocking=True)
-            done = None if period.device.type == "cpu" else torch.Event(period.device)
-            if done is not None:
-                done.record()
-            self._pending_restore = (flag, done)
+            self._pending_restore = ((period >= _RESTORE_AFTER).to("cpu", non_blocking=True),
+                                     _event(period.device))
             if pending is not None and pending[1] is not None:
                 pending[1].synchronize()     # (recorded a look ago: long done)
-            back, fresh = pending is not None and bool(pending[0]), period == 0
+            back = pending is not None and bool(pending[0])
+            fresh = (period == 0) & taken.to(period.device) & clean
         if back:
             self._return_to_restore_point()
         else:
-            stepper.keep_restore_point(buckets, fresh)
+            self._stepper.keep_restore_point(self._restorable(groups), fresh)
+        torch.eq(period, 0, out=clean)
         period.zero_()
 
     def _return_to_restore_point(self) -> None:
@@ -851,14 +877,17 @@ class HyperOptimizer(torch.optim.Optimizer):
         self._abandon_window()
         self.method.restart(self._ctx, self._method_state)
         self._controller.window_finite.fill_(True)
+        # what diverged will diverge again: from now on the lr stays below what the back-off
+        # left times 2 ** (_RESTORE_AFTER - 1) (on the CPU: half the lr that diverged)
+        self._controller.lower_lr_ceiling(math.log(2) * (_RESTORE_AFTER - 1))
         self.restores += 1
         if self.restores == 1:
             warnings.warn(
-                f"HyperOptimizer: at least {_RESTORE_AFTER} of the last {_RESTORE_EVERY} steps "
-                f"were skipped for non-finite gradients (the run diverged): the weights and "
-                f"optimizer state returned to their copy from at most {2 * _RESTORE_EVERY} "
-                f"steps ago and the tuned lr backed off. opt.restores counts these returns; "
-                f"recovery='backoff' keeps no copy", RuntimeWarning, stacklevel=6)
+                f"HyperOptimizer: at least {_RESTORE_AFTER} of {_RESTORE_EVERY} steps were "
+                f"skipped for non-finite gradients (the run diverged): the weights and optimizer "
+                f"state returned to their last copy (taken every {_RESTORE_EVERY} steps where "
+                f"fewer were skipped) and the tuned lr keeps its back-off. opt.restores counts "
+                f"these returns; recovery='backoff' keeps no copy", RuntimeWarning, stacklevel=6)
 
     def _load_grads(self, buckets: list[Bucket], source, found_inf: Tensor | None
                     ) -> tuple[Tensor, Tensor]:
@@ -1165,7 +1194,7 @@ class HyperOptimizer(torch.optim.Optimizer):
         c = hyper["counters"]
         self._ctx.position, self._steps = c["window"], Count(c["steps"], self._device)
         self.restores = int(c.get("restores", 0))
-        self._pending_restore = None
+        self._pending_restore, self._since_look = None, 0
         self._ctx.release_tape()
         if c.get("recorded", self._records_steps()):    # (0.1 checkpoints: whether it could)
             # recorded steps (graphs, closures) are not saved: the interrupted window restarts
@@ -1213,6 +1242,9 @@ class HyperOptimizer(torch.optim.Optimizer):
         state = {k: v for k, v in self.__dict__.items() if not k.startswith("_optimizer_")
                  and k not in ("_grad_versions", "_grad_hooks",     # (re-registered on copies)
                                "step")}     # an LR scheduler's wrapper of the original's step
+        # (a copy keeps no restore point, so no pending look either: an Event cannot be copied)
+        state["_pending_restore"] = None
+        state["_since_look"] = 0
         if self._ctx.tape:
             # recorded steps hold graphs and closures, which cannot be copied: the copy
             # restarts the current window, exactly as a resume from state_dict() does

@@ -461,35 +461,42 @@ class Stepper:
     def has_restore_point(self) -> bool:
         return bool(self._restore)
 
-    def keep_restore_point(self, buckets: list[Bucket], ok: "Tensor | bool") -> None:
-        """``recovery="restore"``: copy the weights and floating-point optimizer state of the
-        buckets' parameters into the restore point, where ``ok`` (a Python bool, or a 0-dim
-        device bool: then an exact select per tensor, decided on the device).  A tensor with no
-        copy yet is copied whatever ``ok`` says (skipped steps never change the weights, so
-        the only risk is a snapshot of a run diverging in finite arithmetic)."""
-        if ok is False and self._restore:
-            return
+    def keep_restore_point(self, params: list[tuple[Tensor, dict]], ok: "Tensor | bool") -> None:
+        """``recovery="restore"``: copy the weights and floating-point optimizer state of
+        ``params`` (``(param, state)`` pairs) into the restore point, where ``ok`` (a Python
+        bool, or a 0-dim device bool: then an exact select per tensor, decided on the device).
+        Parameters no longer given are forgotten."""
+        old, self._restore = self._restore, {}
         copies: dict[tuple, tuple[list, list]] = {}
         flags: dict[torch.device, Tensor] = {}
-        for b in buckets:
-            for p, st in zip(b.params, b.states or [{}] * len(b.params)):
-                mine = self._restore.setdefault(p, {})
-                pairs = [("weights", p.data)] + [(k, v) for k, v in (st or {}).items()
-                                                 if isinstance(v, Tensor) and v.is_floating_point()]
-                for name, cur in pairs:
-                    snap = mine.get(name)
-                    if snap is None or snap.shape != cur.shape or snap.dtype != cur.dtype \
-                            or snap.device != cur.device:
+        for p, st in params:
+            mine = self._restore[p] = old.get(p, {})
+            pairs = [("weights", p.data)] + [(k, v) for k, v in st.items()
+                                             if isinstance(v, Tensor) and v.is_floating_point()]
+            names = {name for name, _ in pairs}
+            for name in [n for n in mine if n not in names]:
+                del mine[name]
+            for name, cur in pairs:
+                snap = mine.get(name)
+                if snap is None or snap.shape != cur.shape or snap.dtype != cur.dtype \
+                        or snap.device != cur.device:
+                    # a parameter new here is copied as it is; a state entry created since the
+                    # last copy, where ``ok`` refuses, as 0 (what a return does without one)
+                    if name == "weights" or ok is True:
                         mine[name] = cur.clone()
-                    elif ok is True:
-                        lists = copies.setdefault((cur.device, cur.dtype), ([], []))
-                        lists[0].append(snap)
-                        lists[1].append(cur)
-                    elif ok is not False:
-                        flag = flags.get(cur.device)
-                        if flag is None:
-                            flag = flags[cur.device] = ok.to(cur.device, non_blocking=True)
-                        torch.where(flag, cur, snap, out=snap)
+                    elif ok is False:
+                        mine[name] = torch.zeros_like(cur)
+                    else:
+                        mine[name] = torch.where(ok.to(cur.device), cur, 0.0)
+                elif ok is True:
+                    lists = copies.setdefault((cur.device, cur.dtype), ([], []))
+                    lists[0].append(snap)
+                    lists[1].append(cur)
+                elif ok is not False:
+                    flag = flags.get(cur.device)
+                    if flag is None:
+                        flag = flags[cur.device] = ok.to(cur.device, non_blocking=True)
+                    torch.where(flag, cur, snap, out=snap)
         for snaps, curs in copies.values():
             torch._foreach_copy_(snaps, curs)
 
@@ -500,7 +507,10 @@ class Stepper:
         copies: dict[tuple, tuple[list, list]] = {}
         written = []
         for p, mine in self._restore.items():
-            st = self.state.get(p) or {}
+            try:
+                st = self.state.get(p) or {}
+            except KeyError:    # (a sharded parameter whose local shard was re-cached)
+                continue
             pairs = [("weights", p.data)] + [(k, v) for k, v in st.items()
                                              if isinstance(v, Tensor) and v.is_floating_point()]
             for name, cur in pairs:

@@ -71,18 +71,21 @@ def _diabetes():
     return x, y
 
 
+@pytest.mark.parametrize("val", [True, False], ids=["val_loss", "next-batch"])
 @pytest.mark.parametrize("tune,extra", [
     (("lr",), {}),
     (("lr", "momentum", "weight_decay"), {"momentum": 0.9, "weight_decay": 1e-4}),
 ], ids=["lr", "lr-momentum-wd"])
-def test_a_run_that_blew_up_recovers(tune, extra):
+def test_a_run_that_blew_up_recovers(tune, extra, val):
     """SGD at lr=10 on diabetes (MSE, ReLU MLP): the loss grows by orders of magnitude a step
     until every gradient overflows.  Skipping alone freezes the run there (296 of 300 steps
     skipped, the loss inf; 1496 of 1500), and so does backing the lr off (the weights stay
     where every gradient overflows).  The default ``recovery="restore"`` returns to the copy
-    of the weights taken at the first step, with the lr backed off, and ``recovery="rollback"``
-    to where the last good step started, halving the lr each time: both runs end below
-    their initial loss."""
+    of the weights taken before the first step, with the lr backed off (at most 3 halvings a
+    50-step stretch: frozen, every step would halve it down to its bound, where the
+    hyper-optimizer of a run without ``val_loss``, Adam, cannot lift it), and
+    ``recovery="rollback"`` to where the last good step started, halving the lr each time:
+    both runs end below their initial loss, with and without a validation loss."""
     x, y = _diabetes()
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(10, 50), nn.ReLU(), nn.Linear(50, 1))
@@ -92,7 +95,7 @@ def test_a_run_that_blew_up_recovers(tune, extra):
         m = copy.deepcopy(model)
         opt = HyperOptimizer(torch.optim.SGD, m.parameters(), lr=10.0, tune=tune,
                              bounds={"lr": (1e-10, 10.0)}, recovery=recovery,
-                             val_loss=lambda m=m: mse(m(x), y), **extra)
+                             val_loss=(lambda m=m: mse(m(x), y)) if val else None, **extra)
         with torch.no_grad():
             initial = float(mse(m(x), y))
         # (1200 steps: at 600 the run with lr, momentum and weight decay tuned is still
@@ -107,27 +110,35 @@ def test_a_run_that_blew_up_recovers(tune, extra):
         with torch.no_grad():
             results[recovery] = (initial, float(mse(m(x), y)), opt.skipped_steps, opt.restores,
                                  [str(w.message) for w in caught])
-    for recovery in ("rollback", "restore"):
+    for recovery, most in (("rollback", 100), ("restore", 400)):
         initial, final, skipped, _, _ = results[recovery]
         assert math.isfinite(final) and final < initial, results
-        assert 0 < skipped < 200, results
+        assert 0 < skipped < most, results
     for recovery in (None, "backoff"):     # the trap
         assert not math.isfinite(results[recovery][1]) and results[recovery][2] > 290, results
         assert results[recovery][3] == 0
     restores, messages = results["restore"][3:]
     assert restores >= 1
-    said = [m for m in messages if "returned to their copy" in m]
+    said = [m for m in messages if "returned to their last copy" in m]
     assert len(said) == 1 and "opt.restores" in said[0] and "recovery='backoff'" in said[0]
 
 
-def _steps(opt, model, n, gen, bad=()):
+def _steps(opt, model, n, gen, bad=(), closure=False):
     """``n`` steps of a quadratic loss on fresh inputs; the gradient is NaN at the steps
     (counted from 1 by ``opt.steps``) in ``bad``."""
     for _ in range(n):
-        opt.zero_grad()
         x = torch.randn(5, 4, dtype=torch.float64, generator=gen)
         if opt.steps + 1 in bad:
             x[0, 0] = math.nan
+        if closure:
+            def loss(x=x):
+                opt.zero_grad()
+                value = model(x).pow(2).sum()
+                value.backward()
+                return value
+            opt.step(loss)
+            continue
+        opt.zero_grad()
         model(x).pow(2).sum().backward(create_graph=opt.needs_graph)
         opt.step()
 
@@ -189,9 +200,140 @@ def test_a_diverged_stretch_returns_to_the_last_copy_exactly(monkeypatch, at_onc
     assert float(opt.hyperparameters()["lr"][0]) != lr_at_50
     if method == "rtrl":
         assert all(not z["w"] for z in opt._method_state["Z"])   # the tangents start at 0
+    else:
+        assert opt._method_state == {"pending": None}            # greedy's one-step tangent
     _steps(opt, model, 60, gen)              # and the run goes on from there
     assert opt.restores == 1
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+@pytest.mark.filterwarnings("ignore:HyperOptimizer. at least")
+def test_a_return_keeps_a_capped_back_off_and_puts_a_ceiling_on_the_lr():
+    """Ten NaN steps in a stretch halve the lr three times, not ten (frozen, every step would
+    halve it down to its bound); after the return the lr may rise to at most 4x that, half
+    the lr that diverged, also across a checkpoint."""
+    model = _tiny()
+    opt = HyperOptimizer(torch.optim.SGD, model.parameters(), lr=0.05, momentum=0.9,
+                         hyper_lr=1e-9)          # (the hyper-steps move the lr by ~1e-9)
+    gen = torch.Generator().manual_seed(7)
+    _steps(opt, model, 50, gen)
+    lr50 = float(opt.hyperparameters()["lr"][0])
+    _steps(opt, model, 50, gen, bad=range(60, 70))
+    assert opt.skipped_steps == 10 and opt.restores == 1
+    assert float(opt.hyperparameters()["lr"][0]) == pytest.approx(lr50 / 8, rel=1e-6)
+    (ceiling,) = opt._controller.lr_ceilings
+    assert math.exp(float(ceiling)) == pytest.approx(lr50 / 2, rel=1e-6)
+    with torch.no_grad():                        # a scheduler-free way to push the lr up:
+        opt._controller.tuned["lr"].raws[0].add_(10.0)    # the next hyper-step clamps it
+    _steps(opt, model, 2, gen)      # (the restarted greedy's first hyper-step is at its second)
+    assert float(opt.hyperparameters()["lr"][0]) == pytest.approx(lr50 / 2, rel=1e-6)
+    state = copy.deepcopy(opt.state_dict())
+    twin_model = _tiny()
+    twin = HyperOptimizer(torch.optim.SGD, twin_model.parameters(), lr=0.05, momentum=0.9,
+                          hyper_lr=1e-9)
+    twin.load_state_dict(state)
+    assert torch.equal(twin._controller.lr_ceilings[0], ceiling)
+    bad = copy.deepcopy(state)
+    bad["hyper"]["controller"]["lr_ceilings"] = [torch.zeros(3)]
+    with pytest.raises(Exception, match="lr_ceilings"):
+        twin.load_state_dict(bad)
+
+
+@pytest.mark.filterwarnings("ignore:HyperOptimizer. at least")
+def test_the_copy_holds_parameters_without_a_gradient_at_the_look():
+    """A parameter with no gradient on the step of the look is copied too (the copy is of
+    one moment), and a return puts it back with the others."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 3)).double()
+    opt = HyperOptimizer(torch.optim.SGD, model.parameters(), lr=0.05, momentum=0.9)
+    gen = torch.Generator().manual_seed(8)
+
+    def step(nan=False, second=True):
+        opt.zero_grad()
+        x = torch.randn(5, 4, dtype=torch.float64, generator=gen)
+        if nan:
+            x[0, 0] = math.nan
+        model(x).pow(2).sum().backward()
+        if not second:
+            for p in model[1].parameters():
+                p.grad = None
+        opt.step()
+
+    for i in range(1, 51):
+        step(second=i != 50)
+    at_50 = [p.detach().clone() for p in model.parameters()]
+    for i in range(51, 101):
+        step(nan=i in (60, 61, 62))
+    assert opt.restores == 1
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), at_50))
+
+
+@pytest.mark.filterwarnings("ignore:HyperOptimizer. at least")
+@pytest.mark.parametrize("method", ["sgld", "forward_gradient", "distill"])
+def test_a_return_restarts_a_method_without_replaying_its_randomness(method):
+    """SGLD's noise, ForwardGradient's directions and Distill's fitted theta go on across a
+    return (a fresh init_state would draw a new seed from torch's global RNG inside step(),
+    replay the first directions, or forget the fit); the carried tangents start afresh."""
+    from hyperopt_wrap import Distill
+    model = _tiny()
+    opt = HyperOptimizer(torch.optim.SGD, model.parameters(), lr=0.05, momentum=0.9,
+                         tune=("lr", "momentum"), update_every=5,
+                         method=Distill(refit_every=2, horizon=5) if method == "distill"
+                         else method)
+    closure = method == "distill"
+    gen = torch.Generator().manual_seed(9)
+    _steps(opt, model, 99, gen, bad=(60, 61, 62), closure=closure)
+    before = copy.deepcopy(opt._method_state)
+    rng = torch.get_rng_state()
+    _steps(opt, model, 1, gen, closure=closure)       # step 100: the return
+    assert opt.restores == 1
+    assert torch.equal(torch.get_rng_state(), rng)
+    after = opt._method_state
+    if method == "sgld":
+        assert after["seed"] == before["seed"]
+        start = torch.Generator().manual_seed(before["seed"]).get_state()
+        assert not torch.equal(after["rng"]["cpu"], start)      # not replayed from the start
+        assert all(not z["w"] for z in after["Z"])
+    elif method == "forward_gradient":
+        assert after["fresh"] and after["Z"] == [] and after["directions"] == []
+        start = torch.Generator().manual_seed(opt.method.seed).get_state()
+        assert not torch.equal(after["generator"], start)
+    else:
+        assert after["w"] == {} and after["pending"] is None and float(after["t"]) == 0
+        assert after["fits"] == before["fits"] > 0 and after["windows"] == before["windows"]
+        assert all(torch.equal(after["theta"][k], before["theta"][k]) for k in after["theta"])
+
+
+@pytest.mark.filterwarnings("ignore:HyperOptimizer. at least")
+def test_off_the_cpu_the_look_waits_on_an_event_a_look_old_and_copies_drop_it(monkeypatch):
+    """The deferred read records an event with its copy and waits on it only at the next look
+    (50 steps later); deepcopy and pickle drop the pending look (an Event cannot be copied)."""
+    events = []
+
+    class FakeEvent:
+        def __init__(self):
+            self.waited = 0
+            self.unpicklable = lambda: None      # as torch.Event: copy and pickle raise
+
+        def synchronize(self):
+            self.waited += 1
+
+    def fake_event(device):
+        events.append(FakeEvent())
+        return events[-1]
+
+    monkeypatch.setattr(optimizer_module, "_reads_at_once", lambda device: False)
+    monkeypatch.setattr(optimizer_module, "_event", fake_event)
+    model = _tiny()
+    opt = HyperOptimizer(torch.optim.SGD, model.parameters(), lr=0.05, momentum=0.9)
+    gen = torch.Generator().manual_seed(10)
+    _steps(opt, model, 100, gen, bad=(60, 61, 62))
+    assert len(events) == 2 and events[0].waited == 1 and events[1].waited == 0
+    assert opt.restores == 0 and opt._pending_restore[1] is events[1]
+    twin = copy.deepcopy(opt)
+    assert twin._pending_restore is None and not twin._stepper.has_restore_point()
+    _steps(opt, model, 50, gen)
+    assert opt.restores == 1 and events[1].waited == 1
 
 
 @pytest.mark.filterwarnings("ignore:HyperOptimizer. at least")
@@ -241,14 +383,11 @@ def test_the_restore_point_is_counted_saved_and_forgotten_on_load():
     fresh.load_state_dict(state)
     assert fresh.restores == 1 and not fresh._stepper.has_restore_point()
     loaded = _weights_and_state(fresh, model2)
-    # the look after step 150 finds three skips: back to the copy the first step after the
-    # load took (the loaded run advanced by one step), not to the fresh run's weights
-    _steps(fresh, model2, 1, gen)
-    first = _weights_and_state(fresh, model2)
-    assert not all(torch.equal(x, y) for x, y in zip(first, loaded))
-    _steps(fresh, model2, 49, gen, bad=(110, 111, 112))
+    # the first step after the load copies before it updates; the look after step 150 finds
+    # three skips: back to the loaded weights and state, not to the fresh run's
+    _steps(fresh, model2, 50, gen, bad=(110, 111, 112))
     assert fresh.restores == 2
-    assert all(torch.equal(x, y) for x, y in zip(_weights_and_state(fresh, model2), first))
+    assert all(torch.equal(x, y) for x, y in zip(_weights_and_state(fresh, model2), loaded))
     old = copy.deepcopy(state)
     del old["hyper"]["counters"]["restores"]
     fresh.load_state_dict(old)

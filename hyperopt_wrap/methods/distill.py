@@ -308,6 +308,13 @@ class Distill(RecordingMethod):
                 "pending": None, "theta": theta, "windows": 0, "fits": 0, "fit_sums": {},
                 "last_fit": None, "draws": 0, "kept": _Kept()}
 
+    def restart(self, ctx, state) -> None:
+        """The distilled trajectory (``t``, ``w``, ``s``, the pending product, the kept batch)
+        starts afresh; the fitted ``theta``, its sums and the window count stay (they describe
+        the hyperparameters, not the abandoned stretch of weights)."""
+        fresh = self.init_state(ctx)
+        state.update({k: fresh[k] for k in ("t", "w", "s", "pending", "kept")})
+
     # ------------------------------------------------------------------ the schedule
     def _reads(self, ctx) -> bool:
         """Whether the coming step's hypergradient is read (so its tangent is needed)."""

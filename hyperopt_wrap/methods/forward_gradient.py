@@ -223,3 +223,8 @@ class ForwardGradient(HypergradientMethod):
 
     def abandon(self, ctx, state) -> None:
         state.update(directions=[], Z=[], fresh=True)
+
+    def restart(self, ctx, state) -> None:
+        """A new window with new directions; the generator and the basis cycle go on (a fresh
+        :meth:`init_state` would replay the run's first directions)."""
+        self.abandon(ctx, state)

@@ -186,6 +186,14 @@ class SGLD(HypergradientMethod):
     def abandon(self, ctx, state) -> None:
         state.pop(_STEP, None)
 
+    def restart(self, ctx, state) -> None:
+        """The tangents start at 0; the noise's seed and generator go on (a fresh
+        :meth:`init_state` would draw a new seed from torch's global RNG inside ``step()``)."""
+        state.pop(_STEP, None)
+        fresh = self._recurrence.init_state(ctx)
+        fresh.pop("windows", None)
+        state.update(fresh)
+
     # ------------------------------------------------------------------ carrying
     def carries(self, ctx, state) -> bool:
         return True
