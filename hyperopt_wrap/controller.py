@@ -138,7 +138,7 @@ class Controller:
         dev = self.skipped_steps.device
         taken = taken.to(dev)
         self.skipped_steps.add_(~taken)
-        if backoff:
+        if backoff and not is_compiling():    # (a compiled step never looks back)
             self.period_skips.add_(~taken)
         if self.backoff is not None:
             if backoff:
@@ -156,9 +156,10 @@ class Controller:
         tk = self.tuned.get("lr")
         if tk is None:
             return
-        new = [raw.detach() + headroom for raw in tk.raws]
-        self.lr_ceilings = new if self.lr_ceilings is None else [
-            torch.minimum(old, n) for old, n in zip(self.lr_ceilings, new)]
+        old = self.lr_ceilings or []
+        self.lr_ceilings = [raw.detach() + headroom if i >= len(old) or old[i] is None
+                            else torch.minimum(old[i], raw.detach() + headroom)
+                            for i, raw in enumerate(tk.raws)]
 
     def abandon_window(self) -> None:
         self.contributions = 0
@@ -246,7 +247,7 @@ class Controller:
                     raw.add_(skips if skips.device == raw.device else skips.to(raw.device),
                              alpha=shift)
                 raw.clamp_(lo, hi)
-                if ceilings is not None:
+                if ceilings is not None and i < len(ceilings):   # (a block added since: none)
                     torch.minimum(raw, ceilings[i], out=raw)
                 raw.grad = None
                 key = (value.device, value.dtype)
@@ -314,7 +315,7 @@ class Controller:
             "skipped": [self.skipped_hypersteps.clone(), self.skipped_steps.clone(),
                         self.window_finite.clone(), self.window_skips.clone()],
             "lr_ceilings": None if self.lr_ceilings is None else
-            [c.clone() for c in self.lr_ceilings],
+            [c.clone() for c in self.lr_ceilings],    # (blocks added since a return: none)
         }
 
     def check_loadable(self, saved: dict[str, Any]) -> None:
@@ -359,12 +360,12 @@ class Controller:
         ceilings = saved.get("lr_ceilings")
         if ceilings is not None:
             raws = self.tuned["lr"].raws if "lr" in self.tuned else []
-            if not (isinstance(ceilings, (list, tuple)) and len(ceilings) == len(raws) and all(
+            if not (isinstance(ceilings, (list, tuple)) and len(ceilings) <= len(raws) and all(
                     isinstance(c, Tensor) and c.shape == r.shape and c.device.type != "meta"
                     and bool(torch.isfinite(c).all()) for c, r in zip(ceilings, raws))):
-                raise CheckpointError("hyper['controller']['lr_ceilings'] must be None or one "
-                                      "finite tensor per tuned lr block, shaped like it; load "
-                                      "the checkpoint into the same model and tune=")
+                raise CheckpointError("hyper['controller']['lr_ceilings'] must be None or at "
+                                      "most one finite tensor per tuned lr block, shaped like "
+                                      "it; load the checkpoint into the same model and tune=")
 
     def _check_hyper_optimizer_state(self, saved: Any) -> None:
         where = "hyper['controller']['hyper_optimizer']"
@@ -432,7 +433,7 @@ class Controller:
         else:
             self.window_skips.zero_()
         ceilings = saved.get("lr_ceilings")     # (since 0.6.3)
-        self.lr_ceilings = None if ceilings is None else [
+        self.lr_ceilings = None if not ceilings else [
             c.to(raw.device, raw.dtype, copy=True) for c, raw in zip(ceilings, self.tuned["lr"].raws)]
 
 

@@ -49,10 +49,13 @@ def _number(kind: str, value: Any, where: str) -> float:
 _ROLLBACK_GROWTH = 10.0
 
 # recovery="restore": the weights and optimizer state are copied every this many steps (when
-# none of them was skipped), and the run returns to that copy when at least _RESTORE_AFTER of
-# them were skipped for a non-finite gradient (a diverged run; one bad batch is only skipped)
+# none of them, nor of the as many before, was skipped), and the run returns to that copy when
+# at least _RESTORE_AFTER of them were skipped for a non-finite gradient (a diverged run; one
+# bad batch is only skipped); the lr then keeps its back-off (at most _RESTORE_AFTER halvings
+# a stretch) and may rise to at most _CEILING_HEADROOM times it from then on
 _RESTORE_EVERY = 50
 _RESTORE_AFTER = 3
+_CEILING_HEADROOM = 4.0
 
 
 def _reads_at_once(device: torch.device) -> bool:
@@ -144,7 +147,9 @@ class HyperOptimizer(torch.optim.Optimizer):
             100 steps none of which was skipped; when at least 3 of 50 steps were skipped they
             return to that copy, the method's carried state starts afresh, the lr keeps its
             back-off (at most 3 halvings per 50 steps) and may from then on rise to at most 4x
-            that (half the lr that diverged); counted in :attr:`restores`, warned once.  One
+            that (on the CPU, after 3 halvings: half the lr that diverged; off the CPU the
+            return comes a look later, often after 6); counted in :attr:`restores`, warned
+            once.  One
             copy of the weights and state on their device, a copy pass every 50 steps,
             decided without host synchronisation: on the CPU the count is read at once,
             elsewhere a look (50 steps) later.  Under GradScaler and in a compiled step no
@@ -834,7 +839,9 @@ class HyperOptimizer(torch.optim.Optimizer):
     def _restorable(self, groups: list[dict]) -> list[tuple[Tensor, dict]]:
         """Every trainable parameter of the step's groups with its optimizer state."""
         state = self._stepper.state
-        return [(p, state.get(p) or {}) for g in groups for p in g["params"] if p.requires_grad]
+        owners = self._shards.owners if self._shards is not None else {}
+        return [(p, state.get(p) or {}) for g in groups for p in g["params"]
+                if owners.get(id(p), p).requires_grad]    # (a local shard asks its DTensor)
 
     def _look_back(self, groups: list[dict], taken: Tensor) -> None:
         """``recovery="restore"``, after every ``_RESTORE_EVERY``-th step: return to the restore
@@ -878,15 +885,16 @@ class HyperOptimizer(torch.optim.Optimizer):
         self.method.restart(self._ctx, self._method_state)
         self._controller.window_finite.fill_(True)
         # what diverged will diverge again: from now on the lr stays below what the back-off
-        # left times 2 ** (_RESTORE_AFTER - 1) (on the CPU: half the lr that diverged)
-        self._controller.lower_lr_ceiling(math.log(2) * (_RESTORE_AFTER - 1))
+        # left times _CEILING_HEADROOM (on the CPU, after 3 halvings: half the lr that diverged)
+        self._controller.lower_lr_ceiling(math.log(_CEILING_HEADROOM))
         self.restores += 1
         if self.restores == 1:
             warnings.warn(
                 f"HyperOptimizer: at least {_RESTORE_AFTER} of {_RESTORE_EVERY} steps were "
                 f"skipped for non-finite gradients (the run diverged): the weights and optimizer "
-                f"state returned to their last copy (taken every {_RESTORE_EVERY} steps where "
-                f"fewer were skipped) and the tuned lr keeps its back-off. opt.restores counts "
+                f"state returned to their last copy (taken every {_RESTORE_EVERY} steps after "
+                f"{2 * _RESTORE_EVERY} without a skip), the tuned lr keeps its back-off and may "
+                f"rise to at most {_CEILING_HEADROOM:g}x it from now on. opt.restores counts "
                 f"these returns; recovery='backoff' keeps no copy", RuntimeWarning, stacklevel=6)
 
     def _load_grads(self, buckets: list[Bucket], source, found_inf: Tensor | None

@@ -194,6 +194,33 @@ def _fsdp_nan(rank, tmp):
             "skipped": opt.skipped_steps, "hyper": _hyper(opt)}
 
 
+def _fsdp_restore(rank, tmp):
+    """recovery="restore" under FSDP2: a NaN on rank 0 only at steps 60-62 (skipped on every
+    rank); the look after step 100 returns every rank's shards to their copy from step 50."""
+    import math
+    import warnings
+    from torch.distributed.fsdp import fully_shard
+    model = _model()
+    fully_shard(model)
+    opt = _optimizer(model, "sgd")
+    g = torch.Generator().manual_seed(3 + rank)
+    at_50 = None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for i in range(1, 101):
+            x = torch.randn(PER_RANK, 3, dtype=torch.float64, generator=g)
+            if rank == 0 and i in (60, 61, 62):
+                x[0, 0] = math.nan
+            opt.zero_grad()
+            model(x).pow(2).mean().backward()
+            opt.step()
+            if i == 50:
+                at_50 = [p.full_tensor() for p in model.parameters()]
+    back = all(torch.equal(p.full_tensor(), q) for p, q in zip(model.parameters(), at_50))
+    return {"back": back, "restores": opt.restores, "skipped": opt.skipped_steps,
+            "hyper": _hyper(opt)}
+
+
 def _ddp_val_inf(rank, tmp):
     """Rank 1's validation loss is inf (its gradient finite) once: the hyper-step is skipped on
     both ranks."""
@@ -286,6 +313,7 @@ SCENARIOS = {
     "fsdp_sgd_clip": lambda rank, tmp: _fsdp(rank, tmp, "sgd_clip"),
     "fsdp_val": lambda rank, tmp: _fsdp(rank, tmp, "sgd_group", val=True),
     "fsdp_nan": _fsdp_nan,
+    "fsdp_restore": _fsdp_restore,
     "ddp_val_inf": _ddp_val_inf,
     "no_host_sync": _no_host_sync,
     "zero": _zero,
@@ -429,6 +457,13 @@ def test_fsdp2_nonfinite_gradient_on_one_rank_skips_the_step_on_every_rank(ranks
     out = _scenario(ranks, "fsdp_nan")
     for o in out:
         assert o["unchanged"] and o["skipped"] == 1
+    _assert_identical(out[0]["hyper"], out[1]["hyper"])
+
+
+def test_fsdp2_restore_returns_every_rank_to_its_copy(ranks):
+    out = _scenario(ranks, "fsdp_restore")
+    for o in out:
+        assert o["back"] and o["restores"] == 1 and o["skipped"] == 3
     _assert_identical(out[0]["hyper"], out[1]["hyper"])
 
 

@@ -240,6 +240,34 @@ def test_a_return_keeps_a_capped_back_off_and_puts_a_ceiling_on_the_lr():
 
 
 @pytest.mark.filterwarnings("ignore:HyperOptimizer. at least")
+@pytest.mark.parametrize("granularity", ["group", "tensor", "element"])
+def test_a_group_added_after_a_return_has_no_ceiling_and_the_run_saves(granularity):
+    """The lr ceiling is per lr block; a param group added after a return brings blocks that
+    have none (until the next return), and the run's checkpoint loads into a twin."""
+    model = _tiny()
+    extra = nn.Linear(4, 2).double()
+    opt = HyperOptimizer(torch.optim.SGD, model.parameters(), lr=0.05, momentum=0.9,
+                         granularity=granularity)
+    gen = torch.Generator().manual_seed(11)
+    _steps(opt, model, 100, gen, bad=(60, 61, 62))
+    assert opt.restores == 1
+    opt.add_param_group({"params": list(extra.parameters()), "lr": 0.01})
+    for _ in range(3):
+        opt.zero_grad()
+        x = torch.randn(5, 4, dtype=torch.float64, generator=gen)
+        (model(x).pow(2).sum() + extra(x).pow(2).sum()).backward()
+        opt.step()
+    state = copy.deepcopy(opt.state_dict())
+    twin = HyperOptimizer(torch.optim.SGD, _tiny().parameters(), lr=0.05, momentum=0.9,
+                          granularity=granularity)
+    twin.add_param_group({"params": list(nn.Linear(4, 2).double().parameters()), "lr": 0.01})
+    twin.load_state_dict(state)
+    assert len(twin._controller.lr_ceilings) < len(twin._controller.tuned["lr"].raws)
+    twin._controller.lower_lr_ceiling(0.0)       # a second return covers every block
+    assert len(twin._controller.lr_ceilings) == len(twin._controller.tuned["lr"].raws)
+
+
+@pytest.mark.filterwarnings("ignore:HyperOptimizer. at least")
 def test_the_copy_holds_parameters_without_a_gradient_at_the_look():
     """A parameter with no gradient on the step of the look is copied too (the copy is of
     one moment), and a return puts it back with the others."""
