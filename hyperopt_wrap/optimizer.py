@@ -149,13 +149,13 @@ class HyperOptimizer(torch.optim.Optimizer):
             back-off (at most 3 halvings per 50 steps) and may from then on rise to at most 4x
             that (on the CPU, after 3 halvings: half the lr that diverged; off the CPU the
             return comes a look later, often after 6); counted in :attr:`restores`, warned
-            once.  One
-            copy of the weights and state on their device, a copy pass every 50 steps,
-            decided without host synchronisation: on the CPU the count is read at once,
-            elsewhere a look (50 steps) later.  Under GradScaler and in a compiled step no
-            copy is kept: there it acts as ``"backoff"``), ``"backoff"`` (the halving
-            alone: no copy; a run whose weights grew until every gradient overflows
-            stays frozen there), ``"rollback"`` (the halving, a step whose gradient norm
+            once.  One copy of the weights and state on their device, a copy pass every 50
+            steps, decided without host synchronisation: on the CPU the count is read at once,
+            elsewhere a look (50 steps) later.  Where the lr is not tuned (or ``hyper_lr`` is
+            0) nothing backs off, and a run may return again and again.  Under GradScaler and
+            in a compiled step no copy is kept: there it acts as ``"backoff"``), ``"backoff"``
+            (the halving alone: no copy; a run whose weights grew until every gradient
+            overflows stays frozen there), ``"rollback"`` (the halving, a step whose gradient norm
             outgrows a running reference by 10x is skipped too, and the weights and optimizer
             state return to where the last taken step started: a blow-up in finite arithmetic
             is caught a step at a time; one copy of the weights and state, three more passes a
