@@ -110,7 +110,7 @@ def test_parameters_are_updated_in_place():
     (torch.optim.Adam, dict(lr=1e-2, weight_decay=1e-3, amsgrad=True)),
     (torch.optim.RMSprop, dict(lr=1e-2, momentum=0.5, weight_decay=1e-3, centered=True)),
 ], ids=["sgd", "adam", "rmsprop"])
-@pytest.mark.parametrize("recovery", ["backoff", "rollback"])
+@pytest.mark.parametrize("recovery", ["restore", "backoff", "rollback"])
 def test_step_makes_no_host_synchronisation(monkeypatch, cls, kwargs, val, recovery):
     """Anything that would read a tensor's value on the host inside step() raises here.
 
