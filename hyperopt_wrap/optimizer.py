@@ -830,7 +830,7 @@ class HyperOptimizer(torch.optim.Optimizer):
                 raise
             self._hyper_step()
         if restoring:
-            self._look_back(groups, finite)
+            self._look_back(groups)
         if self._shards is not None:
             self._shards.release_grads(groups)
         self._settle_versions()
@@ -843,14 +843,14 @@ class HyperOptimizer(torch.optim.Optimizer):
         return [(p, state.get(p) or {}) for g in groups for p in g["params"]
                 if owners.get(id(p), p).requires_grad]    # (a local shard asks its DTensor)
 
-    def _look_back(self, groups: list[dict], taken: Tensor) -> None:
+    def _look_back(self, groups: list[dict]) -> None:
         """``recovery="restore"``, after every ``_RESTORE_EVERY``-th step: return to the restore
         point when at least ``_RESTORE_AFTER`` of these steps were skipped for a non-finite
-        gradient, else (this step taken) copy the weights and state into it.  The count is a
-        device tensor: on the CPU it is read at once; elsewhere it is copied to the host without
-        waiting and read at the next look, ``_RESTORE_EVERY`` steps later (no host
-        synchronisation in ``step()``; the ranks of a sharded run decide alike, their skips
-        being agreed)."""
+        gradient, else (after 100 steps without a skip) copy the weights and state into it.
+        The count is a device tensor: on the CPU it is read at once; elsewhere it is copied to
+        the host without waiting and read at the next look, ``_RESTORE_EVERY`` steps later (no
+        host synchronisation in ``step()``; the ranks of a sharded run decide alike, their
+        skips being agreed)."""
         self._since_look += 1
         if self._since_look < _RESTORE_EVERY:
             return
@@ -859,7 +859,7 @@ class HyperOptimizer(torch.optim.Optimizer):
         clean = self._controller.period_clean    # (the stretch before this one had no skip)
         if _reads_at_once(period.device):
             back = bool(period >= _RESTORE_AFTER)
-            fresh = bool(period == 0) and bool(taken) and bool(clean)
+            fresh = bool(period == 0) and bool(clean)   # (no skip: this step was taken too)
         else:
             pending = self._pending_restore
             self._pending_restore = ((period >= _RESTORE_AFTER).to("cpu", non_blocking=True),
@@ -867,7 +867,7 @@ class HyperOptimizer(torch.optim.Optimizer):
             if pending is not None and pending[1] is not None:
                 pending[1].synchronize()     # (recorded a look ago: long done)
             back = pending is not None and bool(pending[0])
-            fresh = (period == 0) & taken.to(period.device) & clean
+            fresh = (period == 0) & clean
         if back:
             self._return_to_restore_point()
         else:

@@ -439,8 +439,7 @@ class Stepper:
         keep: dict[torch.device, Tensor] = {}
         for b in buckets:
             for p, st in zip(b.params, b.states or [{}] * len(b.params)):
-                pairs = [("weights", p.data)] + [(k, v) for k, v in st.items()
-                                                 if isinstance(v, Tensor) and v.is_floating_point()]
+                pairs = _kept_tensors(p, st)
                 mine = self._snapshots.setdefault(p, {})
                 for name, cur in pairs:
                     snap = mine.get(name)
@@ -471,8 +470,7 @@ class Stepper:
         flags: dict[torch.device, Tensor] = {}
         for p, st in params:
             mine = self._restore[p] = old.get(p, {})
-            pairs = [("weights", p.data)] + [(k, v) for k, v in st.items()
-                                             if isinstance(v, Tensor) and v.is_floating_point()]
+            pairs = _kept_tensors(p, st)
             names = {name for name, _ in pairs}
             for name in [n for n in mine if n not in names]:
                 del mine[name]
@@ -511,8 +509,7 @@ class Stepper:
                 st = self.state.get(p) or {}
             except KeyError:    # (a sharded parameter whose local shard was re-cached)
                 continue
-            pairs = [("weights", p.data)] + [(k, v) for k, v in st.items()
-                                             if isinstance(v, Tensor) and v.is_floating_point()]
+            pairs = _kept_tensors(p, st)
             for name, cur in pairs:
                 snap = mine.get(name)
                 if snap is None or snap.shape != cur.shape or snap.dtype != cur.dtype \
@@ -688,6 +685,13 @@ class Stepper:
                 x for pos in self._tape_buffers for x in pos.values()]:
             out.extend(t for t in d.values() if isinstance(t, Tensor))
         return out
+
+
+def _kept_tensors(p: Tensor, state: dict) -> list[tuple[str, Tensor]]:
+    """What rollback and the restore point keep of a parameter: its weights and every
+    floating-point tensor of its optimizer state, named."""
+    return [("weights", p.data)] + [(k, v) for k, v in state.items()
+                                    if isinstance(v, Tensor) and v.is_floating_point()]
 
 
 def _item_hyper(hyper: dict[str, Any], i: int) -> dict[str, Any]:
