@@ -14,12 +14,16 @@ step budget:
 * ``fixed``: plain ``torch.optim.SGD`` at the initial hyperparameters.  The N fixed runs are also
   the N trials of random search: best-of-N picks the run with the lowest final validation loss.
 * our methods (``HyperOptimizer`` tuning lr, momentum and weight decay on a validation loss):
-  greedy, implicit, unroll, rtrl (their defaults) and greedy with per-element learning rates.
+  greedy, implicit, unroll, rtrl, forward_gradient, sgld, distill (their defaults), and greedy,
+  implicit and unroll per tensor and per element.
+* the same with ``torch.optim.Adam`` as the base (``fixed adam``, ``greedy adam``, ``implicit
+  adam``; the drawn momentum is beta1): ``fixed adam``'s runs are the random search of the Adam
+  rows, which are judged against it.
 * learning-rate-free optimizers at their documented defaults (Prodigy, Schedule-Free AdamW,
   D-Adaptation Adam), once per initialisation seed (same weights and batches; they take no
   initial hyperparameters); skipped with a message when the package is missing.
 
-The section "study" of ``benchmarks/RESULTS.md`` is rewritten (``report.write_section``), the
+The section "study" (``--section``) of ``benchmarks/RESULTS.md`` is rewritten (``report.write_section``), the
 same text is printed, and plots go to ``benchmarks/plots/`` (box plots of the final test loss,
 hyperparameter trajectories).  Progress goes to stderr.  A run that diverges (non-finite loss or
 weights) counts as NaN; it is reported, never dropped.  ``main(argv)`` returns the results.
@@ -31,6 +35,7 @@ import concurrent.futures as cf
 import math
 import multiprocessing
 import os
+import re
 import sys
 import time
 import traceback
@@ -56,6 +61,7 @@ BEST_OF_K = (5,)         # expected best-of-k random search, exact over all k-su
 LOG10_LR = (-6.0, -1.0)
 LOG10_WD = (-7.0, -2.0)
 KINDS = ("lr", "momentum", "weight_decay")
+ADAM_BETA2 = 0.999       # the Adam rows: torch's default; beta1 is the drawn momentum
 BUDGET_NOTE = (
     "chosen so that the whole default study (3 tasks x 8 methods x 20 initialisations) runs in "
     "about 25 minutes on this 2-core machine with 2 workers when it is otherwise idle. "
@@ -77,12 +83,14 @@ BUDGET_NOTE = (
 @dataclass
 class Method:
     """One row of the study.  ``make(params, hyper, val_loss)`` returns the optimizer;
-    ``family``: "fixed" (plain SGD at the initial values), "ours" (HyperOptimizer; its
-    hyperparameter trajectories are recorded) or "lrfree" (no initial hyperparameters)."""
+    ``family``: "fixed" (the base optimizer at the initial values: the random search of the
+    rows with its ``base``), "ours" (HyperOptimizer; its hyperparameter trajectories are
+    recorded) or "lrfree" (no initial hyperparameters)."""
     name: str
     family: str
     describe: str
     make: Callable
+    base: str = "SGD"                    # the torch.optim optimizer underneath (fixed, ours)
     requires: str | None = None          # importable package it needs
     cost: float = 1.0                    # relative cost, only to order the job queue
     train_mode: bool = False             # optimizer.train() / .eval() (Schedule-Free)
@@ -98,8 +106,18 @@ def _sgd(params, h, val_loss):
                            weight_decay=h["weight_decay"])
 
 
-def _ours(method, **extra):
+def _adam(params, h, val_loss):
+    return torch.optim.Adam(params, lr=h["lr"], betas=(h["momentum"], ADAM_BETA2),
+                            weight_decay=h["weight_decay"])
+
+
+def _ours(method, base: str = "SGD", **extra):
     def make(params, h, val_loss):
+        if base == "Adam":
+            return HyperOptimizer(torch.optim.Adam, params, method=method, tune=KINDS,
+                                  val_loss=val_loss, lr=h["lr"],
+                                  betas=(h["momentum"], ADAM_BETA2),
+                                  weight_decay=h["weight_decay"], **extra)
         return HyperOptimizer(torch.optim.SGD, params, method=method, tune=KINDS,
                               val_loss=val_loss, lr=h["lr"], momentum=h["momentum"],
                               weight_decay=h["weight_decay"], **extra)
@@ -177,6 +195,15 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            "theta refitted every 50 hyper-steps against a 10-step unroll), global, val_loss; "
            "closure steps (one more gradient a step, at the distilled weights)",
            _ours("distill"), cost=2.0, closure=True),
+    Method("fixed adam", "fixed", "torch.optim.Adam at the initial lr / beta1 (the drawn "
+           "momentum) / weight decay (L2, coupled), beta2 0.999: the random search of the Adam "
+           "rows", _adam, base="Adam", cost=0.5),
+    Method("greedy adam", "ours", "HyperOptimizer(torch.optim.Adam, method='greedy'), lr + "
+           "beta1 + weight decay global, val_loss", _ours("greedy", base="Adam"), base="Adam",
+           cost=1.6),
+    Method("implicit adam", "ours", "HyperOptimizer(torch.optim.Adam, method='implicit') at "
+           "its defaults, lr + beta1 + weight decay global, val_loss; curvature as implicit's",
+           _ours("implicit", base="Adam"), base="Adam", cost=1.6, curvature=True),
     Method("prodigy", "lrfree", "prodigyopt.Prodigy(params), documented defaults (lr=1)",
            _prodigy, requires="prodigyopt"),
     Method("schedulefree", "lrfree", "schedulefree.AdamWScheduleFree(params), documented "
@@ -422,21 +449,20 @@ def task_table(task: Task, methods: list[Method], results: dict, settings: dict)
             row += [_f(ps["median"]), _f(ps["mean"])]
         row += [f"{_quantile(secs, 0.5):.2f}", f"{sum(secs):.1f}"]
         lines.append("| " + " | ".join(row) + " |")
-    fixed = results.get((task.name, "fixed"))
-    if fixed:
+    for base, fixed in random_searches(task.name, results).items():
         bo = best_of(fixed)
         best = bo["best"]
         n = bo["n"]
         cost = sum(r["seconds"] for r in fixed)
-        row = [f"random search best-of-{n} (cost: {n} runs)", "1", _f(best["test_loss"]), "",
-               "", "1" if not math.isfinite(best["test_loss"]) else "0"]
+        row = [f"random search ({base}) best-of-{n} (cost: {n} runs)", "1", _f(best["test_loss"]),
+               "", "", "1" if not math.isfinite(best["test_loss"]) else "0"]
         if lm:
             row += [_f(_ppl(best["test_loss"])), ""]
         row += ["", f"{cost:.1f}"]
         lines.append("| " + " | ".join(row) + " |")
         for k, v in bo["k"].items():
-            row = [f"random search best-of-{k}, expected (cost: {k} runs)", "", _f(v["expected"]),
-                   "", "", f"P(all {k} diverged) = {v['p_nan']:.2g}"]
+            row = [f"random search ({base}) best-of-{k}, expected (cost: {k} runs)", "",
+                   _f(v["expected"]), "", "", f"P(all {k} diverged) = {v['p_nan']:.2g}"]
             if lm:
                 row += [_f(_ppl(v["expected"])), ""]
             row += ["", ""]
@@ -444,13 +470,19 @@ def task_table(task: Task, methods: list[Method], results: dict, settings: dict)
     return lines
 
 
+def random_searches(task_name: str, results: dict) -> dict[str, list[dict]]:
+    """Base optimizer -> the runs of its ``fixed`` row on the task (the random search that
+    rows with that base are judged against), for the fixed rows that ran."""
+    return {m.base: results[(task_name, m.name)] for m in METHODS.values()
+            if m.family == "fixed" and (task_name, m.name) in results}
+
+
 def verdicts(task: Task, methods: list[Method], results: dict) -> tuple[list[str], dict]:
     """Plain sentences: is one run of each of our methods no worse than best-of-N random
-    search and better than every learning-rate-free optimizer (medians)?"""
+    search with the same base optimizer and better than every learning-rate-free optimizer
+    (medians)?"""
     out, met = [], {}
-    fixed = results.get((task.name, "fixed"))
-    rs = best_of(fixed)["best"]["test_loss"] if fixed else math.nan
-    rs = rs if math.isfinite(rs) else math.inf
+    searches = random_searches(task.name, results)
     lrfree = {m.name: summary([r["test_loss"] for r in results[(task.name, m.name)]])["median"]
               for m in methods if m.family == "lrfree" and (task.name, m.name) in results}
     best_free = min(lrfree.values()) if lrfree else math.nan
@@ -459,10 +491,13 @@ def verdicts(task: Task, methods: list[Method], results: dict) -> tuple[list[str
             continue
         med = summary([r["test_loss"] for r in results[(task.name, m.name)]])["median"]
         parts = []
+        fixed = searches.get(m.base)
+        rs = best_of(fixed)["best"]["test_loss"] if fixed else math.nan
+        rs = rs if math.isfinite(rs) else math.inf
         ok_rs = med <= rs * (1 + TOLERANCE) if fixed else None
         if fixed:
-            parts.append(f"median {_f(med)} vs random-search best-of-{len(fixed)} {_f(rs)} "
-                         f"({'no worse' if ok_rs else 'WORSE'}, ratio {_f(med / rs, 3)})")
+            parts.append(f"median {_f(med)} vs random-search ({m.base}) best-of-{len(fixed)} "
+                         f"{_f(rs)} ({'no worse' if ok_rs else 'WORSE'}, ratio {_f(med / rs, 3)})")
         ok_free = None
         if lrfree:
             ok_free = all(med < v for v in lrfree.values())
@@ -550,7 +585,10 @@ def render(settings: dict, methods: list[Method], skipped: list[str], results: d
            wall: float, jobs: int) -> str:
     info = report.machine_info(threads=1)
     n = settings["n_inits"]
-    lines = ["## Tuning quality: one run from a random initialisation", "",
+    title = "Tuning quality: one run from a random initialisation"
+    if settings.get("section", "study") != "study":
+        title += f" ({', '.join(m.name for m in methods)})"
+    lines = [f"## {title}", "",
              f"Generated by `python -m benchmarks.study{settings['argv']}` on {info['date']} "
              f"in {wall / 60:.1f} min wall time ({jobs} worker process(es), 1 torch thread "
              "each).", ""]
@@ -559,16 +597,20 @@ def render(settings: dict, methods: list[Method], skipped: list[str], results: d
         f"- protocol (after Clarke et al. 2022): {n} initialisations, log10 lr ~ U{LOG10_LR}, "
         f"log10 weight decay ~ U{LOG10_WD}, momentum ~ U(0, 1), drawn with seed {settings['seed']}; "
         "initialisation i also fixes the initial weights and the minibatch order, the same for "
-        "every method; base optimizer SGD with momentum and weight decay (on every parameter)",
+        "every method; base optimizer SGD with momentum and weight decay (on every parameter); "
+        f"the `adam` rows: torch.optim.Adam with beta1 the drawn momentum, beta2 {ADAM_BETA2:g} "
+        "and L2 weight decay",
         "- each cell: final test loss over the runs; median and quartiles rank diverged runs "
         "(non-finite loss or weights) last, as +inf; the mean is over the finite runs; NaN counts "
         "them; wall time is the training loop's (validation-loss calls of the meta-objective "
         "included, evaluation excluded)",
-        "- random search = the N `fixed` runs as N trials: the one with the lowest final "
-        "validation loss, its test loss; best-of-k expected: exact average over all k-subsets "
-        "of those N runs",
+        "- random search (SGD) = the N `fixed` runs as N trials, random search (Adam) the N "
+        "`fixed adam` runs: the one with the lowest final validation loss, its test loss; "
+        "best-of-k expected: exact average over all k-subsets of those N runs; a row of ours is "
+        "judged against the random search of its base optimizer",
         f"- goal: one run from a random initialisation is no worse than best-of-N random search "
-        f"(median test loss <= best-of-N x {1 + TOLERANCE:g}) and better than the "
+        f"with the same base optimizer (median test loss <= best-of-N x {1 + TOLERANCE:g}) and "
+        "better than the "
         "learning-rate-free optimizers (median below each of their medians)",
         f"- step budgets: {BUDGET_NOTE}" if not settings["quick"] else
         "- step budgets: --quick (tiny; the numbers mean nothing)",
@@ -655,13 +697,14 @@ def make_plots(settings: dict, methods: list[Method], results: dict, out_dir: Pa
             labels.append(m.name + (f"\n({nan} NaN)" if nan else ""))
         ax.boxplot(data, showfliers=True)
         ax.set_xticks(range(1, len(labels) + 1), labels, rotation=45, ha="right", fontsize=8)
-        fixed = results.get((name, "fixed"))
-        if fixed:
+        searches = random_searches(name, results)
+        for (base, fixed), color in zip(searches.items(), ("red", "darkorange", "gray")):
             best = best_of(fixed)["best"]["test_loss"]
             if math.isfinite(best):
-                ax.axhline(best, color="red", ls="--", lw=1,
-                           label=f"random search best-of-{len(fixed)}")
-                ax.legend(fontsize=8)
+                ax.axhline(best, color=color, ls="--", lw=1,
+                           label=f"random search ({base}) best-of-{len(fixed)}")
+        if searches:
+            ax.legend(fontsize=8)
         _log_axis(ax)
         ax.set_title(f"{name}: final test loss ({settings['steps'][name]} steps)")
         ax.set_ylabel("test loss" + (" (per character)" if TASKS[name].metric else ""))
@@ -810,14 +853,19 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--points", type=int, default=None,
                    help="trajectory points per run (default 100; --quick: 4)")
     p.add_argument("--out", default=str(report.RESULTS),
-                   help="markdown file whose section 'study' is rewritten (default "
+                   help="markdown file whose section --section is rewritten (default "
                         "benchmarks/RESULTS.md)")
+    p.add_argument("--section", default="study",
+                   help="the section of --out to rewrite (default 'study': the full study; "
+                        "name another for a run of some rows, e.g. 'study-adam')")
     p.add_argument("--plots", metavar="DIR", default=str(HERE / "plots"),
                    help="folder for the PNG plots (default benchmarks/plots)")
     p.add_argument("--no-plots", action="store_true", help="draw no plots")
     args = p.parse_args(argv)
     args.tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if not re.fullmatch(r"[a-z0-9_-]+", args.section):
+        p.error(f"--section {args.section!r}: use lower-case letters, digits, '-' or '_'")
     for t in args.tasks:
         if t not in TASKS:
             p.error(f"unknown task {t!r}; choose from {', '.join(TASKS)}")
@@ -859,7 +907,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
             skipped.append(msg)
     settings = {"quick": args.quick, "seed": args.seed, "steps": args.steps,
                 "inits": draw_inits(args.inits, args.seed), "n_inits": args.inits,
-                "points": args.points, "tasks": args.tasks,
+                "points": args.points, "tasks": args.tasks, "section": args.section,
                 "argv": (" " + " ".join(raw)) if raw else ""}
     # longest first, so that the pool's two workers finish together
     jobs_list = [(t, m.name, i) for t in args.tasks for m in methods for i in range(args.inits)]
@@ -885,7 +933,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
             settings["plots_note"] = "Plots skipped: matplotlib is not installed."
             print("study: matplotlib is not installed; no plots", file=sys.stderr)
     text = render(settings, methods, skipped, results, wall, args.jobs)
-    report.write_section("study", text, Path(args.out))
+    report.write_section(args.section, text, Path(args.out))
     print(text)
     return {"results": results, "settings": settings, "text": text, "methods": methods,
             "skipped": skipped}

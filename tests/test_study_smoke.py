@@ -61,7 +61,8 @@ def test_every_method_row_for_every_task(quick):
     for task, rows in tables.items():
         names = [r[0] for r in rows]
         assert names[:len(expected)] == expected, (task, names)
-        assert names[len(expected)].startswith("random search best-of-2 (cost: 2 runs)")
+        assert names[len(expected):] == ["random search (SGD) best-of-2 (cost: 2 runs)",
+                                         "random search (Adam) best-of-2 (cost: 2 runs)"], names
         runs_by_method = {m: res["results"][(task, m)] for m in expected}
         for row in rows[:len(expected)]:
             runs = runs_by_method[row[0]]
@@ -80,13 +81,18 @@ def test_every_method_row_for_every_task(quick):
                 ppl = sorted(math.exp(r["test_loss"]) for r in runs)
                 assert _number(row[6]) == pytest.approx(sum(ppl) / 2, rel=1e-3)
                 assert min(ppl) <= _number(row[6]) <= max(ppl)
-        # random search: the fixed run with the lower validation loss, its test loss
-        fixed = res["results"][(task, "fixed")]
-        best = min(fixed, key=lambda r: r["val_loss"] if math.isfinite(r["val_loss"])
-                   else math.inf)
-        rs = rows[len(expected)]
-        if math.isfinite(best["test_loss"]):
-            assert _number(rs[2]) == pytest.approx(best["test_loss"], rel=1e-3)
+        # random search: the fixed run with the lower validation loss, its test loss (SGD's
+        # and Adam's; the Adam rows are judged against the latter)
+        for offset, name in enumerate(("fixed", "fixed adam")):
+            fixed = res["results"][(task, name)]
+            best = min(fixed, key=lambda r: r["val_loss"] if math.isfinite(r["val_loss"])
+                       else math.inf)
+            rs = rows[len(expected) + offset]
+            if math.isfinite(best["test_loss"]):
+                assert _number(rs[2]) == pytest.approx(best["test_loss"], rel=1e-3)
+                if name == "fixed adam":
+                    assert re.search(r"- greedy adam: (MET|NOT met)[^\n]*random-search \(Adam\) "
+                                     rf"best-of-2 {re.escape(rs[2])} ", section), rs
         # every one of our methods gets a verdict line, and the task a final verdict
         for m in res["methods"]:
             if m.family == "ours":
