@@ -16,8 +16,8 @@ step budget:
 * our methods (``HyperOptimizer`` tuning lr, momentum and weight decay on a validation loss):
   greedy, implicit, unroll, rtrl, forward_gradient, sgld, distill (their defaults), and greedy,
   implicit and unroll per tensor and per element.
-* the same with ``torch.optim.Adam`` as the base (``fixed adam``, ``greedy adam``, ``implicit
-  adam``; the drawn momentum is beta1): ``fixed adam``'s runs are the random search of the Adam
+* the same with ``torch.optim.Adam`` as the base (``fixed adam``, ``greedy adam`` global, per
+  tensor and per element, ``implicit adam``; the drawn momentum is beta1): ``fixed adam``'s runs are the random search of the Adam
   rows, which are judged against it.
 * learning-rate-free optimizers at their documented defaults (Prodigy, Schedule-Free AdamW,
   D-Adaptation Adam), once per initialisation seed (same weights and batches; they take no
@@ -204,6 +204,10 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("implicit adam", "ours", "HyperOptimizer(torch.optim.Adam, method='implicit') at "
            "its defaults, lr + beta1 + weight decay global, val_loss; curvature as implicit's",
            _ours("implicit", base="Adam"), base="Adam", cost=1.6, curvature=True),
+    Method("greedy adam tensor-lr", "ours", _granular("greedy adam", TENSOR_LR),
+           _ours("greedy", base="Adam", granularity=TENSOR_LR), base="Adam", cost=1.7),
+    Method("greedy adam element-lr", "ours", _granular("greedy adam", ELEMENT_LR),
+           _ours("greedy", base="Adam", granularity=ELEMENT_LR), base="Adam", cost=1.8),
     Method("prodigy", "lrfree", "prodigyopt.Prodigy(params), documented defaults (lr=1)",
            _prodigy, requires="prodigyopt"),
     Method("schedulefree", "lrfree", "schedulefree.AdamWScheduleFree(params), documented "
