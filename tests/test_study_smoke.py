@@ -210,3 +210,23 @@ def test_the_hyper_optimizer_experiment_runs():
     for bad in (["--spread", "0.5"], ["--hypers", "sgd"], ["--granularities", "row"]):
         with pytest.raises(SystemExit):
             hyper_optimizers.main(["--inits", "1", *bad])
+
+
+def test_a_run_of_some_rows_writes_its_own_section(tmp_path):
+    out = tmp_path / "RESULTS.md"
+    out.write_text("<!-- begin study -->\nthe full study\n<!-- end study -->\n")
+    res = study.main(["--quick", "--jobs", "1", "--inits", "2", "--tasks", "diabetes",
+                      "--methods", "fixed adam,greedy adam", "--no-plots", "--out", str(out),
+                      "--section", "study-adam"])
+    assert report.read_section("study", out) == "the full study\n"
+    section = report.read_section("study-adam", out)
+    assert section.startswith("## Tuning quality: one run from a random initialisation "
+                              "(fixed adam, greedy adam)")
+    assert section == res["text"].rstrip() + "\n"
+    rows = [r[0] for r in _tables(section)["diabetes"]]
+    assert rows == ["fixed adam", "greedy adam", "random search (Adam) best-of-2 (cost: 2 runs)"]
+    # without an SGD random search the Adam row is judged against Adam's
+    assert re.search(r"- greedy adam: (MET|NOT met)[^\n]*: median \S+ vs random-search \(Adam\)",
+                     section)
+    with pytest.raises(SystemExit):
+        study.main(["--quick", "--section", "Study Adam", "--out", str(out)])
