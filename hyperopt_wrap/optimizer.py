@@ -772,7 +772,9 @@ class HyperOptimizer(torch.optim.Optimizer):
         plan = self._fused_plan(buckets, scales, options, foreach) \
             if source is None and not records and not carries else None
         if plan is not None:
-            finite, dots = self._stepper.check_grads(buckets, self._device, plan, found_inf)
+            finite, dots = self._stepper.check_grads(
+                buckets, self._device, plan, found_inf,
+                with_dots=self.val_loss is None and method.reads_state_dots(ctx, state))
             grads_finite = finite
         else:
             finite, grads_finite = self._load_grads(buckets, source, found_inf)

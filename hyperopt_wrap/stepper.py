@@ -319,7 +319,8 @@ class Stepper:
         return plan
 
     def check_grads(self, buckets: list[Bucket], device: torch.device, plan: list[dict],
-                    found_inf: Tensor | None = None) -> tuple[Tensor, list[Tensor] | None]:
+                    found_inf: Tensor | None = None, with_dots: bool = True
+                    ) -> tuple[Tensor, list[Tensor] | None]:
         """For a fused step: whether every gradient is finite (a bool on ``device``), nothing
         copied; the step's skip flags wait in ``self._skips`` as float ``found_inf`` per device.
 
@@ -329,9 +330,10 @@ class Stepper:
         ``nan * x`` are NaN, and no sum with a non-finite term is finite), and greedy's
         hypergradient is that same dot, so the check costs no pass of its own.  A gradient so
         large that the dot overflows counts as non-finite.  Elsewhere GradScaler's kernel
-        checks ``p.grad`` itself (it multiplies it by 1) and the dots are None."""
+        checks ``p.grad`` itself (it multiplies it by 1) and the dots are None; so it does
+        without ``with_dots`` (no method reads them this step)."""
         checked: dict[torch.device, dict[torch.dtype, list[Tensor]]] = {}
-        if all(b.device == device for b in buckets):
+        if with_dots and all(b.device == device for b in buckets):
             dots = [tangents["lr"].dots([p.grad for p in b.params])
                     for b, tangents in zip(buckets, plan)]
             for d in dots:          # (the check on the dots: one small kernel per dtype)

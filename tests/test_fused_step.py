@@ -300,6 +300,37 @@ def test_recording_methods_fuse_the_steps_between_recordings(method, cls, fused_
     assert fused[-1][2]["lr"][0].abs().min().item() > 0
 
 
+@pytest.mark.parametrize("method", ["greedy", "implicit", "unroll"])
+@pytest.mark.parametrize("cls", [torch.optim.SGD, torch.optim.Adam])
+def test_the_check_computes_the_state_dots_only_for_a_method_that_reads_them(method, cls,
+                                                                           monkeypatch):
+    """Greedy without val_loss reads the fused step's dots of the gradients with the state (its
+    hypergradient, computed by the finite check); implicit and unroll read none, so their
+    fused steps check the gradients themselves (Adam's dots would first form m / (sqrt(v) +
+    eps), three passes).  A non-finite gradient still skips the step either way."""
+    from hyperopt_wrap.rules.base import StateAlias
+    dots = []
+    for t in (StateAlias, *StateAlias.__subclasses__()):     # (Adam's computes its ratios)
+        if "dots" in vars(t):
+            original = vars(t)["dots"]
+            monkeypatch.setattr(t, "dots", lambda self, metas, _o=original:
+                                dots.append(len(metas)) or _o(self, metas))
+    model = tiny_model()
+    opt = _make(model, cls=cls, method=method, update_every=8 if method != "greedy" else 1)
+    for i in range(6):              # within the first window: no recorded step yet
+        def closure(i=i):
+            opt.zero_grad()
+            loss = _loss(model, i, nan_at=(4,))
+            loss.backward()
+            return loss
+        opt.step(closure)
+    assert opt.skipped_steps == 1
+    if method == "greedy":
+        assert len(dots) >= 4
+    else:
+        assert dots == []
+
+
 @pytest.mark.parametrize("bad", [float("inf"), -float("inf"), float("nan")])
 @pytest.mark.parametrize("buffer_entry", [0.0, 1.0])
 def test_one_non_finite_gradient_element_skips_the_fused_step(bad, buffer_entry, fused_calls):

@@ -217,6 +217,15 @@ class HypergradientMethod:
         unchecked (:attr:`MetaGradients.grads`).  The default is False."""
         return False
 
+    def reads_state_dots(self, ctx: MethodContext, state: dict) -> bool:
+        """Whether :meth:`hypergradient`, after a fused step without ``val_loss``, reads the
+        gradients' dots with the state as the previous step left it
+        (:attr:`MetaGradients.state_dots`).  Only then does the step's finite check compute
+        them (where they double as the check); otherwise it checks the gradients themselves,
+        one pass instead of the dots' (Adam's: its ratio ``m / (sqrt(v) + eps)`` first).  The
+        default is False."""
+        return False
+
     def records_step(self, ctx: MethodContext, state: dict, position: int) -> bool:
         """Whether the base step at ``position`` (0-based) in the window is recorded on
         ``ctx.tape`` (weights, state, gradient and curvature source before the update) for a

@@ -87,6 +87,9 @@ class Greedy(HypergradientMethod):
         else:
             state["pending"] = None
 
+    def reads_state_dots(self, ctx, state) -> bool:
+        return state["pending"] is not None
+
     def takes_fused_step(self, ctx, state, buckets) -> bool:
         pending = state["pending"]
         return pending is None or ctx.has_val_loss \
