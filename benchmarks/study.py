@@ -1,7 +1,7 @@
 """Tuning-quality study: one run from a random initialisation against random search and the
 learning-rate-free optimizers (protocol after Clarke, Oldewage & Hernandez-Lobato, ICLR 2022).
 
-    python -m benchmarks.study                    # the full study (about 20 minutes, --jobs 2)
+    python -m benchmarks.study                    # the full study (about an hour, --jobs 2)
     python -m benchmarks.study --quick            # tiny sizes, seconds
     python -m benchmarks.study --tasks digits --methods fixed,greedy --inits 5 --no-plots
 
