@@ -14,11 +14,11 @@ step budget:
 * ``fixed``: plain ``torch.optim.SGD`` at the initial hyperparameters.  The N fixed runs are also
   the N trials of random search: best-of-N picks the run with the lowest final validation loss.
 * our methods (``HyperOptimizer`` tuning lr, momentum and weight decay on a validation loss):
-  greedy, implicit, unroll, rtrl, forward_gradient, sgld, distill (their defaults), and greedy,
-  implicit and unroll per tensor and per element.
+  greedy, implicit, unroll, rtrl, forward_gradient, sgld, distill (their defaults); greedy,
+  implicit and unroll per tensor and per element; forward_gradient per element.
 * the same with ``torch.optim.Adam`` as the base (``fixed adam``, ``greedy adam`` global, per
-  tensor and per element, ``implicit adam``; the drawn momentum is beta1): ``fixed adam``'s runs are the random search of the Adam
-  rows, which are judged against it.
+  tensor and per element, ``implicit adam``; the drawn momentum is beta1): ``fixed adam``'s
+  runs are the random search of the Adam rows, which are judged against it.
 * learning-rate-free optimizers at their documented defaults (Prodigy, Schedule-Free AdamW,
   D-Adaptation Adam), once per initialisation seed (same weights and batches; they take no
   initial hyperparameters); skipped with a message when the package is missing.
@@ -715,7 +715,8 @@ def make_plots(settings: dict, methods: list[Method], results: dict, out_dir: Pa
         ax.set_title(f"{name}: final test loss ({settings['steps'][name]} steps)")
         ax.set_ylabel("test loss" + (" (per character)" if TASKS[name].metric else ""))
     fig.subplots_adjust(left=0.06, right=0.99, bottom=0.3, top=0.93, wspace=0.25)
-    path = out_dir / "study_test_loss.png"
+    stem = settings.get("section", "study")    # (a run of some rows keeps the study's plots)
+    path = out_dir / f"{stem}_test_loss.png"
     fig.savefig(path, dpi=60 if settings["quick"] else 110)
     plt.close(fig)
     written.append(path)
@@ -750,7 +751,7 @@ def make_plots(settings: dict, methods: list[Method], results: dict, out_dir: Pa
         # fixed margins: tight_layout over many log axes costs seconds
         fig.subplots_adjust(left=0.05, right=0.98, bottom=0.06, top=0.93, wspace=0.25,
                             hspace=0.45)
-        path = out_dir / f"study_{name}_trajectories.png"
+        path = out_dir / f"{stem}_{name}_trajectories.png"
         fig.savefig(path, dpi=50 if settings["quick"] else 100)
         plt.close(fig)
         written.append(path)
@@ -865,7 +866,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="the section of --out to rewrite (default 'study': the full study; "
                         "name another for a run of some rows, e.g. 'study-adam')")
     p.add_argument("--plots", metavar="DIR", default=str(HERE / "plots"),
-                   help="folder for the PNG plots (default benchmarks/plots)")
+                   help="folder for the PNG plots, named after --section (default "
+                        "benchmarks/plots)")
     p.add_argument("--no-plots", action="store_true", help="draw no plots")
     args = p.parse_args(argv)
     args.tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]

@@ -216,9 +216,12 @@ def test_a_run_of_some_rows_writes_its_own_section(tmp_path):
     out = tmp_path / "RESULTS.md"
     out.write_text("<!-- begin study -->\nthe full study\n<!-- end study -->\n")
     res = study.main(["--quick", "--jobs", "1", "--inits", "2", "--tasks", "diabetes",
-                      "--methods", "fixed adam,greedy adam", "--no-plots", "--out", str(out),
-                      "--section", "study-adam"])
+                      "--methods", "fixed adam,greedy adam", "--out", str(out),
+                      "--plots", str(tmp_path / "plots"), "--section", "study-adam"])
     assert report.read_section("study", out) == "the full study\n"
+    if res["settings"].get("plots_written"):     # named after the section: the study's stay
+        assert sorted(p.name for p in (tmp_path / "plots").glob("*.png")) == [
+            "study-adam_diabetes_trajectories.png", "study-adam_test_loss.png"]
     section = report.read_section("study-adam", out)
     assert section.startswith("## Tuning quality: one run from a random initialisation "
                               "(fixed adam, greedy adam)")

@@ -88,7 +88,12 @@ class Greedy(HypergradientMethod):
             state["pending"] = None
 
     def reads_state_dots(self, ctx, state) -> bool:
-        return state["pending"] is not None
+        """Where the pending tangents are the state's (a fused step's aliases, or a resumed
+        one's ``in_state``): :meth:`hypergradient` then reads the check's dots."""
+        pending = state["pending"]
+        return pending is not None and (
+            pending.get("in_state") is not None
+            or any(isinstance(t, StateAlias) for ts in pending["tangents"] for t in ts.values()))
 
     def takes_fused_step(self, ctx, state, buckets) -> bool:
         pending = state["pending"]
