@@ -23,9 +23,9 @@ step budget:
   D-Adaptation Adam), once per initialisation seed (same weights and batches; they take no
   initial hyperparameters); skipped with a message when the package is missing.
 
-The section "study" (``--section``) of ``benchmarks/RESULTS.md`` is rewritten (``report.write_section``), the
-same text is printed, and plots go to ``benchmarks/plots/`` (box plots of the final test loss,
-hyperparameter trajectories).  Progress goes to stderr.  A run that diverges (non-finite loss or
+The section "study" (``--section``) of ``benchmarks/RESULTS.md`` is rewritten
+(``report.write_section``), the same text is printed, and plots go to ``benchmarks/plots/`` (box
+plots of the final test loss, hyperparameter trajectories; named after the section).  Progress goes to stderr.  A run that diverges (non-finite loss or
 weights) counts as NaN; it is reported, never dropped.  ``main(argv)`` returns the results.
 """
 from __future__ import annotations
