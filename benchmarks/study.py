@@ -25,8 +25,9 @@ step budget:
 
 The section "study" (``--section``) of ``benchmarks/RESULTS.md`` is rewritten
 (``report.write_section``), the same text is printed, and plots go to ``benchmarks/plots/`` (box
-plots of the final test loss, hyperparameter trajectories; named after the section).  Progress goes to stderr.  A run that diverges (non-finite loss or
-weights) counts as NaN; it is reported, never dropped.  ``main(argv)`` returns the results.
+plots of the final test loss, hyperparameter trajectories; named after the section).  Progress
+goes to stderr.  A run that diverges (non-finite loss or weights) counts as NaN; it is reported,
+never dropped.  ``main(argv)`` returns the results.
 """
 from __future__ import annotations
 
