@@ -116,14 +116,10 @@ def _adam(params, h, val_loss):
 
 def _ours(method, base: str = "SGD", **extra):
     def make(params, h, val_loss):
-        if base == "Adam":
-            return HyperOptimizer(torch.optim.Adam, params, method=method, tune=KINDS,
-                                  val_loss=val_loss, lr=h["lr"],
-                                  betas=(h["momentum"], ADAM_BETA2),
-                                  weight_decay=h["weight_decay"], **extra)
-        return HyperOptimizer(torch.optim.SGD, params, method=method, tune=KINDS,
-                              val_loss=val_loss, lr=h["lr"], momentum=h["momentum"],
-                              weight_decay=h["weight_decay"], **extra)
+        cls, first = (torch.optim.Adam, {"betas": (h["momentum"], ADAM_BETA2)}) \
+            if base == "Adam" else (torch.optim.SGD, {"momentum": h["momentum"]})
+        return HyperOptimizer(cls, params, method=method, tune=KINDS, val_loss=val_loss,
+                              lr=h["lr"], weight_decay=h["weight_decay"], **first, **extra)
     return make
 
 

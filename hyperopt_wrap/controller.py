@@ -136,18 +136,18 @@ class Controller:
         with a finite gradient that was not ``taken`` (``finite`` given: rollback's blow-up
         test rejected it) backs off in either case."""
         dev = self.skipped_steps.device
-        taken = taken.to(dev)
-        self.skipped_steps.add_(~taken)
-        if backoff and not is_compiling():    # (a compiled step never looks back)
-            self.period_skips.add_(~taken)
+        skipped = ~taken.to(dev)
+        looks = not is_compiling()            # (a compiled step never looks back)
+        self.skipped_steps.add_(skipped)
+        if backoff and looks:
+            self.period_skips.add_(skipped)
         if self.backoff is not None:
             if backoff:
-                skipped = ~taken
-                if self.backoff_cap is not None and not is_compiling():
+                if self.backoff_cap is not None and looks:
                     skipped = skipped & (self.period_skips <= self.backoff_cap)
                 self.window_skips.add_(skipped)
             elif finite is not None:
-                self.window_skips.add_(finite.to(dev) & ~taken)
+                self.window_skips.add_(finite.to(dev) & skipped)
 
     def lower_lr_ceiling(self, headroom: float) -> None:
         """After a return to the copy: the tuned lr may from now on rise to at most

@@ -219,9 +219,12 @@ def test_a_run_of_some_rows_writes_its_own_section(tmp_path):
                       "--methods", "fixed adam,greedy adam", "--out", str(out),
                       "--plots", str(tmp_path / "plots"), "--section", "study-adam"])
     assert report.read_section("study", out) == "the full study\n"
-    if res["settings"].get("plots_written"):     # named after the section: the study's stay
-        assert sorted(p.name for p in (tmp_path / "plots").glob("*.png")) == [
-            "study-adam_diabetes_trajectories.png", "study-adam_test_loss.png"]
+    import importlib.util
+    drawn = importlib.util.find_spec("matplotlib") is not None
+    assert bool(res["settings"].get("plots_written")) == drawn
+    # named after the section: the study's own plots stay as they are
+    assert sorted(p.name for p in (tmp_path / "plots").glob("*.png")) == ([
+        "study-adam_diabetes_trajectories.png", "study-adam_test_loss.png"] if drawn else [])
     section = report.read_section("study-adam", out)
     assert section.startswith("## Tuning quality: one run from a random initialisation "
                               "(fixed adam, greedy adam)")
