@@ -770,7 +770,8 @@ class HyperOptimizer(torch.optim.Optimizer):
         foreach = [g.get("foreach") is not False for g in self.param_groups]
         # torch's fused kernel, on the gradients themselves, where nothing else needs them
         plan = self._fused_plan(buckets, scales, options, foreach) \
-            if source is None and not records and not carries else None
+            if source is None and not records \
+            and not (carries and method.carry_reads_gradients(ctx, state)) else None
         if plan is not None:
             finite, dots = self._stepper.check_grads(
                 buckets, self._device, plan, found_inf,
@@ -799,7 +800,7 @@ class HyperOptimizer(torch.optim.Optimizer):
                 ctx.tape.append(self._stepper.snapshot(len(ctx.tape), buckets, hyper, options,
                                                        scales, source, finite))
             if carries:
-                view = self._stepper.view(buckets, hyper, options, finite)
+                view = self._stepper.view(buckets, hyper, options, finite, grads=plan is None)
                 view.source = source
                 if source is not None and not records:
                     params = [it.param for it in view.items]

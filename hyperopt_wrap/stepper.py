@@ -146,7 +146,8 @@ class StepItem:
     group_index: int
     param_index: int
     param: Tensor
-    grad: Tensor                  # the finite gradient the step uses
+    grad: Tensor | None           # the finite gradient the step uses (None: a fused step's
+    #                               view, for a carry that reads none)
     state: dict[str, Any]
     hyper: dict[str, Any]         # what the rule reads (tuned lr already times its scale)
     options: dict[str, Any]
@@ -579,11 +580,14 @@ class Stepper:
                 b.detached = [(p, st) for p, st in b.detached if not st]
 
     def view(self, buckets: list[Bucket], hyper: list[dict[str, Any]], options: list[dict],
-             finite: Tensor) -> StepView:
+             finite: Tensor, grads: bool = True) -> StepView:
+        """The coming step as :meth:`HypergradientMethod.carry` sees it; without ``grads`` (a
+        fused step: the buckets' flat gradients were not loaded) its items have none."""
         items, spans = [], []
         for b, h in zip(buckets, hyper):
             start = len(items)
-            for i, (pi, p, g) in enumerate(zip(b.param_indices, b.params, b.grads)):
+            gs = b.grads if grads else [None] * len(b.params)
+            for i, (pi, p, g) in enumerate(zip(b.param_indices, b.params, gs)):
                 items.append(StepItem(b.group_index, pi, p, g, b.states[i], _item_hyper(h, i),
                                       options[b.group_index]))
             spans.append((start, len(items), h, options[b.group_index]))

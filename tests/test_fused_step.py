@@ -470,3 +470,52 @@ def test_adam_settings_changed_between_steps_read_the_pending_tangent_as_it_was(
     fused = run(None)
     assert fused_calls
     _assert_same(fused, run(False))
+
+
+def _run_closure(opt, model, steps):
+    trace = []
+    for i in range(steps):
+        def closure(i=i):
+            opt.zero_grad()
+            loss = _loss(model, i)
+            loss.backward()
+            return loss
+        opt.step(closure)
+        trace.append(([p.detach().clone() for p in model.parameters()],
+                      {k: _copy(vs) for k, vs in opt.hyperparameters().items()},
+                      {k: _copy(vs) for k, vs in opt.last_hypergradient().items()}))
+    return trace
+
+
+@pytest.mark.parametrize("refit", [None, 2])
+@pytest.mark.parametrize("val", [False, True])
+@pytest.mark.parametrize("cls", [torch.optim.SGD, torch.optim.Adam])
+def test_distill_between_readouts_takes_the_fused_step(cls, val, refit, fused_calls):
+    """Distill's carry between readouts moves x* and reads no gradient, so those steps run on
+    the fused kernel: the same optimizer as the copying path, in float64 to 1e-12 step by
+    step (1e-9 with refits: their closure products are finite differences).  Not fused: a readout (the closure at w*), without ``val_loss`` the step after it
+    (its gradient is the readout's meta-gradient), a refit's recorded steps and SGD's first."""
+    from hyperopt_wrap import Distill
+    adam = cls is torch.optim.Adam
+
+    def make(model, foreach=None):
+        val_loss = (lambda: _loss(model, 99)) if val else None
+        return _make(model, foreach=foreach, cls=cls, update_every=4, val_loss=val_loss,
+                     curvature="closure",
+                     method=Distill(gamma=0.9, refit_every=refit, horizon=2))
+    m1, m2 = tiny_model(), tiny_model()
+    fused = _run_closure(make(m1), m1, 24)
+    n = len(fused_calls)
+    if refit is None:
+        # 6 windows of 4: positions 0-2 fused, 3 read; without val_loss position 0 after a
+        # read is not either (the very first step is: nothing pends), and SGD's very first
+        # step has no momentum buffer yet
+        assert n == (6 * 3 - (0 if adam else 1) if val else 6 * 2 + (1 if adam else 0))
+    else:
+        assert 0 < n < 6 * 3
+    plain = _run_closure(make(m2, foreach=False), m2, 24)
+    assert len(fused_calls) == n                   # foreach=False: the copying path
+    # a refit's finite-difference products divide the kernels' last-bit differences by eps
+    _assert_same(fused, plain, RTOL if refit is None else 1e-9)
+    lr0 = 0.01 if adam else 0.05
+    assert abs(fused[-1][1]["lr"][0].item() - lr0) > 1e-4 * lr0   # the tuning moved lr

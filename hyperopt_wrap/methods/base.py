@@ -211,7 +211,8 @@ class HypergradientMethod:
 
     def takes_fused_step(self, ctx: MethodContext, state: dict, buckets: list) -> bool:
         """Whether the coming step may run on the rule's fused kernel (asked only where the
-        step records nothing, carries nothing and needs no curvature): the step's tangents then
+        step records nothing, needs no curvature and carries nothing, or a carry that reads no
+        gradient, :meth:`carry_reads_gradients`): the step's tangents then
         come as :class:`~hyperopt_wrap.rules.base.StateAlias`es of the optimizer's state, and
         without ``val_loss`` :meth:`hypergradient` gets the step's gradients per tensor and
         unchecked (:attr:`MetaGradients.grads`).  The default is False."""
@@ -241,6 +242,14 @@ class HypergradientMethod:
     def carry_curvature(self, ctx: MethodContext, state: dict) -> bool:
         """Whether :meth:`carry` needs Hessian-vector products at this step."""
         return False
+
+    def carry_reads_gradients(self, ctx: MethodContext, state: dict) -> bool:
+        """Whether :meth:`carry` on the coming step reads its gradients (``StepItem.grad``)
+        or its tangent products.  Where it reads only the weights, the state and
+        ``view.finite`` (Distill between its readouts), the step may still run on the rule's
+        fused kernel (:meth:`takes_fused_step` asked as for a step that carries nothing); the
+        view's items then have ``grad = None``.  The default is True."""
+        return True
 
     def carry(self, ctx: MethodContext, state: dict, view) -> None:
         """Before the write: ``view`` (a :class:`~hyperopt_wrap.stepper.StepView`) is the step

@@ -336,6 +336,17 @@ class Distill(RecordingMethod):
         # the closure source: the gradient at w* (and Eq. 14 keeps closures every step)
         return self._reads(ctx) or self.batch == "distilled"
 
+    def carry_reads_gradients(self, ctx, state) -> bool:
+        """Between readouts the carry moves ``x*`` (weights and state before the write) and
+        reads no gradient: those steps may take the rule's fused kernel."""
+        return self.carry_curvature(ctx, state)
+
+    def takes_fused_step(self, ctx, state, buckets) -> bool:
+        """As a recording method's, and not where a pending readout awaits this step's
+        gradient as its meta-gradient (no ``val_loss``): that needs the checked, flat one."""
+        return super().takes_fused_step(ctx, state, buckets) and (
+            ctx.has_val_loss or state["pending"] is None)
+
     # ------------------------------------------------------------------ before the write
     def carry(self, ctx, state, view) -> None:
         items = view.items

@@ -208,6 +208,18 @@ def axpy_(xs: list[Tensor], ys: list[Tensor], c, alpha: float = 1.0,
                                 value=alpha)
 
 
+def axpy_gated_(xs: list[Tensor], ys: list[Tensor], ok: Tensor, c, alpha: float = 1.0) -> None:
+    """``xs += alpha * ok * c * ys``: as ``axpy_(xs, ys, gate(ok, c), alpha)``, but a per-element
+    ``c`` (a list of tensors shaped like ``ys``: a per-element lr) enters the ``addcmul`` as its
+    second factor, with ``ok`` as the scalar, instead of being gated into a temporary list
+    first (one pass over ``c`` and an allocation fewer)."""
+    c = _unwrap(c)
+    if isinstance(c, list) and all(ci.shape == y.shape and ci.dim() > 0 for ci, y in zip(c, ys)):
+        axpy_(xs, ys, ok, alpha, zs=c)
+    else:
+        axpy_(xs, ys, gate(ok, c), alpha)
+
+
 def addcdiv_(xs: list[Tensor], ys: list[Tensor], zs: list[Tensor], c,
              alpha: float = 1.0) -> None:
     """``xs += alpha * c * ys / zs``."""

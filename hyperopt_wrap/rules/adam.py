@@ -253,7 +253,7 @@ class AdamRule(UpdateRule):
             else:
                 F.into_(t_wd, params, -F.Coef(lr), loop)
         if "lr" in kinds:   # w' = w + lr ok t_lr, AdamW's decay included: one pass, two reads
-            F.axpy_(params, tangents["lr"], F.gate(ok, lr))
+            F.axpy_gated_(params, tangents["lr"], ok, lr)
         else:
             if decoupled:
                 F.mul_(params, 1 - F.Coef(lr) * F.Coef(wd) * okc)

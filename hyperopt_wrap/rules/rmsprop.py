@@ -166,7 +166,7 @@ class RMSpropRule(UpdateRule):
             direction = scaled
         if "lr" in kinds:
             F.neg_into(tangents["lr"], direction, loop)
-        F.axpy_(params, direction, F.gate(ok, lr), alpha=-1.0)
+        F.axpy_gated_(params, direction, ok, lr, alpha=-1.0)
         return True
 
     def jvp(self, param, grad, state, hyper, options, tangents):

@@ -157,7 +157,7 @@ class SGDRule(UpdateRule):
                 F.neg_into(tangents[kind], direction, loop)
             else:
                 F.mul_(t_mu if kind == "momentum" else t_wd, -F.Coef(lr))
-        F.axpy_(params, direction, F.gate(ok, lr), alpha=-1.0)
+        F.axpy_gated_(params, direction, ok, lr, alpha=-1.0)
         return True
 
     def carry_foreach(self, params, grads, states, hyper, options, tangents, ok, discount=1.0):
@@ -230,7 +230,7 @@ class SGDRule(UpdateRule):
             if delta != 1.0:
                 F.mul_(zw, F.keep(ok, delta, 1.0))
             if du is not None:
-                F.axpy_(zw, du, F.gate(ok, lr), alpha=-1.0)
+                F.axpy_gated_(zw, du, ok, lr, alpha=-1.0)
             F.axpy_some_(zw, u, lam["lr"], okc, alpha=-1.0)
             out.append(new_state)
         return out
