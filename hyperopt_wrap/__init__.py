@@ -7,7 +7,7 @@ from .optimizer import HyperOptimizer
 from .monitor import HyperMonitor
 from .rules import UpdateRule, register_rule
 
-__version__ = "0.6.4"
+__version__ = "0.6.5"
 __all__ = ["HyperOptimizer", "HyperMonitor", "NormalizedMomentum", "Hierarchical",
            "register_rule", "UpdateRule",
            "Greedy", "Implicit", "Unroll", "RTRL",
