@@ -175,6 +175,10 @@ class StepView:
         """Per item, the rule's forward products of the step for its list of tangents (their
         outputs in buffers from :attr:`pool` where it has them: :meth:`retire` gives back
         tangents that are no longer used)."""
+        if self.items and self.items[0].grad is None:
+            raise RuntimeError("internal error: the rule's tangent products on a fused step's "
+                               "view, which has no gradients (the method's "
+                               "carry_reads_gradients said False)")
         with pooled(self.pool):
             return [self.rule.jvp(it.param, it.grad, it.state, it.hyper, it.options, ts)
                     for it, ts in zip(self.items, tangents)]

@@ -586,6 +586,35 @@ def test_step_makes_no_host_synchronisation(monkeypatch, val):
     assert _method_state(opt)["fits"] >= 3 and _all_finite(opt)
 
 
+@pytest.mark.parametrize("val", [False, True])
+def test_fused_steps_make_no_host_synchronisation(monkeypatch, val):
+    """With the lr the only tuned kind, the steps between readouts take torch's fused kernel
+    (tests/test_fused_step.py): they too make no host synchronisation."""
+    from hyperopt_wrap.stepper import Stepper
+    m = _model()
+    kw = dict(val_loss=lambda: ((m(X) - Y) ** 2).mean()) if val else {}
+    opt = HyperOptimizer(torch.optim.SGD, m.parameters(), lr=0.05, momentum=0.9,
+                         weight_decay=1e-3, tune=("lr",), update_every=3,
+                         method=Distill(gamma=0.9, horizon=2, refit_every=2), **kw)
+    _train(opt, m, 4)
+    fused = []
+    original = Stepper.step_fused
+    monkeypatch.setattr(Stepper, "step_fused",
+                        lambda self, *a, **k: fused.append(1) or original(self, *a, **k))
+    for i in range(4, 16):       # through refit windows and readouts
+        allowed = {id(s["step"]) for s in opt.hyper_optimizer.state.values() if "step" in s}
+        x, y = _batch(i)
+
+        def closure(x=x, y=y):
+            opt.zero_grad()
+            loss = ((m(x) - y) ** 2).mean()
+            loss.backward()
+            return loss
+        with forbid_host_sync(monkeypatch, allowed):
+            opt.step(closure)
+    assert fused and _method_state(opt)["fits"] >= 2 and _all_finite(opt)
+
+
 def test_it_tunes_a_small_network():
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(5, 16), torch.nn.Tanh(),

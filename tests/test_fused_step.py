@@ -472,12 +472,12 @@ def test_adam_settings_changed_between_steps_read_the_pending_tangent_as_it_was(
     _assert_same(fused, run(False))
 
 
-def _run_closure(opt, model, steps):
+def _run_closure(opt, model, steps, nan_at=()):
     trace = []
     for i in range(steps):
         def closure(i=i):
             opt.zero_grad()
-            loss = _loss(model, i)
+            loss = _loss(model, i, nan_at)
             loss.backward()
             return loss
         opt.step(closure)
@@ -512,10 +512,44 @@ def test_distill_between_readouts_takes_the_fused_step(cls, val, refit, fused_ca
         # step has no momentum buffer yet
         assert n == (6 * 3 - (0 if adam else 1) if val else 6 * 2 + (1 if adam else 0))
     else:
-        assert 0 < n < 6 * 3
+        # refit windows 0, 2, 4 record their positions 2-3 (horizon 2) and are read there
+        assert n == ((15 if adam else 14) if val else (10 if adam else 9))
     plain = _run_closure(make(m2, foreach=False), m2, 24)
     assert len(fused_calls) == n                   # foreach=False: the copying path
     # a refit's finite-difference products divide the kernels' last-bit differences by eps
     _assert_same(fused, plain, RTOL if refit is None else 1e-9)
     lr0 = 0.01 if adam else 0.05
     assert abs(fused[-1][1]["lr"][0].item() - lr0) > 1e-4 * lr0   # the tuning moved lr
+
+
+def _distill_opt(model, foreach=None, **method):
+    from hyperopt_wrap import Distill
+    return _make(model, foreach=foreach, update_every=4, curvature="closure",
+                 method=Distill(gamma=0.9, refit_every=None, **method))
+
+
+def test_distill_skips_a_non_finite_fused_step_as_the_copying_path(fused_calls):
+    """A NaN gradient on a fused step between readouts (step 5: position 1 of the second
+    window): skipped by the kernel, x* left where it was, the same run as the copying path."""
+    m1, m2 = tiny_model(), tiny_model()
+    o1, o2 = _distill_opt(m1), _distill_opt(m2, foreach=False)
+    fused = _run_closure(o1, m1, 16, nan_at=(5,))
+    assert len(fused_calls) == 4 * 2           # positions 1-2 of each window: the skip is the kernel's
+    plain = _run_closure(o2, m2, 16, nan_at=(5,))
+    _assert_same(fused, plain)
+    assert all(torch.equal(a, b) for a, b in zip(fused[4][0], fused[5][0]))
+    assert o1.skipped_steps == 1 == o2.skipped_steps
+    st1 = o1.state_dict()["hyper"]["method"]
+    st2 = o2.state_dict()["hyper"]["method"]
+    assert st1["t"].item() == st2["t"].item() == 15           # the skipped step not counted
+    for k, w in st2["w"].items():
+        assert _rel(st1["w"][k].reshape(-1), w.reshape(-1)) <= RTOL
+
+
+@pytest.mark.parametrize("method", [{"batch": "distilled"}, {"read_every_step": True}])
+def test_distill_steps_that_need_their_gradient_are_not_fused(method, fused_calls):
+    """Eq. 14's kept batches need every step's closure, and reading every step needs every
+    step's gradient: neither takes the fused kernel."""
+    model = tiny_model()
+    _run_closure(_distill_opt(model, **method), model, 12)
+    assert fused_calls == []

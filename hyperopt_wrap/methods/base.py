@@ -309,6 +309,9 @@ def propagate(view, tangents: list[dict], hyper_tangent: Callable, discount: flo
     ``Z' = Z'_new * ok + Z * (1 - ok)`` -- ``lerp`` with the 0/1 weight into the old tangent's
     storage, not ``torch.where`` (several times slower here)."""
     items = view.items
+    if items and items[0].grad is None:
+        raise RuntimeError("internal error: a tangent recurrence on a fused step's view, which "
+                           "has no gradients (the method's carry_reads_gradients said False)")
     keys = [(it.group_index, it.param_index) for it in items]
     hz: list = [None] * len(tangents)
     if view.hvp is not None:

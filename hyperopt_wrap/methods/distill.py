@@ -511,6 +511,10 @@ class Distill(RecordingMethod):
         pending = state["pending"]
         if pending is None:
             return 0
+        if meta.grads is not None:     # (takes_fused_step keeps a pending readout off it)
+            raise RuntimeError("internal error: Distill's pending readout met a fused step's "
+                               "meta-gradient, which has no checked flat gradient; please "
+                               "report this")
         state["pending"] = None
         metas = meta.by_index()
         used = False

@@ -212,7 +212,8 @@ def axpy_gated_(xs: list[Tensor], ys: list[Tensor], ok: Tensor, c, alpha: float 
     """``xs += alpha * ok * c * ys``: as ``axpy_(xs, ys, gate(ok, c), alpha)``, but a per-element
     ``c`` (a list of tensors shaped like ``ys``: a per-element lr) enters the ``addcmul`` as its
     second factor, with ``ok`` as the scalar, instead of being gated into a temporary list
-    first (one pass over ``c`` and an allocation fewer)."""
+    first: on the CPU (eager) one pass over ``c`` and an allocation fewer; elsewhere
+    :func:`axpy_` forms ``ys * ok`` instead, the same cost as before."""
     c = _unwrap(c)
     if isinstance(c, list) and all(ci.shape == y.shape and ci.dim() > 0 for ci, y in zip(c, ys)):
         axpy_(xs, ys, ok, alpha, zs=c)
