@@ -361,8 +361,9 @@ def _train(opt, model, steps, start=0, nan_at=None, log=None):
 
 def _make(model, method=None, **kw):
     kw.setdefault("update_every", 3)
+    kw.setdefault("tune", ("lr", "momentum", "weight_decay"))
     return HyperOptimizer(torch.optim.SGD, model.parameters(), lr=0.05, momentum=0.9,
-                          weight_decay=1e-3, tune=("lr", "momentum", "weight_decay"),
+                          weight_decay=1e-3,
                           method=method or Distill(gamma=0.9, horizon=2, refit_every=2), **kw)
 
 
@@ -566,42 +567,23 @@ def test_the_distilled_batch_keeps_earlier_closures():
             opt.step(unbound)
 
 
+@pytest.mark.parametrize("fused", [False, True], ids=["lr+mom+wd", "lr only: fused steps"])
 @pytest.mark.parametrize("val", [False, True], ids=["next-batch", "val_loss"])
-def test_step_makes_no_host_synchronisation(monkeypatch, val):
-    m = _model()
-    kw = dict(val_loss=lambda: ((m(X) - Y) ** 2).mean()) if val else {}
-    opt = _make(m, method=Distill(gamma=0.9, horizon=2, refit_every=1), **kw)
-    _train(opt, m, 4)
-    for i in range(4, 10):       # through two refit windows
-        allowed = {id(s["step"]) for s in opt.hyper_optimizer.state.values() if "step" in s}
-        x, y = _batch(i)
-
-        def closure(x=x, y=y):
-            opt.zero_grad()
-            loss = ((m(x) - y) ** 2).mean()
-            loss.backward()
-            return loss
-        with forbid_host_sync(monkeypatch, allowed):
-            opt.step(closure)
-    assert _method_state(opt)["fits"] >= 3 and _all_finite(opt)
-
-
-@pytest.mark.parametrize("val", [False, True])
-def test_fused_steps_make_no_host_synchronisation(monkeypatch, val):
-    """With the lr the only tuned kind, the steps between readouts take torch's fused kernel
-    (tests/test_fused_step.py): they too make no host synchronisation."""
+def test_step_makes_no_host_synchronisation(monkeypatch, val, fused):
+    """Readouts, refit windows and (with the lr the only tuned kind) the steps between
+    readouts on torch's fused kernel (tests/test_fused_step.py) make no host synchronisation."""
     from hyperopt_wrap.stepper import Stepper
     m = _model()
     kw = dict(val_loss=lambda: ((m(X) - Y) ** 2).mean()) if val else {}
-    opt = HyperOptimizer(torch.optim.SGD, m.parameters(), lr=0.05, momentum=0.9,
-                         weight_decay=1e-3, tune=("lr",), update_every=3,
-                         method=Distill(gamma=0.9, horizon=2, refit_every=2), **kw)
+    if fused:
+        kw.update(tune=("lr",), update_every=3)
+    opt = _make(m, method=Distill(gamma=0.9, horizon=2, refit_every=2 if fused else 1), **kw)
     _train(opt, m, 4)
-    fused = []
+    calls = []
     original = Stepper.step_fused
     monkeypatch.setattr(Stepper, "step_fused",
-                        lambda self, *a, **k: fused.append(1) or original(self, *a, **k))
-    for i in range(4, 16):       # through refit windows and readouts
+                        lambda self, *a, **k: calls.append(1) or original(self, *a, **k))
+    for i in range(4, 16 if fused else 10):       # through refit windows and readouts
         allowed = {id(s["step"]) for s in opt.hyper_optimizer.state.values() if "step" in s}
         x, y = _batch(i)
 
@@ -612,7 +594,8 @@ def test_fused_steps_make_no_host_synchronisation(monkeypatch, val):
             return loss
         with forbid_host_sync(monkeypatch, allowed):
             opt.step(closure)
-    assert fused and _method_state(opt)["fits"] >= 2 and _all_finite(opt)
+    assert bool(calls) == fused          # tuned momentum and weight decay: never fused
+    assert _method_state(opt)["fits"] >= (2 if fused else 3) and _all_finite(opt)
 
 
 def test_it_tunes_a_small_network():
